@@ -1,0 +1,34 @@
+"""mlxtune: fine-tune LLMs with MLX and hand the result to LM Studio, Ollama and llama.cpp.
+
+The public API is a handful of functions, one per CLI verb; they are imported on first use so that
+`import mlxtune` stays fast and a missing optional piece never breaks the others.
+"""
+
+__version__ = "0.1.0"
+
+# name -> module that defines it
+_API = {
+    "load": "models",
+    "load_model": "models",
+    "generate": "generate",
+    "chat": "generate",
+    "evaluate": "evaluate",
+    "lora": "train",
+    "convert": "convert",
+    "fuse": "fuse",
+    "to_gguf": "gguf",
+    "MlxtuneError": "errors",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name):
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mlxtune' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

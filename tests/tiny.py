@@ -1,0 +1,73 @@
+"""Tiny real models and tokenizers built on the fly, shared by the tests.
+
+Nothing here is downloaded: tokenizers are trained with the `tokenizers` library on a small corpus, and
+models are random-initialised mlx-lm architectures saved as Hugging Face style directories.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "SELECT name FROM users WHERE age > 30;",
+    "Hello, how are you today? I am fine, thank you!",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 1000 3.14",
+    "def add(a, b):\n    return a + b\n",
+    "Ünïcödé façade naïve café — “quotes” and emoji 🙂.",
+    "table: cities\ncolumns: name, country, population\nQ: which city is largest?\nA: SELECT name FROM cities",
+    "User: set a timer for five minutes. Assistant: <tool_call name=\"timer\" arguments=\"{}\"/>",
+] * 20
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_bpe_tokenizer(out: Path, vocab_size: int = 400, chat_template: str = CHATML_TEMPLATE) -> Path:
+    """A byte-level BPE tokenizer (GPT-2 style) with ChatML specials, saved with transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>",
+                                   unk_token="<unk>", pad_token="<pad>")
+    fast.chat_template = chat_template
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return out
+
+
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                  rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False),
+}
+
+
+def make_tiny_model(out: Path, arch: str = "llama", num_layers: int = 2, seed: int = 0, **overrides) -> Path:
+    """Random-init mlx-lm model + BPE tokenizer written as an HF-style directory (float32)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    out = Path(out)
+    make_bpe_tokenizer(out)
+    vocab = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
+    config = dict(TINY_CONFIGS[arch], num_hidden_layers=num_layers, vocab_size=vocab,
+                  bos_token_id=1, eos_token_id=5, torch_dtype="float32", **overrides)
+    model_cls, args_cls = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_cls(args_cls.from_dict(config))
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
