@@ -93,6 +93,15 @@ def _rope_scaling_from(params: dict) -> dict | None:
     return scaling
 
 
+def _sliding_window_pattern(layer_types) -> int | None:
+    """The period p of `layer_types` when every p-th layer is full attention and the rest sliding."""
+    if not isinstance(layer_types, list) or "full_attention" not in layer_types:
+        return None
+    p = layer_types.index("full_attention") + 1
+    expected = ["full_attention" if (i + 1) % p == 0 else "sliding_attention" for i in range(len(layer_types))]
+    return p if layer_types == expected else None
+
+
 def normalize_config(config: dict) -> dict:
     """Return a copy whose RoPE settings use the transformers-4 keys mlx-lm reads.
 
@@ -104,6 +113,11 @@ def normalize_config(config: dict) -> dict:
     text = config.get("text_config")
     if isinstance(text, dict):
         config["text_config"] = normalize_config(text)
+    pattern = _sliding_window_pattern(config.get("layer_types"))
+    if pattern is not None:
+        # transformers 5 describes the local/global interleave with `layer_types`; mlx-lm's gemma3
+        # reads `sliding_window_pattern` (default 6), which would be wrong for any other interleave.
+        config.setdefault("sliding_window_pattern", pattern)
     params = config.get("rope_parameters")
     if not isinstance(params, dict):
         return config
