@@ -1,0 +1,255 @@
+"""Text generation and an interactive chat loop: `mlxtune generate`, `mlxtune chat`, `mlxtune.generate(...)`.
+
+Prompts go through the tokenizer's chat template by default (what the model was tuned on), and generation
+stops at the first EOS or end-of-turn token. The one thing to know: temperature 0 means greedy decoding,
+which is deterministic; the token loop and KV cache are mlx-lm's `generate_step`, the stop rules are ours.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, TextIO
+
+from .errors import ConfigError
+
+# End-of-turn markers of common chat templates. Many configs name only the end-of-text token as EOS, so a
+# chat model would run on past its turn; these are added to the stop set when the vocabulary has them.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
+                      "</s>", "<|eom_id|>")
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generate_seconds: float = 0.0
+    finish_reason: str = "length"  # "stop" (EOS / end of turn) or "length" (hit max_tokens)
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.generated_tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
+
+    @property
+    def prompt_tokens_per_sec(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"Prompt: {self.prompt_tokens} tokens, {self.prompt_tokens_per_sec:.1f} tokens/sec | "
+                f"Generation: {self.generated_tokens} tokens, {self.tokens_per_sec:.1f} tokens/sec")
+
+
+@dataclass
+class Generation:
+    text: str
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def wrap_tokenizer(tokenizer):
+    """mlx-lm's TokenizerWrapper around a plain Hugging Face tokenizer (a wrapper is returned as is)."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    return tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """EOS ids of the tokenizer/config plus the end-of-turn tokens its vocabulary has."""
+    stops = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    if hf.eos_token_id is not None:
+        stops.add(hf.eos_token_id)
+    vocab = hf.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in vocab:
+            stops.add(vocab[token])
+    return stops
+
+
+def resolve(model, tokenizer=None, adapter_file=None):
+    """(model, tokenizer) from a loaded pair, or load them from a path / hub id (with an optional adapter)."""
+    if isinstance(model, (str, os.PathLike)):
+        from .models import load_model
+
+        loaded = load_model(model, adapter_file=adapter_file)
+        return loaded.model, wrap_tokenizer(loaded.tokenizer)
+    if tokenizer is None:
+        raise ConfigError("generate(model, tokenizer, ...): pass the tokenizer with a loaded model, or a model path")
+    if adapter_file is not None:
+        from .lora import load_adapter
+
+        load_adapter(model, adapter_file)
+    return model, wrap_tokenizer(tokenizer)
+
+
+def render_messages(tokenizer, messages: list[dict], *, tools: list | None = None) -> list[int]:
+    """Token ids of `messages` through the chat template, ending with the assistant's generation prompt.
+
+    Rendered to text first and encoded without extra special tokens, as transformers does: the template
+    itself writes BOS where the model expects one.
+    """
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    if not getattr(hf, "chat_template", None):
+        raise ConfigError(
+            "this tokenizer has no chat template: pass --no-chat (chat=False) to send the prompt as plain text"
+        )
+    kwargs = {"tools": tools} if tools else {}
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    return list(hf.encode(text, add_special_tokens=False))
+
+
+def render_prompt(tokenizer, prompt: str, *, system: str | None = None, chat: bool = True,
+                  history: list[dict] | None = None) -> list[int]:
+    """Prompt token ids: chat template over [system] + history + user prompt, or the plain text with BOS."""
+    if not chat:
+        if system:
+            raise ConfigError("--system needs the chat template: drop --no-chat or put the system text in the prompt")
+        hf = getattr(tokenizer, "_tokenizer", tokenizer)
+        ids = list(hf.encode(prompt, add_special_tokens=True))
+        if not ids:
+            raise ConfigError("the prompt is empty: pass some text with --prompt")
+        return ids
+    messages = ([{"role": "system", "content": system}] if system else []) + list(history or [])
+    messages.append({"role": "user", "content": prompt})
+    return render_messages(tokenizer, messages)
+
+
+def make_sampler(temp: float = 0.0, top_p: float = 0.0):
+    from mlx_lm.sample_utils import make_sampler as _make_sampler
+
+    if temp < 0:
+        raise ConfigError(f"--temp must be >= 0 (0 = greedy), got {temp}")
+    if not 0.0 <= top_p <= 1.0:
+        raise ConfigError(f"--top-p must be between 0 and 1, got {top_p}")
+    return _make_sampler(temp=temp, top_p=top_p)
+
+
+def generate_ids(model, tokenizer, prompt_ids: list[int], *, max_tokens: int = 256, temp: float = 0.0,
+                 top_p: float = 0.0, seed: int | None = None, on_text: Callable[[str], None] | None = None,
+                 stops: Iterable[int] | None = None) -> Generation:
+    """Generate from token ids with a KV cache; `on_text` receives each decoded piece as it arrives."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    if max_tokens <= 0:
+        raise ConfigError(f"--max-tokens must be a positive integer, got {max_tokens}")
+    if not prompt_ids:
+        raise ConfigError("the prompt is empty: pass some text with --prompt")
+    tokenizer = wrap_tokenizer(tokenizer)
+    sampler = make_sampler(temp, top_p)
+    if seed is not None:
+        mx.random.seed(seed)
+    stops = stop_token_ids(tokenizer) if stops is None else set(stops)
+    detok = tokenizer.detokenizer
+    stats = GenerationStats(prompt_tokens=len(prompt_ids))
+    pieces: list[str] = []
+
+    def emit(piece: str) -> None:
+        if piece:
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+
+    start = time.perf_counter()
+    first = None
+    for n, (token, _) in enumerate(generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens,
+                                                  sampler=sampler)):
+        if first is None:  # the first token arrives when the prompt has been processed
+            first = time.perf_counter()
+            stats.prompt_seconds = first - start
+        if token in stops:
+            stats.finish_reason = "stop"
+            break
+        detok.add_token(token)
+        stats.generated_tokens = n + 1
+        emit(detok.last_segment)
+    detok.finalize()
+    emit(detok.last_segment)
+    if first is not None:
+        stats.generate_seconds = time.perf_counter() - first
+    return Generation(text="".join(pieces), stats=stats)
+
+
+def generate_with_stats(model, tokenizer=None, prompt: str = "", *, adapter_file=None, max_tokens: int = 256,
+                        temp: float = 0.0, top_p: float = 0.0, seed: int | None = None, system: str | None = None,
+                        chat: bool = True, messages: list[dict] | None = None,
+                        on_text: Callable[[str], None] | None = None) -> Generation:
+    """Like `generate` but also returns token counts and timings."""
+    model, tokenizer = resolve(model, tokenizer, adapter_file)
+    if messages is not None:
+        ids = render_messages(tokenizer, messages)
+    else:
+        ids = render_prompt(tokenizer, prompt, system=system, chat=chat)
+    return generate_ids(model, tokenizer, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
+                        on_text=on_text)
+
+
+def generate(model, tokenizer=None, prompt: str = "", *, adapter_file=None, max_tokens: int = 256,
+             temp: float = 0.0, top_p: float = 0.0, seed: int | None = None, system: str | None = None,
+             chat: bool = True, messages: list[dict] | None = None, verbose: bool = False) -> str:
+    """Generate a reply and return its text.
+
+    `model` is a loaded model (then pass `tokenizer`) or a model path / hub id (then `adapter_file` may
+    name a LoRA adapter to apply). By default the prompt goes through the chat template as a user turn
+    (after `system`, if given); `chat=False` sends it as plain text; `messages` gives a whole conversation.
+    `temp=0` is greedy and deterministic; `seed` fixes sampling at `temp > 0`. `verbose` streams to stdout.
+    """
+    def show(piece: str) -> None:
+        print(piece, end="", flush=True)
+
+    result = generate_with_stats(model, tokenizer, prompt, adapter_file=adapter_file, max_tokens=max_tokens,
+                                 temp=temp, top_p=top_p, seed=seed, system=system, chat=chat, messages=messages,
+                                 on_text=show if verbose else None)
+    if verbose:
+        print()
+        print(result.stats.summary())
+    return result.text
+
+
+def chat(model, tokenizer=None, *, adapter_file=None, system: str | None = None, max_tokens: int = 512,
+         temp: float = 0.0, top_p: float = 0.0, seed: int | None = None, input: TextIO | None = None,
+         output: TextIO | None = None, prompt_marker: str = ">> ") -> list[dict]:
+    """Interactive multi-turn chat; returns the conversation.
+
+    Reads one user message per line from `input` (stdin by default); the model's reply streams to `output`.
+    `/reset` forgets the conversation, `/exit` (or end of input, Ctrl-D) ends it.
+    """
+    model, tokenizer = resolve(model, tokenizer, adapter_file)
+    input = input or sys.stdin
+    output = output or sys.stdout
+    interactive = hasattr(input, "isatty") and input.isatty()
+    if seed is not None:
+        import mlx.core as mx
+
+        mx.random.seed(seed)
+    history: list[dict] = []
+
+    def write(text: str) -> None:
+        output.write(text)
+        output.flush()
+
+    if interactive:
+        write("Chat with the model: /reset starts over, /exit or Ctrl-D quits.\n")
+    while True:
+        if interactive:
+            write(prompt_marker)
+        line = input.readline()
+        if not line:  # end of input
+            break
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        command = text.strip().lower()
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            history = []
+            write("[conversation reset]\n")
+            continue
+        ids = render_prompt(tokenizer, text, system=system, history=history)
+        reply = generate_ids(model, tokenizer, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, on_text=write)
+        write("\n")
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
+    return ([{"role": "system", "content": system}] if system else []) + history
