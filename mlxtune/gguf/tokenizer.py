@@ -1,0 +1,547 @@
+"""The tokenizer half of a GGUF file: vocabulary, scores, types, merges, special tokens, chat template.
+
+Two kinds exist for llama.cpp: SentencePiece (`tokenizer.ggml.model = llama`, from `tokenizer.model` or
+a SentencePiece-style `tokenizer.json`) and byte-level BPE (`gpt2`, from `tokenizer.json`). The one thing
+to know: a BPE file also names a *pre-tokenizer* (`tokenizer.ggml.pre`), a regex compiled into llama.cpp.
+We pick it from the structure of tokenizer.json (not from a table of hashes, so custom tokenizers work),
+then re-tokenize check strings the way llama.cpp would and compare with the Hugging Face tokenizer; the
+result is reported in `TokenizerInfo.notes`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError, ExportError
+
+# gguf.TokenType values (identical to SentencePiece's piece types).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Turn markers llama.cpp should treat as end of generation (written as tokenizer.ggml.eot_token_id).
+EOT_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+# --- llama.cpp's BPE pre-tokenizers (src/llama-vocab.cpp): the regexes it runs, in order ---------------
+GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+# llama.cpp's regex engine has no (?i:...) group, so it spells the contractions out; we compare that way.
+CONTRACTIONS_CI = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+CONTRACTIONS = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_GPT4_TAIL = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_RE = CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|" + _GPT4_TAIL
+QWEN2_RE = CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|" + _GPT4_TAIL
+
+# Long-established names first: old Ollama / LM Studio builds reject newer ones.
+KNOWN_PRE: dict[str, list[str]] = {
+    "gpt-2": [GPT2_RE],
+    "llama-bpe": [LLAMA3_RE],
+    "qwen2": [QWEN2_RE],
+    "starcoder": [r"\p{N}", GPT2_RE],
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", GPT2_RE, r"\p{N}+", "[0-9][0-9][0-9]"],
+}
+# Names llama.cpp accepts whose regexes we do not simulate (accepted with --pre-tokenizer, unchecked).
+OTHER_PRE = ("deepseek-llm", "deepseek-coder", "falcon", "mpt", "refact", "command-r", "olmo", "dbrx",
+             "smaug-bpe", "stablelm2", "chatglm-bpe", "smollm", "codeshell", "tekken", "poro-chat",
+             "bloom", "gpt3-finnish", "exaone", "viking", "jais", "chameleon", "minerva-7b")
+
+CHECK_STRINGS = [
+    "Hello world! How are you today?",
+    "  leading spaces,   runs of   spaces\tand\ttabs  ",
+    "line one\nline two\n\n\n  indented\r\nwindows",
+    "Numbers: 0 7 42 1234567 3.14159 -12,000",
+    "I'm sure you're right; WE'LL see what THEY'VE done, isn't it?",
+    "Ünïcödé façade naïve café — “quotes” 🙂 日本語 Привет",
+    "def add(a, b):\n    return a + b  # sum\n",
+    "SELECT name FROM users WHERE age > 30;",
+]
+
+
+@dataclass
+class TokenizerInfo:
+    """What was (or will be) written to the GGUF file; `notes` say what was chosen and why."""
+
+    model: str  # "llama" (SentencePiece) or "gpt2" (byte-level BPE)
+    pre: str | None
+    tokens: list[str] = field(repr=False)
+    types: list[int] = field(repr=False)
+    scores: list[float] | None = field(default=None, repr=False)
+    merges: list[str] | None = field(default=None, repr=False)
+    bos_id: int | None = None
+    eos_id: int | None = None
+    unk_id: int | None = None
+    pad_id: int | None = None
+    eot_id: int | None = None
+    add_bos: bool = False
+    add_eos: bool = False
+    add_space_prefix: bool | None = None
+    chat_template: str | list | None = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+
+def add_tokenizer(writer, model_dir, config: dict, pre_tokenizer: str | None = None) -> TokenizerInfo:
+    """Read the tokenizer in `model_dir` and write its `tokenizer.*` keys into a `gguf.GGUFWriter`.
+
+    `config` is the model's config.json (its `vocab_size` pads the token list to the embedding rows).
+    `pre_tokenizer` overrides the detected BPE pre-tokenizer name. Raises ExportError / ConfigError.
+    """
+    info = read_tokenizer(model_dir, config, pre_tokenizer)
+    write_tokenizer(writer, info)
+    return info
+
+
+def write_tokenizer(writer, info: TokenizerInfo) -> None:
+    writer.add_tokenizer_model(info.model)
+    if info.pre:
+        writer.add_tokenizer_pre(info.pre)
+    writer.add_token_list(info.tokens)
+    if info.scores is not None:
+        writer.add_token_scores(info.scores)
+    writer.add_token_types(info.types)
+    if info.merges is not None:
+        writer.add_token_merges(info.merges)
+    for key, value in (("bos", info.bos_id), ("eos", info.eos_id), ("unk", info.unk_id),
+                       ("pad", info.pad_id), ("eot", info.eot_id)):
+        if value is not None:
+            getattr(writer, f"add_{key}_token_id")(value)
+    writer.add_add_bos_token(info.add_bos)
+    writer.add_add_eos_token(info.add_eos)
+    if info.add_space_prefix is not None:
+        writer.add_add_space_prefix(info.add_space_prefix)
+    if info.chat_template:
+        writer.add_chat_template(info.chat_template)
+
+
+def read_tokenizer(model_dir, config: dict | None = None, pre_tokenizer: str | None = None) -> TokenizerInfo:
+    """Everything `add_tokenizer` writes, without a writer (useful to inspect or test)."""
+    model_dir = Path(model_dir)
+    config = config or {}
+    tok_json = _read_json(model_dir / "tokenizer.json")
+    tok_config = _read_json(model_dir / "tokenizer_config.json") or {}
+    if (model_dir / "tokenizer.model").exists():
+        info = _from_sentencepiece(model_dir / "tokenizer.model", tok_json, tok_config)
+    elif tok_json is not None:
+        kind = tok_json.get("model", {}).get("type")
+        if kind == "Unigram" or (kind == "BPE" and _is_spm_style(tok_json)):
+            info = _from_spm_json(tok_json)
+        elif kind == "BPE":
+            info = _from_bpe_json(tok_json)
+        else:
+            raise ExportError(f"{model_dir / 'tokenizer.json'}: tokenizer model type {kind!r} cannot be written "
+                              "to GGUF (supported: byte-level BPE and SentencePiece)")
+    else:
+        raise ExportError(f"{model_dir} has neither tokenizer.model nor tokenizer.json: copy the tokenizer "
+                          "files of the base model into it")
+
+    _pad_to_vocab(info, _vocab_size(config), model_dir)
+    _make_unique(info)
+    _special_tokens(info, tok_config, config)
+    _add_flags(info, model_dir, tok_json, tok_config)
+    info.chat_template = read_chat_template(model_dir, tok_config)
+    if info.model == "gpt2":
+        _choose_pre(info, tok_json, pre_tokenizer, model_dir)
+    elif pre_tokenizer:
+        info.notes.append(f"--pre-tokenizer {pre_tokenizer} ignored: SentencePiece tokenizers have none")
+    return info
+
+
+# --- readers -------------------------------------------------------------------------------------------
+
+def _read_json(path: Path):
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path} is not valid JSON ({e}): restore it from the base model") from None
+
+
+def _added_tokens(tok_json, tok_config) -> dict[int, tuple[str, bool]]:
+    """id -> (content, special) from tokenizer.json and tokenizer_config.json's added_tokens_decoder."""
+    added: dict[int, tuple[str, bool]] = {}
+    for tok in (tok_json or {}).get("added_tokens", []):
+        added[int(tok["id"])] = (tok["content"], bool(tok.get("special")))
+    for i, tok in (tok_config.get("added_tokens_decoder") or {}).items():
+        added.setdefault(int(i), (tok["content"], bool(tok.get("special"))))
+    return added
+
+
+def _from_sentencepiece(path: Path, tok_json, tok_config) -> TokenizerInfo:
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:  # pragma: no cover - sentencepiece is a dependency
+        raise ExportError("reading tokenizer.model needs the sentencepiece package: pip install sentencepiece")
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception as e:
+        raise ExportError(f"{path} is not a SentencePiece model ({e}): restore it from the base model") from None
+    tokens = [p.piece for p in proto.pieces]
+    scores = [float(p.score) for p in proto.pieces]
+    types = [int(p.type) if 1 <= int(p.type) <= 6 else NORMAL for p in proto.pieces]
+    _apply_added(tokens, types, scores, _added_tokens(tok_json, tok_config))
+    info = TokenizerInfo("llama", "default", tokens, types, scores=scores)
+    info.add_space_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
+    if proto.normalizer_spec.name not in ("identity", "nmt_nfkc", ""):
+        info.notes.append(f"SentencePiece normalizer {proto.normalizer_spec.name!r} is not applied by llama.cpp")
+    return info
+
+
+def _apply_added(tokens, types, scores, added) -> None:
+    """Added tokens: appended after the base vocabulary or retyped in place (score -1000, as llama.cpp's converter)."""
+    for i in sorted(added):
+        content, special = added[i]
+        while len(tokens) <= i:
+            tokens.append(f"[PAD{len(tokens)}]")
+            types.append(UNUSED)
+            if scores is not None:
+                scores.append(-1000.0)
+        if types[i] in (UNKNOWN, BYTE) and tokens[i] == content:
+            continue  # <unk> and <0xNN> keep their own type
+        tokens[i] = content
+        types[i] = CONTROL if special else USER_DEFINED
+        if scores is not None:
+            scores[i] = -1000.0
+
+
+def _is_spm_style(tok_json) -> bool:
+    """A SentencePiece tokenizer saved as tokenizer.json (▁ for spaces and <0xNN> byte fallback)."""
+    model = tok_json.get("model", {})
+    if model.get("byte_fallback"):
+        return True
+    text = json.dumps([tok_json.get("normalizer"), tok_json.get("pre_tokenizer")])
+    return "Metaspace" in text or "\u2581" in text
+
+
+def _from_spm_json(tok_json) -> TokenizerInfo:
+    model = tok_json["model"]
+    added = _added_tokens(tok_json, {})
+    if model["type"] == "Unigram":
+        pieces = [(p, float(s)) for p, s in model["vocab"]]
+        tokens = [p for p, _ in pieces]
+        scores = [s for _, s in pieces]
+    else:
+        vocab = model["vocab"]
+        tokens = [f"[PAD{i}]" for i in range(max(vocab.values()) + 1)]
+        for t, i in vocab.items():
+            tokens[i] = t
+        # No SentencePiece scores survive in a BPE tokenizer.json; llama.cpp's SentencePiece tokenizer merges
+        # the highest-scoring pair first, so -rank of the merge that makes a token reproduces BPE order.
+        merges = _merge_strings(model.get("merges", []))
+        rank: dict[str, int] = {}
+        for r, m in enumerate(merges):
+            left, _, right = m.partition(" ")
+            rank.setdefault(left + right, r)
+        n = len(merges)
+        scores = [-float(rank[t]) if t in rank else -float(n + i) for i, t in enumerate(tokens)]
+    unk = model.get("unk_token") if model["type"] == "BPE" else None
+    unk_id = model.get("unk_id") if model["type"] == "Unigram" else None
+    types = []
+    for i, t in enumerate(tokens):
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t):
+            types.append(BYTE)
+        elif t == unk or i == unk_id:
+            types.append(UNKNOWN)
+        else:
+            types.append(NORMAL)
+    _apply_added(tokens, types, scores, added)
+    info = TokenizerInfo("llama", "default", tokens, types, scores=scores)
+    text = json.dumps([tok_json.get("normalizer"), tok_json.get("pre_tokenizer")])
+    info.add_space_prefix = ('"Prepend"' in text or '"prepend_scheme": "always"' in text
+                             or '"prepend_scheme": "first"' in text)
+    info.notes.append("SentencePiece vocabulary read from tokenizer.json (no tokenizer.model): "
+                      "scores rebuilt from the merge order")
+    return info
+
+
+def _merge_strings(merges) -> list[str]:
+    # tokenizers >= 0.20 stores merges as pairs; older files as "left right". A space inside a part would
+    # be read by llama.cpp as the separator, so it becomes U+0120 as in byte-level vocabularies.
+    out = []
+    for m in merges:
+        if isinstance(m, str):
+            out.append(m)
+        else:
+            out.append(" ".join(part.replace(" ", "\u0120") for part in m))
+    return out
+
+
+def _from_bpe_json(tok_json) -> TokenizerInfo:
+    model = tok_json["model"]
+    vocab: dict[str, int] = model["vocab"]
+    added = _added_tokens(tok_json, {})
+    size = max([*vocab.values(), *added.keys()]) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [UNUSED] * size
+    for t, i in vocab.items():
+        tokens[i] = t
+        types[i] = NORMAL
+    _apply_added(tokens, types, None, added)
+    return TokenizerInfo("gpt2", None, tokens, types, merges=_merge_strings(model.get("merges", [])))
+
+
+# --- vocabulary fix-ups --------------------------------------------------------------------------------
+
+def _vocab_size(config: dict) -> int | None:
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(size) if size else None
+
+
+def _pad_to_vocab(info: TokenizerInfo, vocab_size: int | None, model_dir: Path) -> None:
+    """The token list must have exactly as many entries as the embedding has rows."""
+    if vocab_size is None or vocab_size == info.n_tokens:
+        return
+    if info.n_tokens > vocab_size:
+        extra = info.tokens[vocab_size:]
+        if all(t.startswith("[PAD") for t in extra):
+            del info.tokens[vocab_size:], info.types[vocab_size:]
+            if info.scores is not None:
+                del info.scores[vocab_size:]
+            return
+        raise ExportError(f"{model_dir}: the tokenizer has {info.n_tokens} tokens but config.json vocab_size is "
+                          f"{vocab_size}: the tokenizer does not belong to these weights")
+    for i in range(info.n_tokens, vocab_size):
+        info.tokens.append(f"[PAD{i}]")
+        info.types.append(UNUSED)
+        if info.scores is not None:
+            info.scores.append(-10000.0)
+
+
+def _make_unique(info: TokenizerInfo) -> None:
+    # A duplicate token string aborts llama.cpp; keep the first and park the others as unused.
+    seen: set[str] = set()
+    dups = []
+    for i, t in enumerate(info.tokens):
+        if t in seen:
+            info.tokens[i] = f"[PAD{i}]"
+            info.types[i] = UNUSED
+            dups.append(f"{t!r}@{i}")
+        seen.add(t)
+    if dups:
+        info.notes.append(f"duplicate token strings renamed to [PAD<id>]: {', '.join(dups[:5])}")
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _special_tokens(info: TokenizerInfo, tok_config: dict, config: dict) -> None:
+    index = {t: i for i, t in enumerate(info.tokens)}
+
+    def lookup(name: str, config_key: str):
+        text = _token_text(tok_config.get(name))
+        if text is not None and text in index:
+            return index[text]
+        value = config.get(config_key)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        return int(value) if isinstance(value, int) and 0 <= value < info.n_tokens else None
+
+    info.bos_id = lookup("bos_token", "bos_token_id")
+    info.eos_id = lookup("eos_token", "eos_token_id")
+    info.unk_id = lookup("unk_token", "unk_token_id")
+    info.pad_id = lookup("pad_token", "pad_token_id")
+    if info.unk_id is None and UNKNOWN in info.types:
+        info.unk_id = info.types.index(UNKNOWN)
+    for text in EOT_TOKENS:
+        if text in index:
+            info.eot_id = index[text]
+            break
+
+
+def _add_flags(info: TokenizerInfo, model_dir: Path, tok_json, tok_config: dict) -> None:
+    """add_bos/add_eos as the Hugging Face tokenizer actually behaves (encode a word with and without specials)."""
+    observed = _observe_specials(model_dir, info)
+    if observed is not None:
+        info.add_bos, info.add_eos = observed
+        return
+    # Without a loadable HF tokenizer: trust the config, else llama.cpp's defaults (BOS for SentencePiece).
+    info.add_bos = bool(tok_config.get("add_bos_token", info.model == "llama" and info.bos_id is not None))
+    info.add_eos = bool(tok_config.get("add_eos_token", False))
+
+
+def _observe_specials(model_dir: Path, info: TokenizerInfo):
+    try:
+        hf = load_hf_tokenizer(model_dir)
+        with_special = list(hf("a", add_special_tokens=True)["input_ids"])
+        plain = list(hf("a", add_special_tokens=False)["input_ids"])
+    except Exception:
+        return None
+    if not plain or len(with_special) < len(plain):
+        return None
+    add_bos = info.bos_id is not None and with_special[:1] == [info.bos_id] and plain[:1] != [info.bos_id]
+    add_eos = info.eos_id is not None and with_special[-1:] == [info.eos_id] and plain[-1:] != [info.eos_id]
+    return add_bos, add_eos
+
+
+def load_hf_tokenizer(model_dir):
+    """The Hugging Face tokenizer of `model_dir` (transformers), the reference for every comparison."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def read_chat_template(model_dir, tok_config: dict | None = None):
+    """tokenizer_config.json's chat_template, else chat_template.jinja, else chat_template.json."""
+    model_dir = Path(model_dir)
+    if tok_config is None:
+        tok_config = _read_json(model_dir / "tokenizer_config.json") or {}
+    template = tok_config.get("chat_template")
+    if template:
+        return template
+    if (model_dir / "chat_template.jinja").exists():
+        return (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    data = _read_json(model_dir / "chat_template.json")
+    if isinstance(data, dict) and data.get("chat_template"):
+        return data["chat_template"]
+    return None
+
+
+# --- BPE pre-tokenizer: detect from structure, then check by tokenizing ---------------------------------
+
+def _normalize_regex(pattern: str) -> str:
+    return pattern.replace(CONTRACTIONS_CI, CONTRACTIONS)
+
+
+def pre_tokenizer_regexes(tok_json) -> list[str] | None:
+    """The regex list llama.cpp would have to run for tokenizer.json's pre_tokenizer, or None if not expressible."""
+    pre = tok_json.get("pre_tokenizer")
+    if pre is None:
+        return None
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    exprs: list[str] = []
+    byte_level = False
+    for step in steps:
+        kind = step.get("type")
+        if kind == "ByteLevel":
+            byte_level = True
+            if step.get("use_regex", True):
+                exprs.append(GPT2_RE)
+            if step.get("add_prefix_space"):
+                return None  # llama.cpp's BPE never prepends a space
+        elif kind == "Split":
+            pattern = step.get("pattern", {})
+            if "Regex" in pattern:
+                exprs.append(_normalize_regex(pattern["Regex"]))
+            elif "String" in pattern:
+                exprs.append(re.escape(pattern["String"]))
+            else:
+                return None
+            if step.get("behavior", "Isolated") != "Isolated" or step.get("invert"):
+                return None
+        elif kind == "Digits":
+            exprs.append(r"\p{N}" if step.get("individual_digits") else r"\p{N}+")
+        else:
+            return None
+    return exprs if byte_level else None
+
+
+def _choose_pre(info: TokenizerInfo, tok_json, override: str | None, model_dir: Path) -> None:
+    if override:
+        if override not in KNOWN_PRE and override not in OTHER_PRE:
+            known = ", ".join([*KNOWN_PRE, *OTHER_PRE])
+            raise ConfigError(f"--pre-tokenizer {override} is not a llama.cpp pre-tokenizer; known: {known}")
+        info.pre = override
+        if override in KNOWN_PRE:
+            ok, total = check_pre(info, tok_json, override)
+            info.notes.append(f"pre-tokenizer {override} (from --pre-tokenizer): {ok}/{total} check strings "
+                              "tokenize exactly like the Hugging Face tokenizer")
+        else:
+            info.notes.append(f"pre-tokenizer {override} (from --pre-tokenizer), not cross-checked")
+        return
+
+    exprs = pre_tokenizer_regexes(tok_json)
+    structural = next((name for name, known in KNOWN_PRE.items() if exprs == known), None)
+    if structural:
+        ok, total = check_pre(info, tok_json, structural)
+        info.pre = structural
+        info.notes.append(f"pre-tokenizer {structural} (matches tokenizer.json's pre_tokenizer): "
+                          f"{ok}/{total} check strings tokenize exactly like the Hugging Face tokenizer")
+        if ok == total:
+            return
+    # Unknown structure (or a structural match that tokenizes differently): try each known regex set.
+    results = {name: check_pre(info, tok_json, name) for name in KNOWN_PRE}
+    best = max(results, key=lambda n: results[n][0])  # dict order breaks ties toward older names
+    ok, total = results[best]
+    if structural and results[structural][0] >= ok:
+        return
+    info.pre = best
+    summary = ", ".join(f"{n} {r[0]}/{r[1]}" for n, r in results.items())
+    if ok == total:
+        info.notes.append(f"pre-tokenizer {best}: tokenizer.json's pre_tokenizer is not one llama.cpp knows by "
+                          f"structure; chose by comparing tokenizations ({summary})")
+    else:
+        info.notes.append(f"warning: no llama.cpp pre-tokenizer reproduces this tokenizer exactly ({summary}); "
+                          f"using {best}, closest. Pass --pre-tokenizer NAME to choose another")
+
+
+def check_pre(info: TokenizerInfo, tok_json, name: str, strings=CHECK_STRINGS) -> tuple[int, int]:
+    """How many check strings llama.cpp would tokenize like the HF tokenizer with pre-tokenizer `name`."""
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_str(json.dumps(tok_json))
+    bpe = SimulatedBPE(info.tokens, info.merges or [], KNOWN_PRE[name])
+    ok = sum(bpe.encode(s) == reference.encode(s, add_special_tokens=False).ids for s in strings)
+    return ok, len(strings)
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    # GPT-2's reversible byte -> printable character table (bytes that print stay themselves).
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+class SimulatedBPE:
+    """llama.cpp's byte-level BPE in a few lines: split by each regex in turn, map bytes, merge by rank."""
+
+    def __init__(self, tokens: list[str], merges: list[str], exprs: list[str]):
+        import regex
+
+        self.ids = {t: i for i, t in enumerate(tokens)}
+        self.ranks = {tuple(m.split(" ", 1)): r for r, m in enumerate(merges) if " " in m}
+        self.exprs = [regex.compile(e) for e in exprs]
+        self.byte_map = _byte_to_unicode()
+
+    def split(self, text: str) -> list[str]:
+        pieces = [text]
+        for expr in self.exprs:
+            out = []
+            for piece in pieces:
+                pos = 0
+                for m in expr.finditer(piece):
+                    if m.start() > pos:
+                        out.append(piece[pos:m.start()])
+                    if m.end() > m.start():
+                        out.append(m.group())
+                    pos = m.end()
+                if pos < len(piece):
+                    out.append(piece[pos:])
+            pieces = out
+        return pieces
+
+    def encode(self, text: str) -> list[int]:
+        out = []
+        for word in self.split(text):
+            symbols = [self.byte_map[b] for b in word.encode("utf-8")]
+            while len(symbols) > 1:
+                pairs = [(self.ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+                pairs = [(r, i) for r, i in pairs if r is not None]
+                if not pairs:
+                    break
+                _, i = min(pairs)
+                symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+            out.extend(self.ids[s] for s in symbols if s in self.ids)
+        return out
