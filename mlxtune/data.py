@@ -1,0 +1,655 @@
+"""Datasets: every supported file format becomes one internal `Record` (token ids + loss mask), here only.
+
+The one thing to know: `Record.mask[i]` says whether token `ids[i]` is a training target (predicted from
+`ids[:i]`). Chat-like formats (chat, ShareGPT, Alpaca, instruction/response pairs, prompt/completion) are
+turned into messages and rendered with the tokenizer's chat template (`mlxtune.templates`), training the
+assistant tokens of every assistant turn; `text` trains on everything. Formats are detected per record over
+the whole file, and every problem is reported as `file:LINE: ...` with the offending record shortened.
+
+Then: split (fixed seed), truncate from the prompt side (counted), cache the tokenization, and batch with
+length buckets or packing (`iterate_batches`, deterministic and resumable from any step).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from . import templates
+from .errors import ConfigError, DataError
+from .files import atomic_dir, atomic_file
+
+CACHE_VERSION = 1
+PAD_MULTIPLE = 8  # batch lengths are rounded up to this so the compiled train step sees few shapes
+SPLITS = ("train", "valid", "test")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "tool": "tool", "function_call": "assistant", "observation": "tool"}
+PAIR_PROMPTS = ("instruction", "question", "prompt")
+PAIR_ANSWERS = ("response", "answer")
+
+
+class Format(str, Enum):
+    TEXT = "text"
+    COMPLETIONS = "completions"
+    CHAT = "chat"
+    ALPACA = "alpaca"
+    SHAREGPT = "sharegpt"
+    PAIRS = "instruction-response"
+
+
+FORMAT_HELP = ('{"text"}, {"prompt", "completion"}, {"messages": [{"role", "content"}]}, '
+               '{"instruction", "input", "output"} (Alpaca), {"conversations": [{"from", "value"}]} (ShareGPT), '
+               '{"instruction"|"question"|"prompt", "response"|"answer"}')
+
+
+@dataclass
+class Record:
+    ids: list[int]  # token ids of the whole rendered example
+    mask: list[bool]  # mask[i] True => ids[i] is a training target (predicted from ids[:i]); mask[0] is False
+
+
+@dataclass
+class DataSplits:
+    train: list[Record]
+    valid: list[Record]
+    test: list[Record]
+    truncated: int = 0  # examples shortened to max_seq_length
+    dropped: int = 0  # examples left with no trained token after truncation
+    formats: dict[str, str] = field(default_factory=dict)  # file -> detected format name
+
+    def summary(self) -> str:
+        """One line for the start of training: sizes, formats and the truncation counts."""
+        files = ", ".join(f"{Path(f).name}: {fmt}" for f, fmt in self.formats.items())
+        text = f"{len(self.train)} train, {len(self.valid)} valid, {len(self.test)} test examples ({files})"
+        if self.truncated:
+            text += f"; {self.truncated} examples truncated"
+        if self.dropped:
+            text += f"; {self.dropped} dropped (nothing left to train on after truncation)"
+        return text
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Field names, mappable from the command line (`--prompt-key question --completion-key answer`)."""
+
+    text: str = "text"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    messages: str = "messages"
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _short(record: Any, limit: int = 100) -> str:
+    text = json.dumps(record, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _fail(where: str, what: str, record: Any = None) -> DataError:
+    return DataError(f"{where}: {what}" + (f" in {_short(record)}" if record is not None else ""))
+
+
+def read_records(path: str | os.PathLike) -> list[tuple[int, Any]]:
+    """(line number, parsed JSON) for each record of a .jsonl file or a .json array; blank lines skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}): save it as UTF-8 JSON lines") from None
+    if text.lstrip().startswith("["):
+        return _read_json_array(path, text)
+    records = []
+    decoder = json.JSONDecoder()
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((n, decoder.decode(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}): {line[:80]}") from None
+    if not records:
+        raise DataError(f"{path}: the file is empty: it needs one JSON record per line")
+    return records
+
+
+def _read_json_array(path: Path, text: str) -> list[tuple[int, Any]]:
+    # Decode element by element so that errors and records still carry line numbers.
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    records = []
+
+    def skip(p: int) -> int:
+        while p < len(text) and text[p] in " \t\r\n":
+            p += 1
+        return p
+
+    def line_of(p: int) -> int:
+        return text.count("\n", 0, p) + 1
+
+    while True:
+        pos = skip(pos)
+        if pos < len(text) and text[pos] == "]":
+            break
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        records.append((line_of(pos), value))
+        pos = skip(end)
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos >= len(text) or text[pos] != "]":
+            raise DataError(f"{path}:{line_of(pos)}: not valid JSON (expected ',' or ']' between records)")
+    if not records:
+        raise DataError(f"{path}: the JSON array is empty")
+    return records
+
+
+def detect_format(record: Any, keys: Keys = Keys()) -> Format | None:
+    """The format one record is in, or None. Structured formats win over a stray "text" field."""
+    if not isinstance(record, dict):
+        return None
+    if keys.messages in record:
+        return Format.CHAT
+    if "conversations" in record:
+        return Format.SHAREGPT
+    if keys.prompt in record and keys.completion in record:
+        return Format.COMPLETIONS
+    if "instruction" in record and "output" in record:
+        return Format.ALPACA
+    if any(k in record for k in PAIR_PROMPTS) and any(k in record for k in PAIR_ANSWERS):
+        return Format.PAIRS
+    if keys.text in record:
+        return Format.TEXT
+    return None
+
+
+def detect_file_format(path: str | os.PathLike, records: list[tuple[int, Any]], keys: Keys = Keys()) -> Format:
+    """The one format of a whole file: every record is checked, a file mixing formats is refused."""
+    first: tuple[int, Format] | None = None
+    for line, record in records:
+        fmt = detect_format(record, keys)
+        if fmt is None:
+            raise _fail(f"{path}:{line}", f"record matches no known format (expected one of {FORMAT_HELP}; "
+                        "map other field names with --prompt-key/--completion-key)", record)
+        if first is None:
+            first = (line, fmt)
+        elif fmt != first[1]:
+            raise _fail(f"{path}:{line}", f"record is in {fmt.value} format but line {first[0]} is "
+                        f"{first[1].value}: a file must use one format (split it, or convert with "
+                        "`mlxtune data convert`)", record)
+    assert first is not None
+    return first[1]
+
+
+def _string(value: Any, what: str, where: str, record: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        return "".join(str(p.get("text", "")) for p in value)  # OpenAI-style content parts
+    raise _fail(where, f"{what} must be a string, not {type(value).__name__}", record)
+
+
+def _check_messages(messages: Any, where: str, record: Any) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise _fail(where, "messages must be a non-empty list of {\"role\", \"content\"} objects", record)
+    out = []
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict) or "role" not in m:
+            raise _fail(where, f"message {i} must be an object with \"role\" and \"content\"", record)
+        role = m["role"]
+        if role not in ROLES:
+            raise _fail(where, f"message {i} has unknown role {role!r} (expected system, user, assistant or tool)",
+                        record)
+        m = dict(m)
+        if m.get("content") is None and (role == "assistant" and m.get("tool_calls")):
+            m["content"] = ""
+        elif "content" not in m:
+            raise _fail(where, f"message {i} ({role}) has no \"content\"", record)
+        else:
+            m["content"] = _string(m["content"], f"message {i} content", where, record)
+        out.append(m)
+    if not any(m["role"] == "assistant" for m in out):
+        raise _fail(where, "chat has no assistant turn, so there is nothing to train on", record)
+    return out
+
+
+def _tools(record: dict, where: str) -> list | None:
+    tools = record.get("tools")
+    if isinstance(tools, str):  # some ShareGPT exports store tools as a JSON string
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise _fail(where, "\"tools\" is a string that is not JSON", record) from None
+    if tools is not None and not isinstance(tools, list):
+        raise _fail(where, "\"tools\" must be a list of tool definitions", record)
+    return tools or None
+
+
+def to_messages(record: dict, fmt: Format, where: str = "record", keys: Keys = Keys()) -> tuple[list[dict], list | None]:
+    """A chat-like record as (messages, tools); the single place where formats map to roles."""
+    if fmt == Format.CHAT:
+        return _check_messages(record[keys.messages], where, record), _tools(record, where)
+    if fmt == Format.SHAREGPT:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise _fail(where, "conversations must be a non-empty list of {\"from\", \"value\"} objects", record)
+        messages = []
+        for i, t in enumerate(turns, 1):
+            if not isinstance(t, dict) or "from" not in t or "value" not in t:
+                raise _fail(where, f"conversation turn {i} must be an object with \"from\" and \"value\"", record)
+            role = SHAREGPT_ROLES.get(t["from"])
+            if role is None:
+                raise _fail(where, f"conversation turn {i} has unknown \"from\" {t['from']!r} "
+                            "(expected human, gpt or system)", record)
+            messages.append({"role": role, "content": _string(t["value"], f"turn {i} value", where, record)})
+        return _check_messages(messages, where, record), _tools(record, where)
+    if fmt == Format.COMPLETIONS:
+        prompt = _string(record[keys.prompt], f"\"{keys.prompt}\"", where, record)
+        answer = _string(record[keys.completion], f"\"{keys.completion}\"", where, record)
+    elif fmt == Format.ALPACA:
+        prompt = _string(record["instruction"], "\"instruction\"", where, record)
+        extra = record.get("input") or ""
+        if extra:
+            prompt += "\n\n" + _string(extra, "\"input\"", where, record)
+        answer = _string(record["output"], "\"output\"", where, record)
+    elif fmt == Format.PAIRS:
+        pk = next(k for k in PAIR_PROMPTS if k in record)
+        ak = next(k for k in PAIR_ANSWERS if k in record)
+        prompt = _string(record[pk], f"\"{pk}\"", where, record)
+        answer = _string(record[ak], f"\"{ak}\"", where, record)
+    else:
+        raise _fail(where, f"{fmt.value} records are plain text, not a conversation", record)
+    messages = []
+    if isinstance(record.get("system"), str) and record["system"]:
+        messages.append({"role": "system", "content": record["system"]})
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return messages, _tools(record, where)
+
+
+def split_prompt_answer(record_json: dict | str) -> tuple[list[dict], str]:
+    """(messages before the final assistant turn, that turn's text): a prompt and its expected answer.
+
+    Takes a chat-like record (dict or JSON line) in any supported format; used for exact-match evaluation.
+    """
+    record = json.loads(record_json) if isinstance(record_json, str) else record_json
+    fmt = detect_format(record)
+    if fmt is None or fmt == Format.TEXT:
+        raise DataError(f"not a chat-like record (expected one of {FORMAT_HELP}): {_short(record)}")
+    messages, _ = to_messages(record, fmt)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]
+
+
+def record_tools(record_json: dict | str) -> list | None:
+    """The `tools` a chat-like record offers the model (to render its prompt like in training)."""
+    record = json.loads(record_json) if isinstance(record_json, str) else record_json
+    return _tools(record, "record") if isinstance(record, dict) else None
+
+
+# ------------------------------------------------------------------------------------------- tokenizing
+
+
+@dataclass
+class _Options:
+    template: str
+    train_on_inputs: bool
+    keys: Keys
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    hf = templates.hf_tokenizer(tokenizer)
+    ids = list(hf.encode(text))
+    eos = hf.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)  # so the model learns where a document ends
+    return ids
+
+
+def record_to_ids(tokenizer, record: dict, fmt: Format, opts: _Options, where: str) -> Record:
+    if fmt == Format.TEXT:
+        ids = _text_ids(tokenizer, _string(record[opts.keys.text], f"\"{opts.keys.text}\"", where, record))
+        return Record(ids, [False] + [True] * (len(ids) - 1))
+    messages, tools = to_messages(record, fmt, where, opts.keys)
+    try:
+        ids, mask = templates.chat_to_ids(tokenizer, messages, tools=tools, template=opts.template,
+                                          train_on_inputs=opts.train_on_inputs)
+    except DataError as e:
+        raise _fail(where, str(e), record) from None
+    return Record(ids, mask)
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    hf = templates.hf_tokenizer(tokenizer)
+    h = hashlib.sha256()
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(hf.get_vocab().items())).encode())
+    h.update(repr((hf.bos_token, hf.eos_token, sorted(templates.special_ids(tokenizer)))).encode())
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MLXTUNE_CACHE", Path.home() / ".cache" / "mlxtune")) / "data"
+
+
+def _cache_file(cache_dir: Path, path: Path, fingerprint: str, opts: _Options) -> Path:
+    h = hashlib.sha256()
+    h.update(path.read_bytes())
+    h.update(f"{CACHE_VERSION}|{fingerprint}|{opts.train_on_inputs}|{opts.keys}|".encode())
+    h.update(opts.template.encode())
+    return cache_dir / f"{h.hexdigest()[:32]}.npz"
+
+
+def _save_cache(file: Path, fmt: Format, records: list[Record], lines: list[int]) -> None:
+    lengths = np.array([len(r.ids) for r in records], dtype=np.int64)
+    ids = np.array([i for r in records for i in r.ids], dtype=np.int32)
+    mask = np.array([m for r in records for m in r.mask], dtype=bool)
+    try:
+        with atomic_file(file, suffix=".npz") as tmp:
+            np.savez(tmp, ids=ids, mask=mask, lengths=lengths, lines=np.array(lines, dtype=np.int64),
+                     format=np.array(fmt.value))
+    except OSError:
+        pass  # a read-only cache only costs speed
+
+
+def _load_cache(file: Path) -> tuple[Format, list[Record], list[int]] | None:
+    try:
+        with np.load(file) as z:
+            ids, mask, lengths = z["ids"].tolist(), z["mask"].tolist(), z["lengths"]
+            fmt, lines = Format(str(z["format"])), z["lines"].tolist()
+    except Exception:  # missing, partial or from another version: tokenize again
+        return None
+    bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    records = [Record(ids[a:b], mask[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return fmt, records, lines
+
+
+def tokenize_file(path: str | os.PathLike, tokenizer, opts: _Options, cache_dir: Path | None = None,
+                  fingerprint: str | None = None) -> tuple[Format, list[Record], list[int]]:
+    """All records of one file as (format, records, line numbers), from the cache when it is fresh."""
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    cache_file = None
+    if cache_dir is not None:
+        fingerprint = fingerprint or _tokenizer_fingerprint(tokenizer)
+        cache_file = _cache_file(cache_dir, path, fingerprint, opts)
+        hit = _load_cache(cache_file)
+        if hit is not None:
+            return hit
+    raw = read_records(path)
+    fmt = detect_file_format(path, raw, opts.keys)
+    records = [record_to_ids(tokenizer, rec, fmt, opts, f"{path}:{line}")
+               for line, rec in tqdm(raw, desc=f"tokenizing {path.name}", leave=False, disable=len(raw) < 2000)]
+    lines = [line for line, _ in raw]
+    if cache_file is not None:
+        _save_cache(cache_file, fmt, records, lines)
+    return fmt, records, lines
+
+
+# ------------------------------------------------------------------------------- splitting and truncating
+
+
+def split_indices(n: int, valid_split: float, test_split: float, seed: int) -> dict[str, list[int]]:
+    """Which records of an n-record file go to train/valid/test; fixed by the seed, file order kept."""
+    for name, frac in (("--valid-split", valid_split), ("--test-split", test_split)):
+        if not 0 <= frac < 1:
+            raise ConfigError(f"{name} {frac} must be a fraction in [0, 1)")
+    n_test = int(round(n * test_split)) if test_split else 0
+    n_valid = int(round(n * valid_split)) if valid_split else 0
+    if valid_split and n_valid == 0 and n > 1:
+        n_valid = 1
+    if test_split and n_test == 0 and n - n_valid > 1:
+        n_test = 1
+    if n - n_valid - n_test < 1:
+        raise DataError(f"{n} examples are too few to split off {n_valid} valid and {n_test} test examples")
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    return {"test": sorted(order[:n_test]), "valid": sorted(order[n_test:n_test + n_valid]),
+            "train": sorted(order[n_test + n_valid:])}
+
+
+def truncate(record: Record, max_seq_length: int) -> Record | None:
+    """Fit `record` into max_seq_length tokens, cutting prompt tokens from the start first.
+
+    The first token (BOS) and the token just before the first target stay. If the targets alone are too
+    long, the end is cut too; a record left with no target is None (dropped).
+    """
+    ids, mask = record.ids, record.mask
+    excess = len(ids) - max_seq_length
+    if excess <= 0:
+        return record
+    first = next((i for i, m in enumerate(mask) if m), len(ids))
+    removable = max(0, first - 2)  # prompt tokens between ids[0] and ids[first - 1]
+    cut = min(excess, removable)
+    ids, mask = ids[:1] + ids[1 + cut:], mask[:1] + mask[1 + cut:]
+    ids, mask = ids[:max_seq_length], mask[:max_seq_length]
+    mask = [False] + mask[1:]
+    if not any(mask):
+        return None
+    return Record(ids, mask)
+
+
+def _resolve_inputs(data) -> list[tuple[Path, str | None]]:
+    """(file, split or None for "split me") for each input path."""
+    items = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    if not items:
+        raise ConfigError("--data: no data files given")
+    out = []
+    for item in items:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = {s: next((p / f"{s}{ext}" for ext in (".jsonl", ".json") if (p / f"{s}{ext}").is_file()), None)
+                     for s in SPLITS}
+            if found["train"] is None:
+                raise DataError(f"{p} has no train.jsonl: a data directory needs train.jsonl "
+                                "(and optionally valid.jsonl, test.jsonl)")
+            out += [(f, s) for s, f in found.items() if f is not None]
+        elif p.is_file():
+            if p.suffix not in (".jsonl", ".json"):
+                raise DataError(f"{p}: data files must be .jsonl (one JSON record per line) or .json (an array)")
+            out.append((p, None))
+        else:
+            raise DataError(f"--data {item}: no such file or directory")
+    return out
+
+
+def _load_untruncated(data, tokenizer, *, valid_split, test_split, seed, train_on_inputs, chat_template,
+                      keys: Keys, cache) -> tuple[dict[str, list[Record]], dict[str, str]]:
+    template = templates.template_for(tokenizer, templates.read_chat_template(chat_template))
+    opts = _Options(template=template, train_on_inputs=train_on_inputs, keys=keys)
+    cache_dir = None
+    if cache:
+        cache_dir = default_cache_dir() if cache is True else Path(cache)
+    fingerprint = _tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
+    splits: dict[str, list[Record]] = {s: [] for s in SPLITS}
+    formats = {}
+    for file, split in _resolve_inputs(data):
+        fmt, records, _ = tokenize_file(file, tokenizer, opts, cache_dir, fingerprint)
+        formats[str(file)] = fmt.value
+        if split is not None:
+            splits[split] += records
+        else:
+            for name, idx in split_indices(len(records), valid_split, test_split, seed).items():
+                splits[name] += [records[i] for i in idx]
+    return splits, formats
+
+
+def load_dataset(data, tokenizer, *, valid_split: float = 0.1, test_split: float = 0.0, seed: int = 0,
+                 max_seq_length: int = 2048, train_on_inputs: bool = False, chat_template: str | None = None,
+                 prompt_key: str | None = None, completion_key: str | None = None, text_key: str | None = None,
+                 messages_key: str | None = None, cache: bool | str | os.PathLike = True) -> DataSplits:
+    """Read, check, tokenize, split and truncate a dataset.
+
+    `data`: a directory with train/valid/test.jsonl, one .jsonl/.json file (split with valid_split,
+    test_split and seed), or a list of such paths to mix. `tokenizer`: mlx-lm TokenizerWrapper or a
+    Hugging Face tokenizer. `chat_template`: template text or a file, overriding the tokenizer's.
+    `cache`: True (~/.cache/mlxtune/data, or $MLXTUNE_CACHE/data), False, or a directory.
+    """
+    if max_seq_length < 2:
+        raise ConfigError(f"--max-seq-length {max_seq_length} must be at least 2")
+    keys = Keys(text=text_key or "text", prompt=prompt_key or "prompt", completion=completion_key or "completion",
+                messages=messages_key or "messages")
+    splits, formats = _load_untruncated(data, tokenizer, valid_split=valid_split, test_split=test_split, seed=seed,
+                                        train_on_inputs=train_on_inputs, chat_template=chat_template, keys=keys,
+                                        cache=cache)
+    truncated = dropped = 0
+    out: dict[str, list[Record]] = {}
+    for name, records in splits.items():
+        kept = []
+        for r in records:
+            t = truncate(r, max_seq_length)
+            truncated += t is not r
+            if t is None:
+                dropped += 1
+            else:
+                kept.append(t)
+        out[name] = kept
+    return DataSplits(out["train"], out["valid"], out["test"], truncated=truncated, dropped=dropped, formats=formats)
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+
+@dataclass
+class Batch:
+    inputs: Any  # mx.array int32 (B, L): ids[:-1] of each row, right-padded with 0
+    targets: Any  # mx.array int32 (B, L): ids[1:]
+    loss_mask: Any  # mx.array float32 (B, L): 1.0 where targets[b, t] is trained; 0 on padding
+    segments: Any  # mx.array int32 (B, L) with packing: 1, 2, .. = example of each position, 0 = padding; else None
+    n_real: int  # non-padding input positions (for tokens/sec)
+
+
+def _round_up(n: int, k: int = PAD_MULTIPLE) -> int:
+    return max(k, -(-n // k) * k)
+
+
+def _pack(order: Sequence[int], sizes: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: rows of record indices whose sizes sum to at most capacity."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    for i in sorted(order, key=lambda i: -sizes[i]):  # stable: ties keep the shuffled order
+        k = bisect.bisect_left(free, (sizes[i], -1))
+        if k == len(free):
+            rows.append([i])
+            bisect.insort(free, (capacity - sizes[i], len(rows) - 1))
+        else:
+            room, row = free.pop(k)
+            rows[row].append(i)
+            bisect.insort(free, (room - sizes[i], row))
+    return rows
+
+
+def _epoch_plan(sizes: Sequence[int], batch_size: int, seed: int, epoch: int, shuffle: bool, pack: bool,
+                capacity: int) -> list[list[list[int]]]:
+    """One epoch as batches of rows of record indices; a pure function of its arguments."""
+    n = len(sizes)
+    rng = np.random.default_rng([seed, epoch])
+    jitter = rng.random(n) if shuffle else np.arange(n, dtype=float)
+    if pack:
+        order = np.argsort(jitter, kind="stable").tolist()
+        rows = _pack(order, sizes, capacity)
+        fill = [sum(sizes[i] for i in row) for row in rows]
+        by_len = sorted(range(len(rows)), key=lambda r: fill[r])
+        rows = [rows[r] for r in by_len]
+    else:
+        # Sort by length, ties broken randomly per epoch, so each batch holds similar lengths.
+        rows = [[i] for i in np.lexsort((jitter, np.asarray(sizes))).tolist()]
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches)).tolist()]
+    return batches
+
+
+def _make_batch(records: Sequence[Record], rows: list[list[int]], max_seq_length: int, pack: bool) -> Batch:
+    import mlx.core as mx
+
+    cut = [[records[i].ids[:max_seq_length] for i in row] for row in rows]
+    length = _round_up(max(sum(len(ids) - 1 for ids in row) for row in cut))
+    shape = (len(rows), length)
+    inputs, targets = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    loss_mask, segments = np.zeros(shape, np.float32), np.zeros(shape, np.int32)
+    for b, row in enumerate(rows):
+        t = 0
+        for s, i in enumerate(row, 1):
+            ids, mask = cut[b][s - 1], records[i].mask[: len(cut[b][s - 1])]
+            n = len(ids) - 1
+            inputs[b, t:t + n] = ids[:-1]
+            targets[b, t:t + n] = ids[1:]
+            loss_mask[b, t:t + n] = mask[1:]
+            segments[b, t:t + n] = s
+            t += n
+    return Batch(inputs=mx.array(inputs), targets=mx.array(targets), loss_mask=mx.array(loss_mask),
+                 segments=mx.array(segments) if pack else None, n_real=int((segments > 0).sum()))
+
+
+def _check_batching(records, batch_size: int, max_seq_length: int) -> list[int]:
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be at least 1")
+    if max_seq_length < 2:
+        raise ConfigError(f"--max-seq-length {max_seq_length} must be at least 2")
+    # Input positions per record (ids[:-1]); a one-token record has nothing to predict.
+    return [max(0, min(len(r.ids), max_seq_length) - 1) for r in records]
+
+
+def iterate_batches(records: Sequence[Record], batch_size: int, *, max_seq_length: int = 2048, seed: int = 0,
+                    start_step: int = 0, loop: bool = True, shuffle: bool = True, pack: bool = False) -> Iterator[Batch]:
+    """Length-bucketed (or packed) batches in shuffled order, deterministic given `seed`.
+
+    `start_step=k` yields exactly what a fresh iterator yields from its k-th batch on (for --resume).
+    `loop=False` makes one pass (for evaluation). With `pack`, rows hold several examples and
+    `Batch.segments` says which; attention must stay inside a segment.
+    """
+    sizes = _check_batching(records, batch_size, max_seq_length)
+    keep = [i for i, s in enumerate(sizes) if s > 0]
+    if not keep:
+        if loop:
+            raise DataError("no examples to train on (all are empty or were dropped)")
+        return
+    if len(keep) < len(sizes):
+        records = [records[i] for i in keep]
+        sizes = [sizes[i] for i in keep]
+    skip, epoch = max(0, start_step), 0
+    per_epoch = None if pack else math.ceil(len(sizes) / batch_size)
+    if per_epoch:
+        epoch, skip = divmod(skip, per_epoch)
+        if not loop and epoch > 0:
+            return
+    while True:
+        plan = _epoch_plan(sizes, batch_size, seed, epoch, shuffle, pack, max_seq_length)
+        for rows in plan[skip:]:
+            yield _make_batch(records, rows, max_seq_length, pack)
+        skip = max(0, skip - len(plan))
+        epoch += 1
+        if not loop:
+            return
+
+
+def padding_fraction(records: Sequence[Record], batch_size: int, *, max_seq_length: int = 2048, seed: int = 0,
+                     pack: bool = False) -> float:
+    """Share of batch positions that are padding over one epoch (what to report before training)."""
+    sizes = _check_batching(records, batch_size, max_seq_length)
+    sizes = [s for s in sizes if s > 0]
+    if not sizes:
+        return 0.0
+    real = total = 0
+    for rows in _epoch_plan(sizes, batch_size, seed, 0, True, pack, max_seq_length):
+        fills = [sum(sizes[i] for i in row) for row in rows]
+        real += sum(fills)
+        total += len(rows) * _round_up(max(fills))
+    return 1.0 - real / total

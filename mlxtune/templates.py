@@ -1,0 +1,124 @@
+"""Chat templates: render a conversation with the tokenizer's own Jinja template and find the assistant tokens.
+
+The one thing to know: the loss mask is found by rendering the conversation again up to each assistant
+turn (with and without that turn) and checking that those token ids are a prefix of the whole rendering.
+Tokens between "prompt up to the turn" and "prompt plus the turn" are the turn's answer; anything a
+template writes after the turn's last special token (ChatML's newline after `<|im_end|>`) is not trained.
+A template that renders earlier turns differently once later turns exist cannot be masked this way: we
+say so (`TemplateMaskError`) instead of guessing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ConfigError, DataError
+
+# Used when a tokenizer has no chat template of its own (documented in the README and `--help`).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class TemplateMaskError(DataError):
+    """The chat template does not render a conversation's turns as growing prefixes."""
+
+
+def hf_tokenizer(tokenizer):
+    """The Hugging Face tokenizer inside an mlx-lm TokenizerWrapper (or the argument itself)."""
+    return getattr(tokenizer, "_tokenizer", tokenizer)
+
+
+def read_chat_template(template: str | Path | None) -> str | None:
+    """`--chat-template`: a file holding a Jinja template, or the template text itself."""
+    if template is None:
+        return None
+    text = str(template)
+    if "{{" in text or "{%" in text:
+        return text
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--chat-template {text}: no such file (give a Jinja template file)")
+    return path.read_text()
+
+
+def template_for(tokenizer, override: str | None = None) -> str:
+    """The template text used for `tokenizer`: the override, its own, or the ChatML default."""
+    if override:
+        return override
+    own = getattr(hf_tokenizer(tokenizer), "chat_template", None)
+    if isinstance(own, dict):  # several named templates: the default one is what generation uses
+        own = own.get("default") or next(iter(own.values()), None)
+    return own or DEFAULT_CHAT_TEMPLATE
+
+
+def render(tokenizer, messages: list[dict], *, tools: list | None = None, template: str,
+           add_generation_prompt: bool = False) -> str:
+    hf = hf_tokenizer(tokenizer)
+    try:
+        return hf.apply_chat_template(messages, tools=tools or None, chat_template=template, tokenize=False,
+                                      add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # Jinja raise_exception(...) and template bugs
+        raise DataError(f"the chat template cannot render this conversation: {type(e).__name__}: {e}") from None
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    # The template already wrote BOS and friends as text, so the tokenizer must not add them again.
+    return list(hf_tokenizer(tokenizer).encode(text, add_special_tokens=False))
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of special tokens (end-of-turn markers among them) plus the EOS ids mlx-lm stops on."""
+    hf = hf_tokenizer(tokenizer)
+    ids = set(getattr(hf, "all_special_ids", []) or [])
+    for i, tok in (getattr(hf, "added_tokens_decoder", {}) or {}).items():
+        if getattr(tok, "special", False):
+            ids.add(int(i))
+    ids.update(getattr(tokenizer, "eos_token_ids", None) or [])
+    return ids
+
+
+def prompt_ids(tokenizer, messages: list[dict], *, tools: list | None = None, template: str | None = None) -> list[int]:
+    """Token ids of `messages` followed by the assistant header: what generation starts from."""
+    template = template_for(tokenizer, template)
+    return encode(tokenizer, render(tokenizer, messages, tools=tools, template=template, add_generation_prompt=True))
+
+
+def chat_to_ids(tokenizer, messages: list[dict], *, tools: list | None = None, template: str | None = None,
+                train_on_inputs: bool = False, specials: set[int] | None = None) -> tuple[list[int], list[bool]]:
+    """Token ids of the whole conversation and the mask of the assistant tokens (every assistant turn).
+
+    Each assistant turn trains its content and its end-of-turn token; with `train_on_inputs` every
+    token but the first is trained.
+    """
+    template = template_for(tokenizer, template)
+    full = encode(tokenizer, render(tokenizer, messages, tools=tools, template=template))
+    if train_on_inputs:
+        return full, [False] + [True] * (len(full) - 1)
+    specials = special_ids(tokenizer) if specials is None else specials
+    mask = [False] * len(full)
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before = encode(tokenizer, render(tokenizer, messages[:i], tools=tools, template=template,
+                                          add_generation_prompt=True))
+        after = encode(tokenizer, render(tokenizer, messages[: i + 1], tools=tools, template=template))
+        for part in (before, after):
+            if full[: len(part)] != part:
+                raise TemplateMaskError(
+                    f"the chat template renders turn {i + 1} differently once later turns are added, so the "
+                    "assistant tokens cannot be found (templates that drop earlier reasoning do this): "
+                    "pass --chat-template FILE with a template that renders turns as prefixes, "
+                    "or --train-on-inputs"
+                )
+        start, end = len(before), len(after)
+        # Stop after the turn's last special token (its end-of-turn); trailing newlines stay untrained.
+        last = max((j for j in range(start, end) if full[j] in specials), default=None)
+        if last is not None and not hf_tokenizer(tokenizer).decode(full[last + 1: end]).strip():
+            end = last + 1
+        for j in range(max(start, 1), end):
+            mask[j] = True
+    return full, mask
