@@ -32,3 +32,18 @@ def __getattr__(name):
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value
+
+
+class _Package(type(__import__("sys"))):
+    # Importing a submodule sets it as an attribute of the package. For modules named like a public
+    # function (generate, evaluate, convert, fuse, and lora.py vs train.lora) that would turn
+    # `mlxtune.generate` into a module after any `from mlxtune.generate import ...`; keep the function
+    # reachable instead (as mlx_lm does). `from mlxtune.generate import x` is unaffected.
+    def __setattr__(self, name, value):
+        if name in _API and type(value) is type(self).__mro__[1]:
+            self.__dict__.pop(name, None)
+            return
+        super().__setattr__(name, value)
+
+
+__import__("sys").modules[__name__].__class__ = _Package
