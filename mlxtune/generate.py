@@ -84,20 +84,16 @@ def resolve(model, tokenizer=None, adapter_file=None):
     return model, wrap_tokenizer(tokenizer)
 
 
-def render_messages(tokenizer, messages: list[dict], *, tools: list | None = None) -> list[int]:
+def render_messages(tokenizer, messages: list[dict], *, tools: list | None = None,
+                    chat_template: str | None = None) -> list[int]:
     """Token ids of `messages` through the chat template, ending with the assistant's generation prompt.
 
-    Rendered to text first and encoded without extra special tokens, as transformers does: the template
-    itself writes BOS where the model expects one.
+    The same rendering training uses (`mlxtune.templates`): the tokenizer's own template, or ChatML when
+    it has none, encoded without extra special tokens since the template writes BOS itself.
     """
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    if not getattr(hf, "chat_template", None):
-        raise ConfigError(
-            "this tokenizer has no chat template: pass --no-chat (chat=False) to send the prompt as plain text"
-        )
-    kwargs = {"tools": tools} if tools else {}
-    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
-    return list(hf.encode(text, add_special_tokens=False))
+    from .templates import prompt_ids
+
+    return prompt_ids(tokenizer, messages, tools=tools, template=chat_template)
 
 
 def render_prompt(tokenizer, prompt: str, *, system: str | None = None, chat: bool = True,
