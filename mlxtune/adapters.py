@@ -1,0 +1,276 @@
+"""Adapter interop: Hugging Face PEFT directories in and out, and a summary of any adapter file.
+
+mlxtune (and mlx-lm) adapters store `<module>.lora_a` (in, r) and `<module>.lora_b` (r, out) with
+scale = alpha / r. PEFT stores `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight`
+(out, r) with scale = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA), per-module ranks and alphas
+allowed. The one thing to know: module paths are mlx-lm's, which equal the Hugging Face names except for
+the prefixes in `PREFIXES`; per-module ranks are zero-padded to the largest rank and per-module scales are
+folded into lora_b, so any PEFT LoRA becomes one exact mlxtune adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import AdapterError
+from .files import atomic_dir, atomic_file, write_text_atomic
+from .lora import CONFIG_NAME, AdapterConfig, find_adapter_file, read_adapter
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+# (Hugging Face prefix, mlx-lm prefix) where the two name the same module differently: transformers 5
+# puts a multimodal model's text stack under model.language_model, mlx-lm under language_model.model.
+PREFIXES = [("model.language_model.", "language_model.model.")]
+_PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def hf_name(module: str) -> str:
+    """mlx-lm module path -> Hugging Face module name."""
+    for hf, mlx in PREFIXES:
+        if module.startswith(mlx):
+            return hf + module[len(mlx):]
+    return module
+
+
+def mlx_name(module: str) -> str:
+    """Hugging Face module name -> mlx-lm module path."""
+    for hf, mlx in PREFIXES:
+        if module.startswith(hf):
+            return mlx + module[len(hf):]
+    return module
+
+
+def _layer_ids(modules) -> list[int]:
+    return sorted({int(m.group(1)) for m in (_LAYER.search(f".{x}.") for x in modules) if m})
+
+
+# --- PEFT -> mlxtune --------------------------------------------------------------------------------------
+
+def _read_peft_config(peft_dir: Path) -> dict:
+    cfg_file = peft_dir / CONFIG_NAME
+    if not cfg_file.exists():
+        raise AdapterError(f"{peft_dir} has {PEFT_WEIGHTS} but no {CONFIG_NAME}: copy the whole PEFT adapter directory")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{cfg_file} is not valid JSON (line {e.lineno}): {e.msg}") from None
+    kind = cfg.get("peft_type")
+    if kind != "LORA":
+        raise AdapterError(f"{cfg_file}: peft_type {kind!r} is not supported (only LORA adapters)")
+    if cfg.get("use_dora"):
+        raise AdapterError(f"{cfg_file}: DoRA adapters (use_dora) are not supported; train a plain LoRA adapter")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"{cfg_file}: bias={cfg['bias']!r} adds trained biases mlxtune adapters cannot hold; "
+                           "only bias='none' is supported")
+    if cfg.get("modules_to_save"):
+        raise AdapterError(f"{cfg_file}: modules_to_save {cfg['modules_to_save']} stores full copies of layers, "
+                           "which mlxtune adapters cannot hold; merge it with PEFT instead")
+    return cfg
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern: a regex key matching the end of the module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_peft(peft_dir: str | os.PathLike) -> tuple[AdapterConfig, dict[str, mx.array]]:
+    """Read a PEFT LoRA directory as (AdapterConfig, weights keyed `<mlx module>.lora_a/b`), exactly."""
+    peft_dir = Path(peft_dir).expanduser()
+    cfg = _read_peft_config(peft_dir)
+    file = peft_dir / PEFT_WEIGHTS
+    try:
+        tensors = mx.load(str(file))
+    except Exception as e:
+        raise AdapterError(f"cannot read {file}: {e}") from None
+    pairs: dict[str, dict[str, mx.array]] = {}
+    for key, value in tensors.items():
+        m = _PEFT_KEY.match(key)
+        if m is None:
+            raise AdapterError(f"{file}: tensor {key} is not a LoRA A/B weight (embedding LoRA, DoRA or saved "
+                               "modules are not supported)")
+        pairs.setdefault(m["module"], {})[m["ab"]] = value.astype(mx.float32)
+    if not pairs:
+        raise AdapterError(f"{file} holds no LoRA tensors")
+    broken = [k for k, v in pairs.items() if set(v) != {"A", "B"}]
+    if broken:
+        raise AdapterError(f"{file}: {broken[0]} has only lora_{next(iter(pairs[broken[0]]))}; the file is incomplete")
+
+    rslora = bool(cfg.get("use_rslora"))
+    alpha0, r0 = float(cfg.get("lora_alpha", 8)), int(cfg.get("r", 8))
+    scales, ranks = {}, {}
+    for module, ab in pairs.items():
+        a, b = ab["A"], ab["B"]  # (r, in), (out, r)
+        r = a.shape[0]
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r:
+            raise AdapterError(f"{file}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                               "which do not form a LoRA pair")
+        if r != _pattern_value(cfg.get("rank_pattern"), module, r0):
+            raise AdapterError(f"{file}: {module} has rank {r} but {CONFIG_NAME} says "
+                               f"{_pattern_value(cfg.get('rank_pattern'), module, r0)}")
+        alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, alpha0))
+        ranks[module] = r
+        scales[module] = alpha / (math.sqrt(r) if rslora else r)
+
+    rank = max(ranks.values())
+    scale = Counter(scales.values()).most_common(1)[0][0]
+    weights = {}
+    for module, ab in pairs.items():
+        r, path = ranks[module], mlx_name(module)
+        a = ab["A"].T  # (in, r)
+        b = ab["B"].T * (scales[module] / scale)  # (r, out); a module-specific scale is folded in here
+        if r < rank:  # zero rows/columns add nothing to B A
+            a = mx.concatenate([a, mx.zeros((a.shape[0], rank - r))], axis=1)
+            b = mx.concatenate([b, mx.zeros((rank - r, b.shape[1]))], axis=0)
+        weights[f"{path}.lora_a"], weights[f"{path}.lora_b"] = a, b
+    modules = sorted({k.rsplit(".", 1)[0] for k in weights})
+    config = AdapterConfig(rank=rank, alpha=scale * rank, dropout=float(cfg.get("lora_dropout") or 0.0),
+                           lora_layers=len(_layer_ids(modules)),
+                           target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}), modules=modules,
+                           base_model=cfg.get("base_model_name_or_path"), format="peft")
+    return config, weights
+
+
+def import_peft(peft_dir: str | os.PathLike, out_file: str | os.PathLike, *, force: bool = False) -> Path:
+    """Convert a PEFT LoRA directory into `out_file` (adapters.npz or .safetensors) + adapter_config.json."""
+    from . import __version__
+
+    peft_dir = Path(peft_dir).expanduser()
+    if not (peft_dir / PEFT_WEIGHTS).exists():
+        raise AdapterError(f"{peft_dir} is not a PEFT adapter directory (no {PEFT_WEIGHTS})")
+    out_file = Path(out_file).expanduser()
+    if out_file.suffix not in (".npz", ".safetensors"):
+        raise AdapterError(f"--to {out_file}: name the output adapters.npz or adapters.safetensors")
+    cfg_out = out_file.parent / CONFIG_NAME
+    if out_file.parent.resolve() == peft_dir.resolve():
+        raise AdapterError(f"--to {out_file} is inside the PEFT directory, whose {CONFIG_NAME} it would replace: "
+                           "write it to another directory")
+    for existing in (out_file, cfg_out):
+        if existing.exists() and not force:
+            raise AdapterError(f"{existing} already exists: choose another --to or pass --force to replace it")
+    config, weights = read_peft(peft_dir)
+    config.format, config.mlxtune_version = "mlxtune-lora", __version__
+    arrays = {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}
+    if out_file.suffix == ".safetensors":
+        with atomic_file(out_file) as tmp:
+            mx.save_safetensors(str(tmp), {k: mx.array(v) for k, v in arrays.items()})
+    else:
+        with atomic_file(out_file, suffix=".npz") as tmp:
+            np.savez(tmp, **arrays)
+    write_text_atomic(cfg_out, json.dumps(config.to_json(), indent=2) + "\n")
+    return out_file
+
+
+# --- mlxtune -> PEFT --------------------------------------------------------------------------------------
+
+def peft_config(config: AdapterConfig, base_model: str | None = None) -> dict:
+    """PEFT's adapter_config.json for `config`, targeting exactly the adapted modules."""
+    modules = [hf_name(m) for m in config.modules]
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    layers = _layer_ids(modules)
+    # Leaf names + layers_to_transform is the usual PEFT form; it is exact only when every chosen layer
+    # carries the same leaves. Otherwise list the full module names (PEFT matches those exactly too).
+    uniform = layers and len(modules) == len(leaves) * len(layers) and all(_LAYER.search(f".{m}.") for m in modules)
+    target = leaves if uniform else sorted(modules)
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model or config.base_model,
+        "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "target_modules": target,
+        "layers_to_transform": layers if uniform else None,
+        "layers_pattern": "layers" if uniform else None,
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True,
+        "inference_mode": True, "revision": None,
+    }
+
+
+def export_peft(adapter_file: str | os.PathLike, out_dir: str | os.PathLike, *, base_model: str | None = None,
+                force: bool = False) -> Path:
+    """Write `adapter_file` as a PEFT directory (adapter_model.safetensors + adapter_config.json)."""
+    config, weights = read_adapter(adapter_file)
+    tensors = {}
+    for module in config.modules:
+        name = PEFT_PREFIX + hf_name(module)
+        tensors[f"{name}.lora_A.weight"] = weights[f"{module}.lora_a"].astype(mx.float32).T  # (r, in)
+        tensors[f"{name}.lora_B.weight"] = weights[f"{module}.lora_b"].astype(mx.float32).T  # (out, r)
+    out_dir = Path(out_dir).expanduser()
+    with atomic_dir(out_dir, force=force) as tmp:
+        mx.save_safetensors(str(tmp / PEFT_WEIGHTS), {k: mx.contiguous(v) for k, v in tensors.items()},
+                            metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(peft_config(config, base_model), indent=2) + "\n")
+    return out_dir
+
+
+def export_gguf(adapter_file: str | os.PathLike, model: str | os.PathLike, outfile: str | os.PathLike) -> Path:
+    """Write the adapter as a llama.cpp LoRA GGUF for the base `model` (see mlxtune.gguf.lora)."""
+    from .gguf.lora import write_lora_gguf
+    from .models import resolve_model_path
+
+    return write_lora_gguf(find_adapter_file(adapter_file), resolve_model_path(model), outfile)
+
+
+# --- summary ----------------------------------------------------------------------------------------------
+
+@dataclass
+class AdapterInfo:
+    file: Path
+    format: str  # mlxtune-lora, mlx-lm or peft
+    rank: int
+    alpha: float
+    scale: float
+    layers: list[int]  # transformer block indices that carry an adapter
+    target_modules: list[str]  # leaf names, e.g. q_proj
+    n_modules: int
+    parameters: int
+    base_model: str | None
+    dtype: str
+
+    def summary(self) -> str:
+        layers = _ranges(self.layers) if self.layers else "-"
+        return "\n".join([
+            f"file:        {self.file}",
+            f"format:      {self.format}",
+            f"rank:        {self.rank}",
+            f"alpha:       {self.alpha:g} (scale {self.scale:g})",
+            f"layers:      {layers} ({len(self.layers)} blocks)",
+            f"modules:     {', '.join(self.target_modules)} ({self.n_modules} in all)",
+            f"parameters:  {self.parameters:,}",
+            f"base model:  {self.base_model or 'not recorded'}",
+            f"dtype:       {self.dtype}",
+        ])
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def adapter_info(path: str | os.PathLike) -> AdapterInfo:
+    """Rank, alpha, layers, modules, parameter count and base model of any supported adapter."""
+    file = find_adapter_file(path)
+    config, weights = read_adapter(file)
+    dtypes = {str(v.dtype).replace("mlx.core.", "") for v in weights.values()}
+    return AdapterInfo(file=file, format=config.format, rank=config.rank, alpha=config.alpha, scale=config.scale,
+                       layers=_layer_ids(config.modules),
+                       target_modules=sorted({m.rsplit(".", 1)[-1] for m in config.modules}),
+                       n_modules=len(config.modules), parameters=sum(v.size for v in weights.values()),
+                       base_model=config.base_model, dtype=", ".join(sorted(dtypes)))

@@ -1,0 +1,414 @@
+"""Merge a LoRA adapter into its base model and write a standalone Hugging Face-style model directory.
+
+Every adapted layer becomes W' = W + (alpha / r) * (A @ B).T. Fusing is checked, not trusted:
+
+- the adapter must belong to the base (module names, shapes, recorded base model), else `AdapterError`;
+- a quantized base is either de-quantized (`de_quantize=True`, a float model for GGUF and other tools) or
+  re-quantized with its own settings; re-quantizing can round a small update away, so each adapted layer's
+  surviving share of the update is measured and a `RequantizationWarning` names the loss;
+- `verify` compares fused logits with base+adapter logits in float32 (<= 1e-4) before anything is written,
+  and reloads the written directory to check it reproduces the fused model;
+- the output is written to a temporary directory and renamed, so a failure leaves nothing half-written.
+
+The one thing to know: the fused directory keeps mlx-lm's weight names, which equal the Hugging Face names
+for the architectures LoRA is usually trained on (llama, mistral, qwen, gemma, phi3), so transformers, mlx-lm
+and the GGUF writer all read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from .errors import AdapterError, ConfigError, ExportError
+from .files import atomic_dir, write_text_atomic
+from .lora import AdapterConfig, LoRALinear, apply_lora, find_adapter_file, lora_modules, read_adapter
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+PARITY_TOLERANCE = 1e-4  # max |fused - base+adapter| logit difference in float32 (scaled by logit size)
+WARN_KEPT_BELOW = 0.5  # warn when less than half of the update survives re-quantization (mean over layers)
+AUTO_VERIFY_MAX_PARAMS = 2_000_000_000  # verify needs a float32 copy of the model: on by default up to 2B
+SHARD_BYTES = 5 << 30
+# Files of the base model that the fused model needs as they are (tokenizer, chat template, generation).
+SKIP_FILES = {"config.json", "model.safetensors.index.json", "adapter_config.json", "README.md"}
+COPY_SUFFIXES = (".json", ".model", ".tiktoken", ".txt", ".jinja")
+
+
+class RequantizationWarning(UserWarning):
+    """Storing the merged weights (re-quantized, or in a coarse dtype) erased most of the adapter's update."""
+
+
+@dataclass
+class LayerUpdate:
+    """How much of one layer's update is in the fused weights (1.0 = all of it)."""
+
+    module: str
+    update_norm: float  # Frobenius norm of (alpha/r) B A
+    kept: float  # 1 - |stored change - update| / |update|, clipped to [0, 1]
+
+
+@dataclass
+class FuseResult:
+    path: Path
+    adapter: AdapterConfig
+    base_model: str
+    quantized_base: bool
+    de_quantized: bool
+    dtype: str
+    layers: list[LayerUpdate] = field(default_factory=list)
+    parity: float | None = None  # max |fused - base+adapter| logits in float32 (None: not verified)
+    reload_diff: float | None = None  # max |reloaded - fused| logits (None: not verified)
+    gguf: Path | None = None
+
+    @property
+    def requantized(self) -> bool:
+        return self.quantized_base and not self.de_quantized
+
+    @property
+    def mean_kept(self) -> float | None:
+        return float(np.mean([l.kept for l in self.layers])) if self.layers else None
+
+
+def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: str | os.PathLike, *,
+         de_quantize: bool = False, dtype: str | None = None, verify: bool | None = None,
+         gguf: str | os.PathLike | None = None, gguf_type: str = "f16", force: bool = False,
+         ignore_base_name: bool = False, max_shard_size: int = SHARD_BYTES) -> FuseResult:
+    """Merge `adapter_file` into `model` and write the fused model to `save_path`.
+
+    model: base model directory or hub id. adapter_file: adapters.npz / adapters.safetensors / a PEFT
+    directory (or a directory holding one of these). de_quantize: write a float model from a quantized
+    base. dtype: float16 | bfloat16 | float32 (default: float16 when de-quantizing, else the base's dtype).
+    verify: parity check (None = on for models up to 2B parameters). gguf/gguf_type: also write a GGUF file.
+    force: replace an existing `save_path`. ignore_base_name: accept an adapter whose recorded base model
+    has another name (e.g. a converted copy of the same model); names and shapes are still checked.
+    Raises AdapterError when the adapter does not fit the base, ExportError when a check fails.
+    """
+    from .models import load_model
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    save_path = Path(save_path).expanduser()
+    if save_path.exists() and not force:
+        raise ExportError(f"{save_path} already exists: choose another --save-path or pass --force to replace it")
+    adapter_path = find_adapter_file(adapter_file)
+    adapter, weights = read_adapter(adapter_path)
+    loaded = load_model(model)
+    net = loaded.model
+    check_base_name(adapter, str(model), loaded.path, ignore=ignore_base_name)
+    check_adapter(net, adapter, weights, str(adapter_path))
+
+    quantized_base = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in net.named_modules())
+    de_quantize = de_quantize and quantized_base
+    native = _float_dtype(net)
+    out_dtype = DTYPES[dtype] if dtype else (mx.float16 if de_quantize else native)
+    if verify is None:
+        verify = _parameter_count(net) <= AUTO_VERIFY_MAX_PARAMS
+
+    apply_lora(net, rank=adapter.rank, alpha=adapter.alpha, dropout=0.0, modules=adapter.modules)
+    net.load_weights(list(weights.items()), strict=False)
+    net.eval()
+    result = FuseResult(path=save_path, adapter=adapter, base_model=str(model), quantized_base=quantized_base,
+                        de_quantized=de_quantize, dtype=_dtype_name(out_dtype))
+
+    tokens = _probe_tokens(loaded.config) if verify else None
+    if verify:
+        _cast(net, mx.float32)  # lossless for the base; parity is judged in float32
+        reference = net(tokens)
+        mx.eval(reference)
+
+    result.layers = merge_layers(net, de_quantize=de_quantize, dtype=out_dtype)
+    if de_quantize:
+        from mlx_lm.utils import dequantize_model
+
+        dequantize_model(net)  # embeddings, lm_head and layers without an adapter
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RequantizationWarning)  # every fuse says it, not only the first
+        _warn_if_lost(result)
+
+    if verify:
+        fused_logits = net(tokens)
+        diff = float(mx.abs(fused_logits - reference).max())
+        if result.requantized:
+            result.parity = diff  # reported, not judged: rounding is expected here
+        else:
+            scale = max(1.0, float(mx.abs(reference).max()))
+            result.parity = diff
+            if not diff <= PARITY_TOLERANCE * scale:
+                raise ExportError(f"fused model differs from base+adapter by {diff:.3g} (max logit difference, "
+                                  f"float32; allowed {PARITY_TOLERANCE * scale:.1g}): nothing was written; "
+                                  "please report this with the adapter's adapter_config.json")
+    _cast(net, out_dtype)
+    mx.eval(net.parameters())
+
+    config = fused_config(loaded.path, out_dtype, de_quantize)
+    with atomic_dir(save_path, force=force) as tmp:
+        save_weights(tmp, net, max_shard_size=max_shard_size)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_tokenizer_files(loaded.path, tmp)
+        if verify:
+            result.reload_diff = _check_reload(tmp, net, tokens)
+        else:
+            check_saved(tmp, net)
+        (tmp / "README.md").write_text(model_card(result, adapter_path, loaded.path))
+
+    if gguf is not None:
+        from .gguf import to_gguf
+
+        result.gguf = Path(to_gguf(save_path, gguf, gguf_type))
+    return result
+
+
+# --- checks -----------------------------------------------------------------------------------------------
+
+def check_base_name(adapter: AdapterConfig, model: str, model_path: Path, *, ignore: bool = False) -> None:
+    """The adapter's recorded base model must name this model (same id, same directory or same folder name)."""
+    recorded = adapter.base_model
+    if not recorded or ignore:
+        return
+    recorded_path = Path(recorded).expanduser()
+    if recorded == model or recorded_path.name in (Path(model).name, model_path.name):
+        return
+    if recorded_path.exists() and recorded_path.resolve() == model_path.resolve():
+        return
+    raise AdapterError(f"the adapter was trained on {recorded!r} but --model is {model!r}: fuse it into its own base, "
+                       "or pass --ignore-base-name if this is the same model under another name "
+                       "(module names and shapes are still checked)")
+
+
+def check_adapter(model: nn.Module, adapter: AdapterConfig, weights: dict, source: str) -> None:
+    """Every adapter tensor must name a linear layer of `model` with matching shapes; else AdapterError."""
+    named = dict(model.named_modules())
+    expected = {f"{m}.lora_{ab}" for m in adapter.modules for ab in "ab"}
+    extra = sorted(set(weights) - expected)
+    missing = sorted(expected - set(weights))
+    if extra or missing:
+        what = f"tensor {extra[0]} is not listed in its adapter_config.json" if extra else f"tensor {missing[0]} is missing"
+        raise AdapterError(f"{source}: {what}; the adapter file and its config do not belong together")
+    problems = []
+    for path in adapter.modules:
+        layer = named.get(path)
+        if isinstance(layer, LoRALinear):
+            layer = layer.linear
+        if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
+            problems.append(f"{path} is not a linear layer of this model")
+            continue
+        out_dims, in_dims = layer.weight.shape
+        if isinstance(layer, nn.QuantizedLinear):
+            in_dims = in_dims * 32 // layer.bits
+        a, b = weights[f"{path}.lora_a"].shape, weights[f"{path}.lora_b"].shape
+        if len(a) != 2 or len(b) != 2 or a != (in_dims, adapter.rank) or b != (adapter.rank, out_dims):
+            problems.append(f"{path} has lora_a {tuple(a)} and lora_b {tuple(b)} but the model needs "
+                            f"({in_dims}, {adapter.rank}) and ({adapter.rank}, {out_dims})")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AdapterError(f"{source} does not fit this base model: {problems[0]}{more}; "
+                           "was it trained on another model?")
+
+
+# --- merging ----------------------------------------------------------------------------------------------
+
+def merge_layers(model: nn.Module, *, de_quantize: bool, dtype: mx.Dtype) -> list[LayerUpdate]:
+    """Replace every LoRALinear by its merged layer, in place, and measure what survives storage.
+
+    A quantized base is re-quantized with its own group size, bits and mode unless `de_quantize`.
+    `dtype` is the dtype the weights will be written in: the measurement rounds to it, because a
+    bfloat16 (or 4-bit) weight can be too coarse to hold a small update.
+    """
+    updates, fused = [], []
+    for name, layer in lora_modules(model).items():
+        base = layer.linear
+        merged = layer.fuse(dequantize=True)  # float weights W + delta (quantized bases are de-quantized)
+        if isinstance(base, nn.QuantizedLinear) and not de_quantize:
+            mode = getattr(base, "mode", "affine")
+            merged = nn.QuantizedLinear.from_linear(merged, base.group_size, base.bits, mode=mode)
+        updates.append(_kept(name, layer, merged, dtype))
+        fused.append((name, merged))
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    return updates
+
+
+def _float_weight(layer: nn.Module, dtype: mx.Dtype | None = None) -> mx.array:
+    """The layer's weight as float32, first rounded the way it will be stored in `dtype`."""
+    if isinstance(layer, nn.QuantizedLinear):
+        scales, biases = layer.scales, layer.get("biases")
+        if dtype is not None:
+            scales = scales.astype(dtype)
+            biases = None if biases is None else biases.astype(dtype)
+        w = mx.dequantize(layer.weight, scales, biases, layer.group_size, layer.bits,
+                          mode=getattr(layer, "mode", "affine"))
+    else:
+        w = layer.weight if dtype is None else layer.weight.astype(dtype)
+    return w.astype(mx.float32)
+
+
+def _kept(name: str, layer: LoRALinear, merged: nn.Module, dtype: mx.Dtype) -> LayerUpdate:
+    delta = layer.delta().astype(mx.float32)
+    change = _float_weight(merged, dtype) - _float_weight(layer.linear)
+    norm, err = mx.linalg.norm(delta), mx.linalg.norm(change - delta)
+    mx.eval(norm, err)  # one layer at a time: keeps the measurement's memory small
+    norm, err = float(norm), float(err)
+    if norm == 0.0:
+        return LayerUpdate(name, 0.0, 1.0)
+    return LayerUpdate(name, norm, min(1.0, max(0.0, 1.0 - err / norm)))
+
+
+def _warn_if_lost(result: FuseResult) -> None:
+    if result.layers and all(l.update_norm == 0.0 for l in result.layers):
+        warnings.warn("the adapter's update is zero in every layer (an untrained adapter?): the fused model is "
+                      "the base model", RequantizationWarning, stacklevel=3)
+        return
+    kept = result.mean_kept
+    if kept is None or kept >= WARN_KEPT_BELOW:
+        return
+    worst = min(result.layers, key=lambda l: l.kept)
+    if result.requantized:
+        how, fix = "re-quantizing the fused weights", "fuse with --de-quantize to keep the fine-tune"
+    else:
+        how, fix = f"storing the fused weights as {result.dtype}", "fuse with --dtype float32 to keep the fine-tune"
+    warnings.warn(f"{how} keeps only {kept:.0%} of the adapter's update on average (worst: {worst.module} keeps "
+                  f"{worst.kept:.0%}); the fused model will answer much like the base: {fix}",
+                  RequantizationWarning, stacklevel=3)
+
+
+# --- dtype and probes -------------------------------------------------------------------------------------
+
+def _cast(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Cast every floating-point parameter (not packed quantized weights) to `dtype`."""
+    def cast(v):
+        return v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v
+
+    model.update(tree_map(cast, model.parameters()))
+
+
+def _float_dtype(model: nn.Module) -> mx.Dtype:
+    for _, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating):
+            return v.dtype
+    return mx.float16
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def _parameter_count(model: nn.Module) -> int:
+    total = 0
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            total += m.weight.size * 32 // m.bits
+        elif not m.children():
+            total += sum(v.size for v in m.values() if isinstance(v, mx.array))
+    return total
+
+
+def _probe_tokens(config: dict) -> mx.array:
+    """A few fixed token sequences for the parity check."""
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size") or 256
+    rng = np.random.default_rng(0)
+    return mx.array(rng.integers(0, vocab, size=(2, 16)))
+
+
+# --- writing ----------------------------------------------------------------------------------------------
+
+def fused_config(base_dir: Path, dtype: mx.Dtype, de_quantized: bool) -> dict:
+    """The base's own config.json with the dtype updated and, when de-quantized, no quantization fields."""
+    config = json.loads((base_dir / "config.json").read_text())
+    if de_quantized:
+        for d in (config, config.get("text_config") or {}):
+            d.pop("quantization", None)
+            d.pop("quantization_config", None)
+    name = _dtype_name(dtype)
+    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+    for k in keys:
+        config[k] = name
+    return config
+
+
+def save_weights(out: Path, model: nn.Module, *, max_shard_size: int = SHARD_BYTES) -> list[str]:
+    """Write the model's parameters as safetensors shards plus model.safetensors.index.json."""
+    weights = dict(tree_flatten(model.parameters()))
+    shards: list[dict] = []
+    size = max_shard_size
+    for k in sorted(weights):
+        v = weights[k]
+        if size + v.nbytes > max_shard_size and (not shards or shards[-1]):
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += v.nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        mx.save_safetensors(str(out / name), shard, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def copy_tokenizer_files(base_dir: Path, out: Path) -> None:
+    """Copy the tokenizer, chat template and generation config of the base model byte for byte."""
+    for f in sorted(base_dir.iterdir()):
+        if f.is_file() and f.name not in SKIP_FILES and f.name.endswith(COPY_SUFFIXES):
+            shutil.copy2(f, out / f.name)
+
+
+def check_saved(out: Path, model: nn.Module) -> None:
+    """Every parameter of the fused model is in the written shards with its shape (cheap: headers only)."""
+    from .models import check_safetensors_header
+
+    found = {}
+    for f in out.glob("model*.safetensors"):
+        found.update({k: v["shape"] for k, v in check_safetensors_header(f).items() if k != "__metadata__"})
+    for k, v in tree_flatten(model.parameters()):
+        if found.get(k) != list(v.shape):
+            raise ExportError(f"writing the fused model failed: {k} is missing or has the wrong shape in {out}")
+
+
+def _check_reload(out: Path, model: nn.Module, tokens: mx.array) -> float:
+    """Load the written directory as a user would and compare its logits with the in-memory fused model."""
+    from .models import load_model
+
+    check_saved(out, model)
+    reloaded = load_model(out).model
+    diff = float(mx.abs(reloaded(tokens).astype(mx.float32) - model(tokens).astype(mx.float32)).max())
+    if diff > 0.0 and not diff <= 1e-3:
+        raise ExportError(f"the written fused model does not reproduce the fused weights (max logit difference "
+                          f"{diff:.3g}): nothing was written")
+    return diff
+
+
+def model_card(result: FuseResult, adapter_file: Path, base_dir: Path) -> str:
+    a = result.adapter
+    lines = [
+        "---", "library_name: mlx", "tags: [mlx, mlxtune, lora, fused]", f"base_model: {result.base_model}", "---",
+        "", "# Fused model", "",
+        f"This model is `{result.base_model}` with the LoRA adapter `{adapter_file}` merged into its weights "
+        "by `mlxtune fuse`.", "",
+        "| setting | value |", "|---|---|",
+        f"| base model | `{result.base_model}` (`{base_dir}`) |",
+        f"| adapter | `{adapter_file}` |",
+        f"| rank / alpha / scale | {a.rank} / {a.alpha:g} / {a.scale:g} |",
+        f"| adapted layers | {len(a.modules)} modules ({', '.join(a.target_modules or sorted({m.rsplit('.', 1)[-1] for m in a.modules}))}) |",
+        f"| quantized base | {'yes' if result.quantized_base else 'no'} |",
+        f"| de-quantized | {'yes' if result.de_quantized else 'no'} |",
+        f"| dtype | {result.dtype} |",
+    ]
+    if result.parity is not None:
+        lines.append(f"| parity (max logit difference vs base+adapter, float32) | {result.parity:.2e} |")
+    if result.layers:
+        lines.append(f"| share of the update kept after re-quantization (mean) | {result.mean_kept:.0%} |")
+    lines += ["", "Load it with `mlxtune.load(\"<this directory>\")`, `mlx_lm.load` or transformers' "
+              "`AutoModelForCausalLM.from_pretrained`.", ""]
+    return "\n".join(lines)
