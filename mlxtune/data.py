@@ -64,7 +64,7 @@ class DataSplits:
     valid: list[Record]
     test: list[Record]
     truncated: int = 0  # examples shortened to max_seq_length
-    dropped: int = 0  # examples left with no trained token after truncation
+    dropped: int = 0  # examples with no trained token (after truncation), left out
     formats: dict[str, str] = field(default_factory=dict)  # file -> detected format name
 
     def summary(self) -> str:
@@ -74,7 +74,7 @@ class DataSplits:
         if self.truncated:
             text += f"; {self.truncated} examples truncated"
         if self.dropped:
-            text += f"; {self.dropped} dropped (nothing left to train on after truncation)"
+            text += f"; {self.dropped} dropped (no trained token left)"
         return text
 
 
@@ -420,8 +420,8 @@ def split_indices(n: int, valid_split: float, test_split: float, seed: int) -> d
     if n - n_valid - n_test < 1:
         raise DataError(f"{n} examples are too few to split off {n_valid} valid and {n_test} test examples")
     order = np.random.default_rng(seed).permutation(n).tolist()
-    return {"test": sorted(order[:n_test]), "valid": sorted(order[n_test:n_test + n_valid]),
-            "train": sorted(order[n_test + n_valid:])}
+    return {"train": sorted(order[n_test + n_valid:]), "valid": sorted(order[n_test:n_test + n_valid]),
+            "test": sorted(order[:n_test])}
 
 
 def truncate(record: Record, max_seq_length: int) -> Record | None:
@@ -433,7 +433,7 @@ def truncate(record: Record, max_seq_length: int) -> Record | None:
     ids, mask = record.ids, record.mask
     excess = len(ids) - max_seq_length
     if excess <= 0:
-        return record
+        return record if any(mask) else None
     first = next((i for i, m in enumerate(mask) if m), len(ids))
     removable = max(0, first - 2)  # prompt tokens between ids[0] and ids[first - 1]
     cut = min(excess, removable)
@@ -514,10 +514,10 @@ def load_dataset(data, tokenizer, *, valid_split: float = 0.1, test_split: float
         kept = []
         for r in records:
             t = truncate(r, max_seq_length)
-            truncated += t is not r
             if t is None:
                 dropped += 1
             else:
+                truncated += t is not r
                 kept.append(t)
         out[name] = kept
     return DataSplits(out["train"], out["valid"], out["test"], truncated=truncated, dropped=dropped, formats=formats)
@@ -653,3 +653,156 @@ def padding_fraction(records: Sequence[Record], batch_size: int, *, max_seq_leng
         real += sum(fills)
         total += len(rows) * _round_up(max(fills))
     return 1.0 - real / total
+
+
+# ------------------------------------------------------------------------------ inspect, convert, split
+
+
+@dataclass
+class DataReport:
+    """What `mlxtune data inspect` shows: formats, sizes, token lengths and what truncation will do."""
+
+    formats: dict[str, str]  # file -> format
+    lengths: dict[str, list[int]]  # split -> token lengths before truncation
+    max_seq_length: int
+    truncated: int  # examples longer than max_seq_length that are kept, shortened
+    dropped: int  # examples that will be left out (no trained token)
+    examples: list[Record]  # the first n training examples as they will be trained (after truncation)
+    tokenizer: Any = None  # the tokenizer used, to decode `examples` (see `highlight`)
+
+    def length_stats(self, split: str) -> dict[str, int]:
+        x = np.asarray(self.lengths[split])
+        if not len(x):
+            return {}
+        return {"min": int(x.min()), "median": int(np.median(x)), "p95": int(np.percentile(x, 95)),
+                "max": int(x.max())}
+
+
+def _tokenizer_of(model_or_tokenizer):
+    if not isinstance(model_or_tokenizer, (str, os.PathLike)):
+        return model_or_tokenizer
+    from .models import load_tokenizer, read_config, resolve_model_path
+
+    path = resolve_model_path(model_or_tokenizer)
+    config = read_config(path) if (path / "config.json").exists() else {}
+    return load_tokenizer(path, config)
+
+
+def inspect_dataset(model, data, *, n: int = 3, max_seq_length: int = 2048, valid_split: float = 0.1,
+                    test_split: float = 0.0, seed: int = 0, train_on_inputs: bool = False,
+                    chat_template: str | None = None, prompt_key: str | None = None,
+                    completion_key: str | None = None, cache: bool | str | os.PathLike = True) -> DataReport:
+    """Load `data` as training would (with the tokenizer of `model`, a path/hub id or a tokenizer) and report."""
+    tokenizer = _tokenizer_of(model)
+    keys = Keys(prompt=prompt_key or "prompt", completion=completion_key or "completion")
+    splits, formats = _load_untruncated(data, tokenizer, valid_split=valid_split, test_split=test_split, seed=seed,
+                                        train_on_inputs=train_on_inputs, chat_template=chat_template, keys=keys,
+                                        cache=cache)
+    truncated = dropped = 0
+    examples = []
+    for name, records in splits.items():
+        for r in records:
+            t = truncate(r, max_seq_length)
+            if t is None:
+                dropped += 1
+            else:
+                truncated += t is not r
+                if name == "train" and len(examples) < n:
+                    examples.append(t)
+    lengths = {name: [len(r.ids) for r in records] for name, records in splits.items()}
+    return DataReport(formats, lengths, max_seq_length, truncated, dropped, examples, tokenizer)
+
+
+def highlight(tokenizer, record: Record, color: bool = False) -> str:
+    """The example's text with trained tokens marked: green on a terminal, [[double brackets]] otherwise."""
+    hf = templates.hf_tokenizer(tokenizer)
+    out, start = [], 0
+    for i in range(1, len(record.ids) + 1):
+        if i == len(record.ids) or record.mask[i] != record.mask[start]:
+            text = hf.decode(record.ids[start:i])
+            if record.mask[start]:
+                text = f"\033[1;32m{text}\033[0m" if color else f"[[{text}]]"
+            out.append(text)
+            start = i
+    return "".join(out)
+
+
+def _from_messages(messages: list[dict], tools: list | None, to: Format, where: str, record: Any,
+                   render_text) -> dict:
+    if to == Format.CHAT:
+        return {"messages": messages, **({"tools": tools} if tools else {})}
+    if to == Format.COMPLETIONS:
+        roles = [m["role"] for m in messages]
+        if roles != ["user", "assistant"] or tools:
+            raise _fail(where, "only a single user turn and its answer (no system message, no tools) fit "
+                        "{\"prompt\", \"completion\"}: convert --to chat instead", record)
+        return {"prompt": messages[0]["content"], "completion": messages[1]["content"]}
+    return {"text": render_text(messages, tools)}
+
+
+def convert_dataset(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, model=None,
+                    chat_template: str | None = None, prompt_key: str | None = None,
+                    completion_key: str | None = None, force: bool = False) -> int:
+    """Rewrite a data file in another format (chat, completions or text); returns the record count.
+
+    `--to text` renders conversations with the chat template of `model` (or `chat_template`, or ChatML).
+    """
+    try:
+        target = Format(to)
+    except ValueError:
+        raise ConfigError(f"--to {to}: choose chat, completions or text") from None
+    if target not in (Format.CHAT, Format.COMPLETIONS, Format.TEXT):
+        raise ConfigError(f"--to {to}: choose chat, completions or text")
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and (dst.resolve() == src.resolve() or not force):
+        raise DataError(f"{dst} already exists: choose another output file or pass --force to replace it"
+                        if dst.resolve() != src.resolve() else f"{dst} is the input file: write to another file")
+    keys = Keys(prompt=prompt_key or "prompt", completion=completion_key or "completion")
+    raw = read_records(src)
+    fmt = detect_file_format(src, raw, keys)
+    template = templates.read_chat_template(chat_template)
+    tokenizer = _tokenizer_of(model) if model is not None else None
+
+    def render_text(messages, tools):
+        if tokenizer is not None:
+            return templates.render(tokenizer, messages, tools=tools, template=templates.template_for(tokenizer, template))
+        import jinja2
+
+        return jinja2.Template(template or templates.DEFAULT_CHAT_TEMPLATE).render(
+            messages=messages, tools=tools, add_generation_prompt=False)
+
+    out = []
+    for line, record in raw:
+        where = f"{src}:{line}"
+        if fmt == target:
+            out.append(record)
+        elif fmt == Format.TEXT:
+            raise _fail(where, f"plain text cannot become {target.value}: nothing says which part is the answer", record)
+        else:
+            messages, tools = to_messages(record, fmt, where, keys)
+            out.append(_from_messages(messages, tools, target, where, record, render_text))
+    with atomic_file(dst) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
+    return len(out)
+
+
+def split_dataset(file: str | os.PathLike, *, valid: float = 0.1, test: float = 0.0, seed: int = 0,
+                  out: str | os.PathLike | None = None, force: bool = False) -> dict[str, int]:
+    """Write train/valid/test.jsonl of one file into `out` (default: a folder named after the file).
+
+    Uses the same seeded split as `load_dataset(file, valid_split=valid, test_split=test, seed=seed)`.
+    """
+    file = Path(file)
+    raw = read_records(file)
+    out = Path(out) if out is not None else file.with_suffix("")
+    if out.resolve() == file.resolve():
+        raise ConfigError(f"--out {out} is the input file: choose a folder")
+    idx = split_indices(len(raw), valid, test, seed)
+    counts = {}
+    with atomic_dir(out, force=force) as tmp:
+        for name, rows in idx.items():
+            if rows or name == "train":
+                (tmp / f"{name}.jsonl").write_text(
+                    "".join(json.dumps(raw[i][1], ensure_ascii=False) + "\n" for i in rows), encoding="utf-8")
+                counts[name] = len(rows)
+    return counts
