@@ -1,0 +1,230 @@
+"""`mlxtune eval` / `mlxtune.evaluate(...)`: exact match by greedy generation, plus test loss and perplexity.
+
+For each chat record of the split, the prompt is every message before the final assistant turn, rendered
+with the chat template and its generation prompt; the model's greedy reply counts as a match when it equals
+the final assistant message after stripping whitespace. The one thing to know: prompts run in batches
+(left-padded, one KV cache per batch), and a reply stops being generated as soon as it can no longer match,
+so a model that rambles costs little; mismatched replies are therefore kept only up to where they diverged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, DataError
+
+
+@dataclass
+class Mismatch:
+    line: int        # line of the record in the split file
+    prompt: str      # the rendered prompt text
+    expected: str
+    got: str         # the reply, cut where it could no longer match (then it ends with "...")
+
+
+@dataclass
+class EvalResult:
+    exact_match: float           # fraction of rows whose stripped reply equals the stripped answer
+    n: int                       # rows scored
+    correct: int
+    test_loss: float | None      # mean loss per target token (None when not computed)
+    perplexity: float | None
+    split: str = "test"
+    file: str = ""
+    seconds: float = 0.0
+    predictions: list[str] = field(default_factory=list, repr=False)
+    mismatches: list[Mismatch] = field(default_factory=list, repr=False)
+
+    def summary(self) -> str:
+        parts = [f"Exact match: {self.exact_match:.1%} ({self.correct}/{self.n})"]
+        if self.test_loss is not None:
+            parts.append(f"Test loss {self.test_loss:.3f}, Test ppl {self.perplexity:.3f}")
+        parts.append(f"took {self.seconds:.1f}s")
+        return ", ".join(parts)
+
+
+def split_file(data: str | os.PathLike, split: str) -> Path:
+    """The JSONL file of `split`: `<dir>/<split>.jsonl`, or `data` itself when it is a file."""
+    path = Path(data).expanduser()
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise DataError(f"--data {path} does not exist (give a folder with {split}.jsonl or a .jsonl file)")
+    for name in (f"{split}.jsonl", f"{split}.json"):
+        if (path / name).is_file():
+            return path / name
+    raise DataError(f"{path} has no {split}.jsonl: pass --split (train, valid, test) or a .jsonl file as --data")
+
+
+def prompts_and_answers(tokenizer, rows: list[tuple[int, dict]], file: Path, *,
+                        chat_template: str | None = None) -> tuple[list[list[int]], list[str]]:
+    """Prompt ids (chat template + generation prompt, tools included) and expected answers of the rows."""
+    from .data import record_tools, split_prompt_answer
+    from .generate import render_messages
+
+    prompts, answers = [], []
+    for lineno, record in rows:
+        try:
+            messages, answer = split_prompt_answer(record)
+            tools = record_tools(record)
+        except DataError as e:
+            raise DataError(f"{file}:{lineno}: {e}") from None
+        prompts.append(render_messages(tokenizer, messages, tools=tools, chat_template=chat_template))
+        answers.append(answer)
+    return prompts, answers
+
+
+def cannot_match(text: str, answer: str) -> bool:
+    """True once a partial reply can no longer equal `answer` after stripping whitespace.
+
+    A reply f matches when f.strip() == answer.strip(), so for any prefix g of f, g.strip() is a prefix of
+    the answer. Trailing replacement characters are a UTF-8 character still being assembled from byte
+    tokens, so they are left out; and the last character must be past the divergence too, since a
+    detokenizer may still rewrite it (spaces before punctuation).
+    """
+    settled = text.rstrip("\ufffd")
+    answer = answer.strip()
+    return not answer.startswith(settled.strip()) and not answer.startswith(settled[:-1].strip())
+
+
+def greedy_batch(model, tokenizer, prompts: list[list[int]], *, max_tokens: int = 256, batch_size: int = 16,
+                 answers: list[str] | None = None, progress=None) -> list[str]:
+    """Greedy replies to many prompts, `batch_size` at a time, stopping at EOS / end of turn.
+
+    With `answers`, a reply stops as soon as `cannot_match` says it cannot equal its answer.
+    `progress` (a tqdm bar) is advanced by one per finished prompt.
+    """
+    from .generate import stop_token_ids, wrap_tokenizer
+
+    if max_tokens <= 0:
+        raise ConfigError(f"--max-tokens must be a positive integer, got {max_tokens}")
+    if batch_size <= 0:
+        raise ConfigError(f"--batch-size must be a positive integer, got {batch_size}")
+    tokenizer = wrap_tokenizer(tokenizer)
+    stops = stop_token_ids(tokenizer)
+    if batch_size == 1:
+        return [_greedy_one(model, tokenizer, p, max_tokens, stops, answers[i] if answers else None, progress)
+                for i, p in enumerate(prompts)]
+    return _greedy_batched(model, tokenizer, prompts, max_tokens, batch_size, stops, answers, progress)
+
+
+def _finish(tokenizer, tokens: list[int], cut: bool) -> str:
+    text = tokenizer.decode(tokens)
+    return text + "..." if cut else text
+
+
+def _greedy_one(model, tokenizer, prompt, max_tokens, stops, answer, progress) -> str:
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    tokens, cut = [], False
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+        if token in stops:
+            break
+        tokens.append(token)
+        if answer is not None and cannot_match(tokenizer.decode(tokens), answer):
+            cut = True
+            break
+    if progress is not None:
+        progress.update(1)
+    return _finish(tokenizer, tokens, cut)
+
+
+def _greedy_batched(model, tokenizer, prompts, max_tokens, batch_size, stops, answers, progress) -> list[str]:
+    from mlx_lm.generate import BatchGenerator
+
+    # Similar lengths side by side: less left padding in each batch.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in sorted(stops)],
+                         completion_batch_size=batch_size, prefill_batch_size=batch_size)
+    try:
+        uids = gen.insert([prompts[i] for i in order])
+        row = dict(zip(uids, order))
+        tokens: dict[int, list[int]] = {uid: [] for uid in uids}
+        cut: set[int] = set()
+        while responses := gen.next_generated():
+            for r in responses:
+                if r.uid in cut:
+                    continue
+                if r.finish_reason != "stop":
+                    tokens[r.uid].append(r.token)
+                done = r.finish_reason is not None
+                if not done and answers is not None:
+                    if cannot_match(tokenizer.decode(tokens[r.uid]), answers[row[r.uid]]):
+                        cut.add(r.uid)
+                        gen.remove([r.uid])
+                        done = True
+                if done and progress is not None:
+                    progress.update(1)
+    finally:
+        gen.close()
+    out = [""] * len(prompts)
+    for uid, i in row.items():
+        out[i] = _finish(tokenizer, tokens[uid], uid in cut)
+    return out
+
+
+def split_loss(model, tokenizer, file: Path, *, limit: int | None = None, batch_size: int = 16,
+               max_seq_length: int = 2048, chat_template: str | None = None) -> float:
+    """Mean loss per answer token over the (first `limit`) records of a file, with training's own loss."""
+    from .data import load_dataset
+    from .train import evaluate_loss
+
+    # No split fractions: every record of the file lands in `train`, in file order.
+    splits = load_dataset(str(file), tokenizer, valid_split=0.0, test_split=0.0, max_seq_length=max_seq_length,
+                          chat_template=chat_template, cache=False)
+    records = splits.train[:limit]
+    if not records:
+        raise DataError(f"{file}: no records left to compute the loss on (all longer than --max-seq-length?)")
+    return float(evaluate_loss(model, records, batch_size, max_seq_length))
+
+
+def evaluate(model=None, tokenizer=None, *, data=None, adapter_file=None, split: str = "test",
+             max_tokens: int = 256, limit: int | None = None, batch_size: int = 16, loss: bool = True,
+             max_seq_length: int = 2048, chat_template: str | None = None, progress: bool = True) -> EvalResult:
+    """Score a model on a chat dataset split: exact match (greedy), test loss and perplexity.
+
+    `model` is a loaded model (with `tokenizer`) or a path / hub id (then `adapter_file` may name a LoRA
+    adapter); None uses the bundled default model. `data` is a folder with `<split>.jsonl` or one .jsonl
+    file (None: the bundled tool-call data). `limit` scores only the first N rows.
+    """
+    from tqdm.auto import tqdm
+
+    from .data import read_records
+    from .generate import resolve
+    from .templates import read_chat_template
+
+    if model is None or data is None:
+        from .defaults import require_bundled
+
+        default_model, default_data = require_bundled()
+        model = default_model if model is None else model
+        data = default_data if data is None else data
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"--limit must be a positive integer, got {limit}")
+    model, tokenizer = resolve(str(model) if isinstance(model, Path) else model, tokenizer, adapter_file)
+    file = split_file(data, split)
+    chat_template = read_chat_template(chat_template)
+    rows = read_records(file)[:limit]
+    start = time.perf_counter()
+    prompts, answers = prompts_and_answers(tokenizer, rows, file, chat_template=chat_template)
+    with tqdm(total=len(prompts), desc=f"eval {file.name}", unit="row", disable=not progress) as bar:
+        predictions = greedy_batch(model, tokenizer, prompts, max_tokens=max_tokens, batch_size=batch_size,
+                                   answers=answers, progress=bar)
+    mismatches = []
+    for (line, _), pred, answer, prompt in zip(rows, predictions, answers, prompts):
+        if pred.strip() != answer.strip():
+            mismatches.append(Mismatch(line=line, prompt=tokenizer.decode(prompt), expected=answer, got=pred))
+    correct = len(rows) - len(mismatches)
+    loss_value = ppl = None
+    if loss:
+        loss_value = split_loss(model, tokenizer, file, limit=limit, batch_size=batch_size,
+                                max_seq_length=max_seq_length, chat_template=chat_template)
+        ppl = math.exp(min(loss_value, 700.0))
+    return EvalResult(exact_match=correct / len(rows), n=len(rows), correct=correct, test_loss=loss_value,
+                      perplexity=ppl, split=split, file=str(file), seconds=time.perf_counter() - start,
+                      predictions=predictions, mismatches=mismatches)
