@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +37,6 @@ PARITY_TOLERANCE = 1e-4  # max |fused - base+adapter| logit difference in float3
 WARN_KEPT_BELOW = 0.5  # warn when less than half of the update survives re-quantization (mean over layers)
 AUTO_VERIFY_MAX_PARAMS = 2_000_000_000  # verify needs a float32 copy of the model: on by default up to 2B
 SHARD_BYTES = 5 << 30
-# Files of the base model that the fused model needs as they are (tokenizer, chat template, generation).
-SKIP_FILES = {"config.json", "model.safetensors.index.json", "adapter_config.json", "README.md"}
-COPY_SUFFIXES = (".json", ".model", ".tiktoken", ".txt", ".jinja")
 
 
 class RequantizationWarning(UserWarning):
@@ -335,33 +331,33 @@ def fused_config(base_dir: Path, dtype: mx.Dtype, de_quantized: bool) -> dict:
 
 
 def save_weights(out: Path, model: nn.Module, *, max_shard_size: int = SHARD_BYTES) -> list[str]:
-    """Write the model's parameters as safetensors shards plus model.safetensors.index.json."""
-    weights = dict(tree_flatten(model.parameters()))
-    shards: list[dict] = []
-    size = max_shard_size
-    for k in sorted(weights):
-        v = weights[k]
-        if size + v.nbytes > max_shard_size and (not shards or shards[-1]):
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += v.nbytes
+    """Write the model's parameters as safetensors shards plus model.safetensors.index.json.
+
+    Uses the convert module's header-first shard writer, so fuse and convert write the same layout.
+    """
+    from tqdm.auto import tqdm
+
+    from .convert import _plan_shards, _write_safetensors
+
+    weights = sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])
+    total = sum(v.nbytes for _, v in weights)
+    shards = _plan_shards(weights, max_shard_size)
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for name, shard in zip(names, shards):
-        mx.save_safetensors(str(out / name), shard, metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
+    weight_map = {k: name for name, shard in zip(names, shards) for k, _ in shard}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="save", leave=False) as bar:
+        for name, shard in zip(names, shards):
+            _write_safetensors(out / name, list(shard), bar)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return names
 
 
-def copy_tokenizer_files(base_dir: Path, out: Path) -> None:
+def copy_tokenizer_files(base_dir: Path, out: Path) -> list[str]:
     """Copy the tokenizer, chat template and generation config of the base model byte for byte."""
-    for f in sorted(base_dir.iterdir()):
-        if f.is_file() and f.name not in SKIP_FILES and f.name.endswith(COPY_SUFFIXES):
-            shutil.copy2(f, out / f.name)
+    from .convert import _copy_side_files
+
+    return _copy_side_files(base_dir, out)
 
 
 def check_saved(out: Path, model: nn.Module) -> None:
