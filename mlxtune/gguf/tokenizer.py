@@ -127,7 +127,7 @@ def read_tokenizer(model_dir, config: dict | None = None, pre_tokenizer: str | N
     elif tok_json is not None:
         kind = tok_json.get("model", {}).get("type")
         if kind == "Unigram" or (kind == "BPE" and _is_spm_style(tok_json)):
-            info = _from_spm_json(tok_json)
+            info = _from_spm_json(tok_json, tok_config)
         elif kind == "BPE":
             info = _from_bpe_json(tok_json)
         else:
@@ -217,9 +217,9 @@ def _is_spm_style(tok_json) -> bool:
     return "Metaspace" in text or "\u2581" in text
 
 
-def _from_spm_json(tok_json) -> TokenizerInfo:
+def _from_spm_json(tok_json, tok_config) -> TokenizerInfo:
     model = tok_json["model"]
-    added = _added_tokens(tok_json, {})
+    added = _added_tokens(tok_json, tok_config)
     if model["type"] == "Unigram":
         pieces = [(p, float(s)) for p, s in model["vocab"]]
         tokens = [p for p, _ in pieces]
@@ -238,7 +238,7 @@ def _from_spm_json(tok_json) -> TokenizerInfo:
             rank.setdefault(left + right, r)
         n = len(merges)
         scores = [-float(rank[t]) if t in rank else -float(n + i) for i, t in enumerate(tokens)]
-    unk = model.get("unk_token") if model["type"] == "BPE" else None
+    unk = model.get("unk_token") or _token_text(tok_config.get("unk_token")) if model["type"] == "BPE" else None
     unk_id = model.get("unk_id") if model["type"] == "Unigram" else None
     types = []
     for i, t in enumerate(tokens):

@@ -1,0 +1,328 @@
+"""Chat-app export: Ollama Modelfiles whose Go TEMPLATE renders like the model's Jinja template, LM Studio layout.
+
+The Go side is real: a few lines of Go (Debian's golang) parse the TEMPLATE with `text/template` and execute it
+with messages prepared the way Ollama prepares them (all system messages joined into `.System`, consecutive
+same-role messages merged, `.Messages` with `.Role`/`.Content`). The Jinja side is rendered as transformers
+does (trim_blocks, lstrip_blocks, add_generation_prompt) with an empty `bos_token`, because llama.cpp adds BOS
+itself from `tokenizer.ggml.add_bos_token`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import gguf
+import jinja2
+import pytest
+from click.testing import CliRunner
+
+from mlxtune.errors import ExportError
+from mlxtune.export import chat_family, export_lmstudio, export_ollama, read_gguf_chat_info
+from spm import write_vocab_gguf
+from tiny import CHATML_TEMPLATE
+
+GO_RENDER = r"""
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct {
+	Role    string
+	Content string
+}
+
+type Case struct {
+	Template string
+	Messages []Message
+}
+
+// Ollama's collate: system messages are joined into .System and stay in .Messages;
+// consecutive messages of one role are merged with a blank line.
+func collate(msgs []Message) (string, []*Message) {
+	var system []string
+	var out []*Message
+	for i := range msgs {
+		if msgs[i].Role == "system" {
+			system = append(system, msgs[i].Content)
+		}
+		if len(out) > 0 && out[len(out)-1].Role == msgs[i].Role && msgs[i].Role != "tool" {
+			out[len(out)-1].Content += "\n\n" + msgs[i].Content
+		} else {
+			m := msgs[i]
+			out = append(out, &m)
+		}
+	}
+	return strings.Join(system, "\n\n"), out
+}
+
+func main() {
+	var cases []Case
+	if err := json.NewDecoder(os.Stdin).Decode(&cases); err != nil {
+		panic(err)
+	}
+	var rendered []string
+	for _, c := range cases {
+		t := template.Must(template.New("").Parse(c.Template))
+		system, msgs := collate(c.Messages)
+		var b strings.Builder
+		err := t.Execute(&b, map[string]any{"System": system, "Messages": msgs, "Tools": nil, "Response": ""})
+		if err != nil {
+			panic(err)
+		}
+		rendered = append(rendered, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(rendered)
+}
+"""
+
+# Chat templates as the model families ship them (tokenizer_config.json), Jinja.
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+MISTRAL_V3 = (
+    "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content'] %}\n"
+    "    {%- set loop_messages = messages[1:] %}\n{%- else %}\n    {%- set loop_messages = messages %}\n{%- endif %}\n\n"
+    "{{- bos_token }}\n{%- for message in loop_messages %}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
+    "        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}\n"
+    "    {%- endif %}\n    {%- if message['role'] == 'user' %}\n"
+    "        {%- if loop.last and system_message is defined %}\n"
+    "            {{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}\n"
+    "        {%- else %}\n            {{- '[INST] ' + message['content'] + '[/INST]' }}\n        {%- endif %}\n"
+    "    {%- elif message['role'] == 'assistant' %}\n        {{- ' ' + message['content'] + eos_token}}\n"
+    "    {%- else %}\n        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}\n"
+    "    {%- endif %}\n{%- endfor %}\n"
+)
+MISTRAL_V1 = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+GEMMA3 = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content'] + '\n\n' %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}"
+    "{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim "
+    "+ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+PHI3 = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+FAMILIES = {
+    "chatml": (CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>"], "<|im_end|>", True),
+    "llama3": (LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>", True),
+    "mistral": (MISTRAL_V3, ["[INST]", "[/INST]"], "</s>", True),
+    "mistral-v1": (MISTRAL_V1, ["[INST]", "[/INST]"], "</s>", False),
+    "gemma": (GEMMA3, ["<start_of_turn>", "<end_of_turn>"], "<end_of_turn>", True),
+    "phi3": (PHI3, ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>"], "<|endoftext|>", True),
+}
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi! How can I help?"},
+     {"role": "user", "content": "Tell me a joke about {{ braces }} and \"quotes\"."}],
+    [{"role": "user", "content": "line one\nline two"}, {"role": "assistant", "content": "ok"},
+     {"role": "user", "content": "more"}, {"role": "assistant", "content": "sure thing"},
+     {"role": "user", "content": "last"}],
+]
+WITH_SYSTEM = [
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "A"},
+     {"role": "assistant", "content": "B"}, {"role": "user", "content": "C"}],
+]
+
+
+@pytest.fixture(scope="module")
+def go_renderer(tmp_path_factory):
+    """Compile the Go renderer once; returns render(template, conversations) -> list of prompts."""
+    go = shutil.which("go")
+    assert go, "Go is needed to check Ollama templates: apt-get install golang-go (make system-deps does it)"
+    work = tmp_path_factory.mktemp("go")
+    (work / "render.go").write_text(GO_RENDER)
+    env = {**os.environ, "GOCACHE": str(work / "cache"), "GOPATH": str(work / "gopath"), "GO111MODULE": "off"}
+    subprocess.run([go, "build", "-o", str(work / "render"), str(work / "render.go")], check=True, env=env,
+                   capture_output=True, timeout=300)
+
+    def render(template: str, conversations: list[list[dict]]) -> list[str]:
+        cases = [{"Template": template, "Messages": conv} for conv in conversations]
+        out = subprocess.run([str(work / "render")], input=json.dumps(cases), capture_output=True, text=True,
+                             check=True, timeout=60)
+        return json.loads(out.stdout)
+
+    return render
+
+
+def jinja_render(template: str, messages: list[dict], eos: str) -> str:
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token="",
+                                            eos_token=eos)
+
+
+def chat_gguf(path: Path, template: str | None, specials: list[str], eos: str) -> Path:
+    """A metadata-only GGUF with a tokenizer holding `specials` and the chat template."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    tokens = ["<unk>", "<s>", "</s>", *[s for s in specials if s not in ("<unk>", "<s>", "</s>")], "a", "b"]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] * len(tokens))
+    writer.add_eos_token_id(tokens.index(eos))
+    if template:
+        writer.add_chat_template(template)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def modelfile_template(text: str) -> str:
+    m = re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M)
+    assert m, text
+    return m.group(1)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_ollama_template_renders_like_jinja(family, tmp_path, go_renderer):
+    jinja, specials, eos, system_ok = FAMILIES[family]
+    model = chat_gguf(tmp_path / "model.gguf", jinja, specials, eos)
+    result = export_ollama(model, name=f"My {family}!", out=tmp_path / "ollama")
+    text = result.modelfile.read_text()
+    assert result.family == family.split("-")[0]
+    assert f"FROM {model.resolve()}" in text.splitlines()
+    assert result.name == f"my-{family}"
+    assert result.command == f"ollama create my-{family} -f {result.modelfile}"
+    for stop in result.stops:
+        assert f'PARAMETER stop "{stop}"' in text
+    assert eos in result.stops
+
+    conversations = CONVERSATIONS + (WITH_SYSTEM if system_ok else [])
+    expected = [jinja_render(jinja, conv, eos) for conv in conversations]
+    assert go_renderer(modelfile_template(text), conversations) == expected
+
+
+def test_chatml_model_from_real_tokenizer(tiny_llama, tmp_path, go_renderer):
+    """A GGUF whose tokenizer came through add_tokenizer: template read back from tokenizer.chat_template."""
+    model = tmp_path / "tiny.gguf"
+    write_vocab_gguf(model, tiny_llama)
+    info = read_gguf_chat_info(model)
+    assert info.chat_template == CHATML_TEMPLATE and info.eos == "<|im_end|>"
+    result = export_ollama(model)
+    assert result.modelfile == tmp_path / "Modelfile"
+    text = result.modelfile.read_text()
+    assert "FROM ./tiny.gguf" in text
+    assert result.stops == ["<|im_end|>", "<|im_start|>"]
+    assert go_renderer(modelfile_template(text), WITH_SYSTEM) == [
+        jinja_render(CHATML_TEMPLATE, conv, "<|im_end|>") for conv in WITH_SYSTEM]
+    with pytest.raises(ExportError, match="already exists.*--force"):
+        export_ollama(model)
+    export_ollama(model, name="again", force=True, system="You are a tool caller.")
+    assert 'SYSTEM """You are a tool caller."""' in result.modelfile.read_text()
+
+
+def test_unknown_template_is_kept_as_comment(tmp_path):
+    jinja = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
+    model = chat_gguf(tmp_path / "odd.gguf", jinja, [], "</s>")
+    result = export_ollama(model)
+    text = result.modelfile.read_text()
+    assert result.family is None and "TEMPLATE \"\"\"" not in text
+    assert "# {% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}" in text
+    assert any("not one of ChatML" in n for n in result.notes)
+    assert 'PARAMETER stop "</s>"' in text
+
+
+def test_adapter_modelfile(tmp_path):
+    base = chat_gguf(tmp_path / "base.gguf", CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>"], "<|im_end|>")
+    writer = gguf.GGUFWriter(str(tmp_path / "lora.gguf"), "llama")
+    writer.add_type("adapter")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = export_ollama(base, adapter=tmp_path / "lora.gguf")
+    lines = result.modelfile.read_text().splitlines()
+    assert lines[1:3] == ["FROM ./base.gguf", "ADAPTER ./lora.gguf"]
+
+
+def test_chat_family_detection():
+    assert [chat_family(FAMILIES[f][0]) for f in FAMILIES] == ["chatml", "llama3", "mistral", "mistral", "gemma", "phi3"]
+    assert chat_family(None) is None and chat_family("{{ messages }}") is None
+
+
+def test_lmstudio_layout(tmp_path):
+    src = chat_gguf(tmp_path / "model-q8_0.gguf", CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>"], "<|im_end|>")
+    models = tmp_path / "lmstudio" / "models"
+    dest = export_lmstudio(src, "me", "tool-caller", models)
+    assert dest == models / "me" / "tool-caller" / "model-q8_0.gguf"
+    assert dest.read_bytes() == src.read_bytes() and not dest.is_symlink()
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["model-q8_0.gguf"]  # no temp files left
+    with pytest.raises(ExportError, match="already exists"):
+        export_lmstudio(src, "me", "tool-caller", models)
+    linked = export_lmstudio(src, "me", None, models, link=True)
+    assert linked == models / "me" / "model-q8_0" / "model-q8_0.gguf" and linked.is_symlink()
+    assert linked.resolve() == src.resolve()
+    with pytest.raises(ExportError, match="--publisher"):
+        export_lmstudio(src, "a/b", None, models)
+
+
+def test_lmstudio_default_dir(tmp_path, monkeypatch):
+    src = chat_gguf(tmp_path / "m.gguf", None, [], "</s>")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LMSTUDIO_MODELS_DIR", raising=False)
+    dest = export_lmstudio(src)
+    assert dest == tmp_path / "home" / ".lmstudio" / "models" / "mlxtune" / "m" / "m.gguf"
+
+
+def test_cli(tmp_path):
+    from mlxtune.cli import _register, main
+
+    _register()
+    src = chat_gguf(tmp_path / "m.gguf", LLAMA3, FAMILIES["llama3"][1], "<|eot_id|>")
+    runner = CliRunner()
+    res = runner.invoke(main, ["export", "ollama", "--gguf", str(src), "--name", "m1", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert f"ollama create m1 -f {tmp_path / 'o' / 'Modelfile'}" in res.output
+    assert "llama3 chat template" in res.output
+    res = runner.invoke(main, ["export", "lmstudio", "--gguf", str(src), "--models-dir", str(tmp_path / "lm")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "lm" / "mlxtune" / "m" / "m.gguf").exists()
+    for args in (["export", "ollama", "--gguf", str(tmp_path / "missing.gguf")], ["export", "--help"],
+                 ["export", "ollama", "--help"], ["export", "lmstudio", "--help"]):
+        res = runner.invoke(main, args)
+        if "--help" in args:
+            assert res.exit_code == 0 and "Examples" in res.output
+        else:
+            assert isinstance(res.exception, ExportError) and "no such file" in str(res.exception)
+
+
+def test_cli_error_is_one_line(tmp_path):
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "mlxtune", "export", "ollama", "--gguf", str(tmp_path / "x.gguf")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [f"error: --gguf {tmp_path / 'x.gguf'}: no such file "
+                                               "(write one with `mlxtune gguf --model DIR --outfile FILE`)"]
