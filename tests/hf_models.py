@@ -37,7 +37,7 @@ ARCHS = {
     # mlx-lm's gemma2 has no sliding-window mask, so the window is kept longer than the test sequences.
     "gemma2": ("gemma2", dict(rope_parameters={"rope_type": "default", "rope_theta": 30_000.0}, head_dim=16,
                               query_pre_attn_scalar=16, sliding_window=64,
-                              attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+                              attn_logit_softcapping=5.0, final_logit_softcapping=20.0)),
     # gemma3: a window shorter than the test sequences, and different local/global bases.
     "gemma3": ("gemma3_text", dict(rope_parameters={
         "sliding_attention": {"rope_type": "default", "rope_theta": 12_000.0},
@@ -61,9 +61,10 @@ def _randomize(model, seed: int) -> None:
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             if p.ndim >= 2:
-                # ~unit-variance outputs per layer: std 1/sqrt(fan_in), embeddings a bit smaller
-                fan_in = p.shape[-1]
-                p.copy_(noise * (0.5 / fan_in**0.5 if "embed" not in name else 0.5))
+                # std 0.5/sqrt(fan_in) inside the blocks; embeddings and head at 0.5 so that logits have
+                # a spread of several units, like a trained model's, rather than near-ties
+                edge = "embed" in name or "lm_head" in name
+                p.copy_(noise * (0.5 if edge else 0.5 / p.shape[-1] ** 0.5))
             else:
                 # norms keep their centre (1 for llama-style, 0 for gemma's 1+w) plus noise; biases ~0.1
                 p.copy_(p.float() + 0.1 * noise)
@@ -109,3 +110,25 @@ def hf_logits(model_dir, ids) -> "np.ndarray":  # noqa: F821
     x = torch.tensor(np.atleast_2d(np.asarray(ids, dtype=np.int64)))
     with torch.no_grad():
         return model(x).logits.float().numpy()
+
+
+_BUILT: dict = {}
+_LOGITS: dict = {}
+
+
+def cached_hf_model(tmp_path_factory, arch: str, **kwargs) -> Path:
+    """`make_hf_model` once per pytest session for each (arch, kwargs); later calls reuse the directory."""
+    key = (arch, json.dumps(kwargs, sort_keys=True))
+    if key not in _BUILT:
+        _BUILT[key] = make_hf_model(tmp_path_factory.mktemp(f"hf_{arch}"), arch, **kwargs)
+    return _BUILT[key]
+
+
+def cached_hf_logits(model_dir, ids) -> "np.ndarray":  # noqa: F821
+    """`hf_logits` once per session for each (model_dir, ids)."""
+    import numpy as np
+
+    key = (str(model_dir), np.asarray(ids).tobytes(), np.asarray(ids).shape)
+    if key not in _LOGITS:
+        _LOGITS[key] = hf_logits(model_dir, ids)
+    return _LOGITS[key]
