@@ -1,0 +1,48 @@
+"""GGUF export: `mlxtune.to_gguf(model_dir, "model.gguf", type="q4_k_m")` writes a file llama.cpp,
+Ollama and LM Studio load.
+
+The writer is pure Python (the `gguf` package plus numpy encoders for the K-quants) and streams row
+chunks, so memory does not grow with the model. `verify=True` reads the file back and checks it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import ConfigError, ExportError
+from .quants import FileType
+
+TYPES = [t.value for t in FileType]
+
+
+def to_gguf(model: str | os.PathLike, outfile: str | os.PathLike, type: str = "f16", *,
+            pre_tokenizer: str | None = None, verify: bool = True, force: bool = False,
+            progress: bool = True, log=print) -> Path:
+    """Write the fused float (or MLX-quantized) model directory `model` as a GGUF file.
+
+    type: f32, f16, bf16, q8_0, q4_0, q4_k_m or q6_k. pre_tokenizer: llama.cpp pre-tokenizer name for a
+    byte-level BPE tokenizer (detected when None). Refuses an existing `outfile` unless `force`; the file
+    appears only when complete. Returns the path written.
+    """
+    from ..models import resolve_model_path
+    from .writer import verify_gguf, write_gguf
+
+    try:
+        ftype = FileType(str(type).lower())
+    except ValueError:
+        raise ConfigError(f"--type {type!r} is not a GGUF type mlxtune writes; choose one of {', '.join(TYPES)}") from None
+    model_dir = resolve_model_path(model)
+    out = Path(outfile).expanduser()
+    if out.is_dir():
+        raise ExportError(f"--outfile {out} is a directory: give a file name like {out / 'model.gguf'}")
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists: choose another --outfile or pass --force to replace it")
+    planned = write_gguf(model_dir, out, ftype, pre_tokenizer=pre_tokenizer, progress=progress, log=log)
+    if verify:
+        verify_gguf(out, planned)
+        log(f"verified {out}: {len(planned)} tensors, shapes and types as written")
+    return out
+
+
+__all__ = ["to_gguf", "TYPES"]

@@ -1,0 +1,276 @@
+"""GGUF tensor encodings: which type each tensor gets, and the encoders for each type.
+
+`tensor_type` follows llama-quantize's per-tensor recipes (Q4_K_M: Q4_K base, Q6_K for the output and
+for `attn_v`/`ffn_down` on the "more bits" layers; norms and biases F32; fallbacks for rows that are not
+a whole number of blocks). `encode` turns float32 rows into the bytes of a type. F16/BF16/Q8_0/Q4_0/Q5_0
+come from the `gguf` package (bit-identical to ggml); Q4_K and Q6_K, which `gguf` can only decode, are
+encoded here with numpy, following ggml's reference (no importance matrix) algorithm.
+
+The one thing to know: a quantization block never spans two rows, so any run of whole rows can be
+encoded on its own; the writer streams row chunks through `encode` and never holds a whole tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, LlamaFileType
+from gguf import quants as gguf_quants
+
+QK_K = 256
+
+
+class FileType(str, Enum):
+    """The `--type` choices: the file's main tensor type (llama.cpp's `general.file_type`)."""
+
+    F32 = "f32"
+    F16 = "f16"
+    BF16 = "bf16"
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
+    Q4_K_M = "q4_k_m"
+    Q6_K = "q6_k"
+
+    @property
+    def llama_file_type(self) -> LlamaFileType:
+        return {
+            "f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
+            "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0,
+            "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M, "q6_k": LlamaFileType.MOSTLY_Q6_K,
+        }[self.value]
+
+    @property
+    def base(self) -> Q:
+        return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0,
+                "q4_k_m": Q.Q4_K, "q6_k": Q.Q6_K}[self.value]
+
+
+# llama-quantize's fallback when a row is not a whole number of blocks of the wanted type.
+_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q6_K: Q.Q8_0}
+# Types written by llama-quantize (the K-quant recipes); the others follow convert_hf_to_gguf.
+_LLAMA_QUANTIZE = {Q.Q4_0, Q.Q4_K, Q.Q6_K}
+
+
+def block_size(qtype: Q) -> int:
+    return GGML_QUANT_SIZES[qtype][0]
+
+
+def row_bytes(qtype: Q, n: int) -> int:
+    """Bytes one row of `n` values takes in `qtype`."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    return n // block * size
+
+
+def _more_bits(i: int, n: int) -> bool:
+    # llama-quantize's `use_more_bits`: first and last eighth of the layers, and every third in between
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _fits(qtype: Q, ncols: int) -> bool:
+    return ncols % block_size(qtype) == 0
+
+
+def tensor_type(name: str, shape: tuple[int, ...], ftype: FileType, n_layers: int, tied: bool) -> Q:
+    """GGUF type for tensor `name` (GGUF naming, numpy shape (rows, cols)) in a file of type `ftype`.
+
+    `tied`: the model has no `output.weight`, so `token_embd` doubles as the output matrix.
+    """
+    if len(shape) < 2 or not name.endswith(".weight") or name.endswith("_norm.weight") or "rope_" in name:
+        return Q.F32
+    ncols = shape[-1]
+    base = ftype.base
+    if base not in _LLAMA_QUANTIZE:
+        # convert_hf_to_gguf: one type for every matrix, F16 when the rows do not split into blocks
+        return base if _fits(base, ncols) else Q.F16
+    want = base
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        want = Q.Q6_K if _fits(Q.Q6_K, ncols) else Q.Q8_0
+    elif ftype is FileType.Q4_K_M and (m := re.match(r"blk\.(\d+)\.(attn_v|attn_qkv|ffn_down)\.weight$", name)):
+        # attn_qkv counts as attn_v in llama-quantize's categories
+        if _more_bits(int(m.group(1)), n_layers):
+            want = Q.Q6_K
+    if _fits(want, ncols):
+        return want
+    fallback = _FALLBACK.get(want, want)
+    return fallback if _fits(fallback, ncols) else Q.F16
+
+
+def encode(rows: np.ndarray, qtype: Q) -> np.ndarray:
+    """Encode float32 `rows` (n, cols) as `qtype`: uint8 (n, row_bytes), or f32/f16 arrays as they are."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if qtype == Q.F32:
+        return rows
+    if qtype == Q.F16:
+        return rows.astype(np.float16)
+    n, cols = rows.shape
+    if qtype == Q.Q4_K:
+        return quantize_q4_k(rows.reshape(-1, QK_K)).reshape(n, -1)
+    if qtype == Q.Q6_K:
+        return quantize_q6_k(rows.reshape(-1, QK_K)).reshape(n, -1)
+    return gguf_quants.quantize(rows, qtype)
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    """Round to float16 and back, as ggml stores `d` and reads it again."""
+    return x.astype(np.float16).astype(np.float32)
+
+
+def _nearest(x: np.ndarray) -> np.ndarray:
+    # ggml's nearest_int rounds half to even, like np.rint
+    return np.rint(x)
+
+
+# ---------------------------------------------------------------- Q4_K
+# 256 values per block: 8 sub-blocks of 32 with a 6-bit scale and a 6-bit min each (relative to the
+# block's f16 d and dmin), values as 4-bit unsigned: x ~ d*sc*q - dmin*m.
+
+def _affine_scales(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's make_qkx2_quants for each row of `x` (n, 32): the best (scale, -min) with x ~ scale*q + min.
+
+    Weighted least squares over a sweep of trial scales. The error of a trial is computed from the same
+    running sums as its fit, so the 32 values are visited once per trial.
+    """
+    x = x.astype(np.float32, copy=False)
+    w = np.sqrt(np.mean(x * x, axis=1, keepdims=True)) + np.abs(x)
+    xmin = np.minimum(x.min(axis=1), 0).astype(np.float32)
+    xmax = x.max(axis=1)
+    span = xmax - xmin
+    flat = span == 0
+    span = np.where(flat, 1, span).astype(np.float32)
+    xm = x - xmin[:, None]
+    sum_w = w.sum(axis=1)
+    sum_x = np.einsum("ij,ij->i", w, x)
+    sum_x2 = np.einsum("ij,ij->i", w, x * x)
+
+    def sums(iscale):
+        q = np.clip(_nearest(xm * iscale[:, None]), 0, nmax)
+        wq = w * q
+        return wq.sum(axis=1), np.einsum("ij,ij->i", wq, q), np.einsum("ij,ij->i", wq, x)
+
+    def error(scale, mn, sum_l, sum_l2, sum_xl):
+        # sum w*(scale*q + mn - x)^2 expanded
+        return (scale * scale * sum_l2 + 2 * scale * mn * sum_l - 2 * scale * sum_xl
+                + mn * mn * sum_w - 2 * mn * sum_x + sum_x2)
+
+    iscale = (nmax / span).astype(np.float32)
+    scale = (1 / iscale).astype(np.float32)
+    mn = xmin.copy()
+    best = error(scale, mn, *sums(iscale))
+    for step in range(nstep + 1):
+        iscale = ((rmin + rdelta * step + nmax) / span).astype(np.float32)
+        sum_l, sum_l2, sum_xl = sums(iscale)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        safe = np.where(ok, det, 1)
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe
+        pos = this_min > 0
+        this_scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, 1), this_scale)
+        this_min = np.where(pos, 0, this_min)
+        err = error(this_scale, this_min, sum_l, sum_l2, sum_xl)
+        better = ok & (err < best)
+        best = np.where(better, err, best)
+        scale = np.where(better, this_scale, scale)
+        mn = np.where(better, this_min, mn)
+    scale = np.where(flat, 0, scale).astype(np.float32)
+    mn = np.where(flat, xmin, mn).astype(np.float32)
+    return scale, -mn
+
+
+def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """Pack 8 six-bit scales and 8 six-bit mins per block into ggml's 12-byte layout."""
+    out = np.zeros((ls.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    return out
+
+
+def quantize_q4_k(blocks: np.ndarray) -> np.ndarray:
+    """(n, 256) float32 -> (n, 144) uint8 Q4_K blocks: f16 d, f16 dmin, 12 bytes scales/mins, 128 bytes nibbles."""
+    n = blocks.shape[0]
+    x = blocks.astype(np.float32, copy=False).reshape(n, 8, 32)
+    scales, mins = _affine_scales(x.reshape(-1, 32), nmax=15, rmin=-1.0, rdelta=0.1, nstep=20)
+    scales = scales.reshape(n, 8)
+    mins = mins.reshape(n, 8)
+    max_scale = scales.max(axis=1)
+    max_min = mins.max(axis=1)
+    with np.errstate(divide="ignore"):
+        inv_scale = np.where(max_scale > 0, np.float32(63) / max_scale, 0).astype(np.float32)
+        inv_min = np.where(max_min > 0, np.float32(63) / max_min, 0).astype(np.float32)
+    ls = np.minimum(63, _nearest(inv_scale[:, None] * scales)).astype(np.uint8)
+    lm = np.minimum(63, _nearest(inv_min[:, None] * mins)).astype(np.uint8)
+    d16 = (max_scale / np.float32(63)).astype(np.float16)
+    dmin16 = (max_min / np.float32(63)).astype(np.float16)
+    # values are re-quantized against the scales as they will be decoded (f16 d times 6-bit sc)
+    d = d16.astype(np.float32)[:, None] * ls.astype(np.float32)
+    dm = dmin16.astype(np.float32)[:, None] * lm.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = _nearest((x + dm[..., None]) / d[..., None])
+    q = np.where(d[..., None] == 0, 0, np.clip(q, 0, 15)).astype(np.uint8)
+    # nibbles: byte l of each 32-byte group holds sub-block 2k value l (low) and sub-block 2k+1 value l (high)
+    q = q.reshape(n, 4, 2, 32)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, 128)
+    return np.concatenate([d16.view(np.uint8).reshape(n, 2), dmin16.view(np.uint8).reshape(n, 2),
+                           _pack_scale_min_k4(ls, lm), qs], axis=1)
+
+
+# ---------------------------------------------------------------- Q6_K
+# 256 values per block: 16 sub-blocks of 16 with an int8 scale (relative to the block's f16 d),
+# values as 6-bit signed (q - 32): x ~ d*sc*(q - 32).
+
+def _symmetric_scales(x: np.ndarray, nmax: int) -> np.ndarray:
+    """ggml's make_qx_quants (rmse_type 1, weights x^2) for each row of `x` (n, 16): the best scale."""
+    x = x.astype(np.float32, copy=False)
+    idx = np.abs(x).argmax(axis=1)
+    xmax = np.take_along_axis(x, idx[:, None], axis=1)[:, 0]
+    zero = np.abs(xmax) < 1e-15
+    xmax = np.where(zero, 1, xmax).astype(np.float32)
+    w = x * x
+    wx = w * x
+
+    def sums(iscale):
+        q = np.clip(_nearest(x * iscale[:, None]), -nmax, nmax - 1)
+        return np.einsum("ij,ij->i", wx, q), np.einsum("ij,ij->i", w * q, q)
+
+    iscale = (-nmax / xmax).astype(np.float32)
+    sum_lx, sum_l2 = sums(iscale)
+    scale = np.where(sum_l2 > 0, sum_lx / np.where(sum_l2 > 0, sum_l2, 1), 0).astype(np.float32)
+    best = scale * sum_lx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = (-(nmax + np.float32(0.1) * step) / xmax).astype(np.float32)
+        sum_lx, sum_l2 = sums(iscale)
+        better = (sum_l2 > 0) & (sum_lx * sum_lx > best * sum_l2)
+        this_scale = sum_lx / np.where(sum_l2 > 0, sum_l2, 1)
+        scale = np.where(better, this_scale, scale)
+        best = np.where(better, this_scale * sum_lx, best)
+    return np.where(zero, 0, scale).astype(np.float32)
+
+
+def quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
+    """(n, 256) float32 -> (n, 210) uint8 Q6_K blocks: ql[128], qh[64], int8 scales[16], f16 d."""
+    n = blocks.shape[0]
+    x = blocks.astype(np.float32, copy=False).reshape(n, 16, 16)
+    scales = _symmetric_scales(x.reshape(-1, 16), nmax=32).reshape(n, 16)
+    idx = np.abs(scales).argmax(axis=1)
+    max_scale = np.take_along_axis(scales, idx[:, None], axis=1)[:, 0]
+    empty = np.abs(max_scale) < 1e-15
+    iscale = (np.float32(-128) / np.where(empty, 1, max_scale)).astype(np.float32)
+    d16 = np.where(empty, 0, 1 / iscale).astype(np.float16)
+    sc = np.minimum(127, _nearest(iscale[:, None] * scales))
+    sc = np.where(empty[:, None], 0, sc).astype(np.int8)
+    d = d16.astype(np.float32)[:, None] * sc.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = _nearest(x / d[..., None])
+    q = (np.where(d[..., None] == 0, 0, np.clip(q, -32, 31)) + 32).astype(np.uint8).reshape(n, 2, 4, 32)
+    # per 128 values: ql[0:32] = q0 | q2<<4, ql[32:64] = q1 | q3<<4, qh = q0>>4 | q1>>4<<2 | q2>>4<<4 | q3>>4<<6
+    lo = q & 0xF
+    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)
+    hi = q >> 4
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    return np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), sc.view(np.uint8),
+                           d16.view(np.uint8).reshape(n, 2)], axis=1)

@@ -1,0 +1,397 @@
+"""Write a fused Hugging Face / MLX model directory as one GGUF file that llama.cpp loads.
+
+Metadata and tensor names come from `arch`, tokenizer keys from `tokenizer.add_tokenizer`, encodings
+from `quants`. The one thing to know: tensors are never loaded whole. Each one is handed to
+`gguf.GGUFWriter` as a small object whose `tofile()` reads row chunks from the safetensors files,
+converts and encodes them and writes them out, so memory stays at a few chunks whatever the model
+size. Rows are read with plain file reads rather than a memory map, because mapped pages count
+towards the process's resident memory until the whole file is unmapped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from ..errors import ExportError, ModelLoadError
+from ..files import atomic_file
+from . import arch as archmod
+from .quants import FileType, encode, row_bytes, tensor_type
+
+CHUNK_VALUES = 1 << 20  # values converted at a time (4 MiB as float32)
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "F64": np.float64}
+
+
+# ---------------------------------------------------------------- reading safetensors
+
+
+@dataclass
+class _Stored:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in `file`
+
+    @property
+    def row_nbytes(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * np.dtype(_DTYPES[self.dtype]).itemsize
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as stored (BF16 as uint16), read from disk without mapping the file."""
+        dt = np.dtype(_DTYPES[self.dtype])
+        buf = np.empty(((stop - start),) + tuple(self.shape[1:]), dtype=dt)
+        with open(self.file, "rb") as f:
+            f.seek(self.offset + start * self.row_nbytes)
+            got = f.readinto(memoryview(buf).cast("B"))
+        if got != buf.nbytes:
+            raise ModelLoadError(f"{self.file} is truncated: download or convert the model again")
+        return buf
+
+
+def _index_safetensors(model_dir: Path) -> dict[str, _Stored]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{model_dir} has no *.safetensors weights (PyTorch .bin checkpoints: run mlxtune convert first)")
+    index: dict[str, _Stored] = {}
+    for file in files:
+        try:
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise ModelLoadError(f"cannot read {file}: not a valid safetensors file ({e})") from None
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _DTYPES:
+                raise ExportError(f"tensor {name} in {file} has dtype {info['dtype']}, which mlxtune gguf cannot read")
+            begin, _ = info["data_offsets"]
+            index[name] = _Stored(file, info["dtype"], tuple(info["shape"]), 8 + n + begin)
+    return index
+
+
+def _to_float32(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+def dequantize_mlx(wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int) -> np.ndarray:
+    """MLX affine-quantized rows (uint32 words, values packed low bits first) -> float32 rows."""
+    rows = wq.shape[0]
+    bitstream = np.unpackbits(wq.astype("<u4").view(np.uint8).reshape(rows, -1), axis=1, bitorder="little")
+    values = bitstream.reshape(rows, -1, bits) @ (1 << np.arange(bits, dtype=np.uint32))
+    groups = scales.shape[1]
+    values = values.reshape(rows, groups, -1).astype(np.float32)
+    return (values * scales[:, :, None] + biases[:, :, None]).reshape(rows, -1)
+
+
+# ---------------------------------------------------------------- the plan: one entry per GGUF tensor
+
+
+@dataclass
+class Planned:
+    """One GGUF tensor: where its rows come from and how they are changed and encoded."""
+
+    name: str
+    shape: tuple[int, ...]          # numpy order (rows, cols) or (n,)
+    qtype: Q
+    read: Callable[[int, int], np.ndarray]  # float32 rows [a, b)
+    row_align: int = 1              # chunks start at multiples of this (q/k permutation works per head)
+    source: str = ""
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if len(self.shape) > 1 else 1
+
+    @property
+    def cols(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        if self.qtype == Q.F32:
+            return self.rows * self.cols * 4
+        if self.qtype == Q.F16:
+            return self.rows * self.cols * 2
+        return self.rows * row_bytes(self.qtype, self.cols)
+
+
+def _mlx_quant_bits(config: dict, module: str) -> tuple[int, int]:
+    q = config.get("quantization") or config.get("quantization_config") or {}
+    if q.get("mode", "affine") != "affine":
+        raise ExportError(f"MLX {q.get('mode')} quantization cannot be read back: give the float (fused, de-quantized) model")
+    override = q.get(module)
+    if isinstance(override, dict):
+        return int(override.get("bits", q.get("bits", 4))), int(override.get("group_size", q.get("group_size", 64)))
+    return int(q.get("bits", 4)), int(q.get("group_size", 64))
+
+
+def _reader(index: dict[str, _Stored], name: str, config: dict) -> tuple[tuple[int, ...], Callable[[int, int], np.ndarray], bool]:
+    """(float shape, row reader, was it MLX-quantized) for stored tensor `name`."""
+    st = index[name]
+    base = name[: -len(".weight")] if name.endswith(".weight") else None
+    if st.dtype == "U32" and base and f"{base}.scales" in index:
+        bits, _ = _mlx_quant_bits(config, base)
+        sc, bi = index[f"{base}.scales"], index[f"{base}.biases"]
+        shape = (st.shape[0], st.shape[1] * 32 // bits)
+
+        def read_q(a: int, b: int) -> np.ndarray:
+            return dequantize_mlx(st.read_rows(a, b), _to_float32(sc.read_rows(a, b), sc.dtype),
+                                  _to_float32(bi.read_rows(a, b), bi.dtype), bits)
+
+        return shape, read_q, True
+    if st.dtype == "U32":
+        raise ExportError(f"tensor {name} is uint32 without MLX .scales/.biases: not a weight mlxtune can convert")
+
+    def read(a: int, b: int) -> np.ndarray:
+        if len(st.shape) == 1:
+            return _to_float32(st.read_rows(0, st.shape[0]), st.dtype)[None, :]
+        return _to_float32(st.read_rows(a, b), st.dtype).reshape(b - a, -1)
+
+    return st.shape, read, False
+
+
+def plan_tensors(index: dict[str, _Stored], arch: archmod.Arch, cfg: dict, config: dict,
+                 ftype: FileType) -> tuple[list[Planned], bool]:
+    """Every tensor of the GGUF file, in file order, and whether any was MLX-quantized."""
+    n_layers = cfg["num_hidden_layers"]
+    name_of = archmod.tensor_namer(arch, n_layers)
+    n_head = cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads") or n_head
+    tied = bool(cfg.get("tie_word_embeddings", False)) or not arch.output_allowed
+    entries: list[tuple[str, str]] = []
+    for name in index:
+        if _is_quant_aux(index, name):
+            continue
+        hf = archmod.hf_name(name)
+        if hf is None or (hf == "lm_head.weight" and tied):
+            continue
+        entries.append((name, hf))
+    if not any(hf == "lm_head.weight" for _, hf in entries):
+        tied = True
+    planned: list[Planned] = []
+    quantized = False
+    for name, hf in entries:
+        gname = name_of(hf)
+        shape, read, was_q = _reader(index, name, config)
+        quantized |= was_q
+        if len(shape) > 2:
+            raise ExportError(f"tensor {name} has {len(shape)} dimensions: only dense 1-D/2-D weights are supported")
+        align = 1
+        if arch.permute_qk and re.search(r"\.(q_proj|k_proj)\.(weight|bias)$", hf):
+            heads = n_head if ".q_proj." in hf else n_kv
+            perm = archmod.qk_permutation(shape[0], heads)
+            align = shape[0] // heads if len(shape) > 1 else 1
+            read = _permuted(read, perm, len(shape) == 1)
+        if arch.norm_offset and hf.endswith("norm.weight"):
+            read = _offset(read, arch.norm_offset)
+        planned.append(Planned(gname, tuple(shape), tensor_type(gname, tuple(shape), ftype, n_layers, tied),
+                               read, align, name))
+    for gname, values in archmod.extra_tensors(arch, cfg).items():
+        planned.append(Planned(gname, values.shape, Q.F32, lambda a, b, v=values: v[None, :], 1, "(generated)"))
+    _check_complete(planned, arch, cfg)
+    return planned, quantized
+
+
+def _is_quant_aux(index: dict[str, _Stored], name: str) -> bool:
+    """MLX quantization's per-group `.scales`/`.biases`: read together with their uint32 `.weight`."""
+    if not name.endswith((".scales", ".biases")):
+        return False
+    weight = index.get(name.rsplit(".", 1)[0] + ".weight")
+    return weight is not None and weight.dtype == "U32"
+
+
+def _permuted(read, perm, one_dim: bool):
+    if one_dim:
+        return lambda a, b: read(a, b)[:, perm]
+
+    def read_perm(a: int, b: int) -> np.ndarray:
+        rows = read(int(perm[a:b].min()), int(perm[a:b].max()) + 1)
+        return rows[perm[a:b] - perm[a:b].min()]
+    return read_perm
+
+
+def _offset(read, delta: float):
+    return lambda a, b: read(a, b) + np.float32(delta)
+
+
+def _check_complete(planned: list[Planned], arch: archmod.Arch, cfg: dict) -> None:
+    names = {p.name for p in planned}
+    if "token_embd.weight" not in names:
+        raise ExportError("the model has no token embedding (model.embed_tokens.weight): is this a complete model directory?")
+    missing = [f"blk.{i}" for i in range(cfg["num_hidden_layers"]) if f"blk.{i}.attn_norm.weight" not in names]
+    if missing:
+        raise ExportError(f"layers {', '.join(missing[:5])} are missing from the safetensors files "
+                          f"but config.json says num_hidden_layers={cfg['num_hidden_layers']}")
+
+
+# ---------------------------------------------------------------- streaming into GGUFWriter
+
+
+@dataclass
+class _Streamed:
+    """What GGUFWriter.add_tensor needs (shape, dtype, nbytes, tofile), producing bytes chunk by chunk."""
+
+    plan: Planned
+    bar: object = None
+    workers: int = 1
+    shape: tuple[int, ...] = field(init=False)
+    dtype: np.dtype = field(init=False)
+    nbytes: int = field(init=False)
+
+    def __post_init__(self):
+        p = self.plan
+        if p.qtype == Q.F32:
+            self.dtype, self.shape = np.dtype(np.float32), p.shape
+        elif p.qtype == Q.F16:
+            self.dtype, self.shape = np.dtype(np.float16), p.shape
+        else:
+            self.dtype, self.shape = np.dtype(np.uint8), (p.rows, row_bytes(p.qtype, p.cols))
+        self.nbytes = p.nbytes
+
+    def _chunks(self):
+        p = self.plan
+        step = max(1, CHUNK_VALUES // p.cols)
+        step = max(p.row_align, step - step % p.row_align)
+        return [(a, min(a + step, p.rows)) for a in range(0, p.rows, step)]
+
+    def _encode(self, span) -> np.ndarray:
+        a, b = span
+        rows = self.plan.read(a, b)
+        if not np.isfinite(rows).all():
+            raise ExportError(f"tensor {self.plan.source} has NaN or infinite values: the model is broken, fix it before exporting")
+        out = encode(rows, self.plan.qtype)
+        return out.reshape(-1) if len(self.plan.shape) == 1 else out
+
+    def tofile(self, f) -> None:
+        chunks = self._chunks()
+        if self.workers > 1 and len(chunks) > 1:
+            # numpy releases the GIL in the encoders; keep only a few chunks in flight
+            with ThreadPoolExecutor(self.workers) as pool:
+                pending = []
+                for span in chunks:
+                    pending.append(pool.submit(self._encode, span))
+                    if len(pending) > self.workers:
+                        self._write(f, pending.pop(0).result())
+                for fut in pending:
+                    self._write(f, fut.result())
+        else:
+            for span in chunks:
+                self._write(f, self._encode(span))
+
+    def _write(self, f, data: np.ndarray) -> None:
+        data.tofile(f)
+        if self.bar is not None:
+            self.bar.update(data.nbytes)
+
+
+# ---------------------------------------------------------------- the public function
+
+
+def _add_tokenizer(w: gguf.GGUFWriter, model_dir: Path, config: dict, pre_tokenizer: str | None, log) -> None:
+    from .tokenizer import add_tokenizer
+
+    info = add_tokenizer(w, model_dir, config, pre_tokenizer=pre_tokenizer)
+    for note in getattr(info, "notes", None) or []:
+        log(f"tokenizer: {note}")
+
+
+def _kv_value(w: gguf.GGUFWriter, key: str):
+    for kv in w.kv_data:
+        if key in kv:
+            return kv[key].value
+    return None
+
+
+def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer: str | None = None,
+               progress: bool = True, workers: int | None = None, log=print) -> list[Planned]:
+    """Convert `model_dir` into `outfile` (written atomically). Returns the tensors written."""
+    from ..models import normalize_config, read_config
+
+    config = normalize_config(read_config(model_dir))
+    arch, cfg = archmod.resolve_arch(config, str(model_dir / "config.json"))
+    index = _index_safetensors(model_dir)
+    planned, quantized = plan_tensors(index, arch, cfg, config, ftype)
+    if quantized:
+        log(f"note: {model_dir} holds MLX-quantized weights; they are de-quantized and re-quantized as "
+            f"{ftype.value}, which loses a little more quality than converting the original float model")
+
+    embd = next(p for p in planned if p.name == "token_embd.weight")
+    with atomic_file(outfile) as tmp:
+        w = gguf.GGUFWriter(tmp, arch.name)
+        try:
+            w.add_type(gguf.GGUFType.MODEL)
+            w.add_name(_model_name(model_dir))
+            w.add_file_type(ftype.llama_file_type)
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            archmod.add_metadata(w, arch, cfg)
+            # the token list is padded to the embedding's rows, which is what llama.cpp checks
+            _add_tokenizer(w, model_dir, {**config, **cfg, "vocab_size": embd.rows}, pre_tokenizer, log)
+            tokens = _kv_value(w, gguf.Keys.Tokenizer.LIST)
+            if tokens is not None and len(tokens) != embd.rows:
+                raise ExportError(
+                    f"the tokenizer has {len(tokens)} tokens but the embedding has {embd.rows} rows: "
+                    "llama.cpp needs them equal (check vocab_size in config.json)"
+                )
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True,
+                       desc=f"gguf {ftype.value}", disable=not progress)
+            n_workers = workers or min(4, os.cpu_count() or 1)
+            for p in planned:
+                w.add_tensor(p.name, _Streamed(p, bar, n_workers), raw_dtype=p.qtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file(progress=False)
+            bar.close()
+        finally:
+            w.close()
+    return planned
+
+
+def _model_name(model_dir: Path) -> str:
+    return Path(model_dir).resolve().name or "model"
+
+
+# ---------------------------------------------------------------- verification
+
+REQUIRED_KEYS = ["general.architecture", "{arch}.context_length", "{arch}.embedding_length", "{arch}.block_count",
+                 "{arch}.attention.layer_norm_rms_epsilon", "{arch}.feed_forward_length",
+                 "{arch}.attention.head_count", "tokenizer.ggml.model", "tokenizer.ggml.tokens"]
+
+
+def verify_gguf(path: Path, planned: list[Planned]) -> None:
+    """Read `path` back and check keys, tensor names, shapes and types against what was planned."""
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:
+        raise ExportError(f"verify: {path} cannot be read back as GGUF ({type(e).__name__}: {e})") from None
+    arch = reader.fields["general.architecture"].contents()
+    missing = [k.format(arch=arch) for k in REQUIRED_KEYS if k.format(arch=arch) not in reader.fields]
+    if reader.fields.get("tokenizer.ggml.model") and reader.fields["tokenizer.ggml.model"].contents() == "gpt2":
+        if "tokenizer.ggml.merges" not in reader.fields:
+            missing.append("tokenizer.ggml.merges")
+    if missing:
+        raise ExportError(f"verify: {path} lacks required keys {', '.join(missing)}")
+    found = {t.name: t for t in reader.tensors}
+    for p in planned:
+        t = found.pop(p.name, None)
+        if t is None:
+            raise ExportError(f"verify: tensor {p.name} is missing from {path}")
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if t.tensor_type != p.qtype or shape != tuple(p.shape):
+            raise ExportError(f"verify: tensor {p.name} is {t.tensor_type.name} {shape} in {path}, "
+                              f"expected {p.qtype.name} {tuple(p.shape)}")
+    if found:
+        raise ExportError(f"verify: unexpected tensors in {path}: {', '.join(sorted(found))}")
