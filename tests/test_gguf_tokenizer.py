@@ -1,0 +1,220 @@
+"""GGUF tokenizer metadata: read back with gguf.GGUFReader, and tokenized by llama.cpp itself.
+
+llama.cpp's tokenization (`Llama(path, vocab_only=True).tokenize`) must equal the Hugging Face tokenizer's on
+strings with unicode, digits, whitespace runs and special tokens, for a SentencePiece tokenizer (trained here
+with byte fallback) and a byte-level BPE one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import gguf
+import pytest
+
+from mlxtune.errors import ConfigError, ExportError
+from mlxtune.gguf.tokenizer import (BYTE, CONTROL, GPT2_RE, LLAMA3_RE, NORMAL, QWEN2_RE, UNKNOWN, UNUSED,
+                                    USER_DEFINED, pre_tokenizer_regexes, read_tokenizer)
+from spm import make_spm_tokenizer, write_vocab_gguf
+from tiny import CHATML_TEMPLATE, make_bpe_tokenizer
+
+TEXTS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "Numbers: 0 1 2 3 42 1000 3.14 and 1234567890",
+    "  two leading spaces,   three inside\tand a tab  ",
+    "new\nlines\n\n\nand\r\nwindows",
+    "Ünïcödé façade naïve café — “quotes” 🙂 日本語",
+    "def add(a, b):\n    return a + b\n",
+    "I'm sure you're right, WE'LL see",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "text<|im_end|>more <|im_start|> spaced",
+]
+
+
+def field(reader, key):
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    return make_bpe_tokenizer(tmp_path_factory.mktemp("bpe"))
+
+
+@pytest.fixture(scope="module")
+def spm_dir(tmp_path_factory):
+    return make_spm_tokenizer(tmp_path_factory.mktemp("spm"))
+
+
+@pytest.fixture(scope="module")
+def spm_json_dir(spm_dir, tmp_path_factory):
+    """The same SentencePiece tokenizer as transformers 5 saves it: tokenizer.json only."""
+    out = tmp_path_factory.mktemp("spm_json")
+    for f in spm_dir.iterdir():
+        if f.name != "tokenizer.model":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def hf_ids(model_dir, text):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))(text, add_special_tokens=False)["input_ids"]
+
+
+def test_bpe_metadata(bpe_dir, tmp_path):
+    vocab = json.loads((bpe_dir / "tokenizer.json").read_text())["model"]
+    path = tmp_path / "bpe.gguf"
+    info = write_vocab_gguf(path, bpe_dir, {"vocab_size": len(vocab["vocab"]) + 12})
+    reader = gguf.GGUFReader(str(path))
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    assert field(reader, "tokenizer.ggml.model") == "gpt2"
+    assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert len(tokens) == len(vocab["vocab"]) + 12 == info.n_tokens
+    assert tokens[: len(vocab["vocab"])] == sorted(vocab["vocab"], key=vocab["vocab"].get)
+    assert tokens[-1] == f"[PAD{len(tokens) - 1}]"
+    types = field(reader, "tokenizer.ggml.token_type")
+    assert types[:6] == [CONTROL] * 6 and types[6] == NORMAL and types[-1] == UNUSED
+    assert field(reader, "tokenizer.ggml.merges") == [" ".join(m) for m in vocab["merges"]]
+    assert "tokenizer.ggml.scores" not in reader.fields
+    assert (field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id")) == (1, 5)
+    assert (field(reader, "tokenizer.ggml.unknown_token_id"), field(reader, "tokenizer.ggml.padding_token_id")) == (0, 3)
+    assert field(reader, "tokenizer.ggml.eot_token_id") == 5
+    assert field(reader, "tokenizer.ggml.add_bos_token") is False  # the tokenizer adds none
+    assert field(reader, "tokenizer.chat_template") == CHATML_TEMPLATE
+    assert any("gpt-2" in n and "8/8" in n for n in info.notes), info.notes
+
+
+def test_spm_metadata(spm_dir, tmp_path):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(spm_dir / "tokenizer.model"))
+    path = tmp_path / "spm.gguf"
+    write_vocab_gguf(path, spm_dir, {"vocab_size": sp.get_piece_size() + 4})
+    reader = gguf.GGUFReader(str(path))
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    scores = field(reader, "tokenizer.ggml.scores")
+    types = field(reader, "tokenizer.ggml.token_type")
+    n = sp.get_piece_size()
+    assert field(reader, "tokenizer.ggml.model") == "llama"
+    assert tokens[:n] == [sp.id_to_piece(i) for i in range(n)]
+    assert tokens[n:] == [f"[PAD{i}]" for i in range(n, n + 4)] and types[n:] == [UNUSED] * 4
+    assert scores[n:] == [-10000.0] * 4
+    normal = [i for i in range(n) if types[i] == NORMAL]
+    assert normal and all(scores[i] == pytest.approx(sp.get_score(i)) for i in normal)
+    assert types[0] == UNKNOWN and types[1] == CONTROL and types[2] == CONTROL
+    assert types[tokens.index("<0x41>")] == BYTE and sum(t == BYTE for t in types) == 256
+    assert types[tokens.index("<|im_end|>")] == CONTROL
+    assert field(reader, "tokenizer.ggml.add_bos_token") is True
+    assert field(reader, "tokenizer.ggml.add_space_prefix") is True
+    assert field(reader, "tokenizer.ggml.eos_token_id") == tokens.index("<|im_end|>")
+
+
+def test_spm_from_tokenizer_json_only(spm_dir, spm_json_dir):
+    """transformers 5 writes no tokenizer.model: the vocabulary and types come out the same from tokenizer.json."""
+    a, b = read_tokenizer(spm_dir), read_tokenizer(spm_json_dir)
+    assert b.model == "llama" and b.tokens == a.tokens and b.types == a.types
+    assert b.add_bos and b.add_space_prefix
+    assert any("scores rebuilt" in n for n in b.notes)
+
+
+def _with_pre_tokenizer(src, dst, pre_tokenizer):
+    shutil.copytree(src, dst)
+    data = json.loads((dst / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = pre_tokenizer
+    (dst / "tokenizer.json").write_text(json.dumps(data))
+    return dst
+
+
+def _split(regex):
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+LLAMA3_HF = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+             "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+
+
+def test_pre_tokenizer_from_structure(bpe_dir, tmp_path):
+    assert pre_tokenizer_regexes(json.loads((bpe_dir / "tokenizer.json").read_text())) == [GPT2_RE]
+    llama3 = _with_pre_tokenizer(bpe_dir, tmp_path / "l3", _split(LLAMA3_HF))
+    info = read_tokenizer(llama3)
+    assert info.pre == "llama-bpe" and "matches tokenizer.json" in info.notes[0] and "8/8" in info.notes[0]
+    qwen2 = _with_pre_tokenizer(bpe_dir, tmp_path / "q2", _split(LLAMA3_HF.replace("\\p{N}{1,3}", "\\p{N}")))
+    assert read_tokenizer(qwen2).pre == "qwen2"
+    digits = _with_pre_tokenizer(bpe_dir, tmp_path / "sc", {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]})
+    assert read_tokenizer(digits).pre == "starcoder"
+    assert pre_tokenizer_regexes(json.loads((qwen2 / "tokenizer.json").read_text())) == [QWEN2_RE]
+    assert LLAMA3_RE != QWEN2_RE
+
+
+def test_pre_tokenizer_unknown_structure_is_chosen_by_tokenizing(bpe_dir, tmp_path):
+    # The GPT-2 regex with the alternatives in another order: same splits, not a structure llama.cpp names.
+    custom = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{N}+| ?\\p{L}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)"
+    odd = _with_pre_tokenizer(bpe_dir, tmp_path / "odd", _split(custom))
+    info = read_tokenizer(odd)
+    assert info.pre == "gpt-2"
+    assert "chose by comparing tokenizations" in info.notes[-1] and "gpt-2 8/8" in info.notes[-1]
+
+
+def test_pre_tokenizer_override(bpe_dir):
+    info = read_tokenizer(bpe_dir, pre_tokenizer="qwen2")
+    assert info.pre == "qwen2"
+    assert "from --pre-tokenizer" in info.notes[0] and "8/8" not in info.notes[0]
+    assert read_tokenizer(bpe_dir, pre_tokenizer="deepseek-llm").pre == "deepseek-llm"
+    with pytest.raises(ConfigError, match="--pre-tokenizer nonsense.*gpt-2"):
+        read_tokenizer(bpe_dir, pre_tokenizer="nonsense")
+
+
+def test_vocab_mismatch_is_an_error(bpe_dir):
+    with pytest.raises(ExportError, match="config.json vocab_size is 100"):
+        read_tokenizer(bpe_dir, {"vocab_size": 100})
+
+
+def test_added_user_token_and_duplicates(bpe_dir, tmp_path):
+    d = shutil.copytree(bpe_dir, tmp_path / "dup")
+    data = json.loads((d / "tokenizer.json").read_text())
+    n = len(data["model"]["vocab"])
+    data["added_tokens"].append({"id": n, "content": "<tool>", "special": False, "single_word": False,
+                                 "lstrip": False, "rstrip": False, "normalized": False})
+    data["added_tokens"].append({"id": n + 1, "content": "<|im_end|>", "special": True, "single_word": False,
+                                 "lstrip": False, "rstrip": False, "normalized": False})
+    (d / "tokenizer.json").write_text(json.dumps(data))
+    info = read_tokenizer(d)
+    assert info.tokens[n] == "<tool>" and info.types[n] == USER_DEFINED
+    assert info.tokens[n + 1] == f"[PAD{n + 1}]" and info.types[n + 1] == UNUSED  # a duplicate would abort llama.cpp
+    assert len(set(info.tokens)) == len(info.tokens)
+
+
+# --- llama.cpp itself ------------------------------------------------------------------------------------
+
+def llama_tokenize(path, text):
+    from llama_cpp import Llama
+
+    model = Llama(str(path), vocab_only=True, verbose=False)
+    return model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "spm", "spm_json"])
+def test_llama_cpp_tokenizes_like_hf(kind, request, tmp_path):
+    model_dir = request.getfixturevalue(f"{kind}_dir")
+    path = tmp_path / f"{kind}.gguf"
+    write_vocab_gguf(path, model_dir)
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), vocab_only=True, verbose=False)
+    mismatches = []
+    for text in TEXTS:
+        got = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        want = hf_ids(model_dir, text)
+        if got != want:
+            mismatches.append((text, got, want))
+    assert not mismatches, mismatches
+    # add_bos as the HF tokenizer: SentencePiece adds <s>, the BPE tokenizer adds nothing.
+    with_bos = llm.tokenize(b"Hello", add_bos=True, special=True)
+    assert (with_bos[0] == 1) == (kind != "bpe")
