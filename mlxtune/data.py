@@ -97,7 +97,7 @@ def _short(record: Any, limit: int = 100) -> str:
 
 
 def _fail(where: str, what: str, record: Any = None) -> DataError:
-    return DataError(f"{where}: {what}" + (f" in {_short(record)}" if record is not None else ""))
+    return DataError(f"{where}: {what}" + (f"; the record: {_short(record)}" if record is not None else ""))
 
 
 def read_records(path: str | os.PathLike) -> list[tuple[int, Any]]:
@@ -328,7 +328,7 @@ def record_to_ids(tokenizer, record: dict, fmt: Format, opts: _Options, where: s
         ids, mask = templates.chat_to_ids(tokenizer, messages, tools=tools, template=opts.template,
                                           train_on_inputs=opts.train_on_inputs)
     except DataError as e:
-        raise _fail(where, str(e), record) from None
+        raise type(e)(str(_fail(where, str(e), record))) from None
     return Record(ids, mask)
 
 

@@ -1,0 +1,454 @@
+"""Datasets: every format to records with token-exact masks, errors with file:line, truncation, caching,
+splitting, and batches (bucketed, packed, deterministic, resumable), plus the `mlxtune data` verbs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from data_tokenizers import NON_PREFIX_TEMPLATE, STYLES, TOOLS_TEMPLATE, load_style_tokenizer
+
+from mlxtune import data, templates
+from mlxtune.data import Record, iterate_batches, load_dataset, padding_fraction, split_prompt_answer
+from mlxtune.errors import DataError
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLXTUNE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def toks(tmp_path_factory):
+    return {style: load_style_tokenizer(tmp_path_factory.mktemp(style), style) for style in STYLES}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def enc(tok, text):
+    return tok._tokenizer.encode(text, add_special_tokens=False)
+
+
+def eot(tok, style):
+    return tok._tokenizer.convert_tokens_to_ids(STYLES[style][3])
+
+
+def runs(record):
+    """The maximal runs of trained token ids, in order."""
+    out, cur = [], []
+    for i, m in zip(record.ids, record.mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            out.append(cur)
+            cur = []
+    return out + ([cur] if cur else [])
+
+
+def load_train(path, tok, **kw):
+    return load_dataset(path, tok, valid_split=0.0, cache=False, **kw).train
+
+
+def chat(*turns, system=None):
+    msgs = [{"role": "system", "content": system}] if system else []
+    for i, t in enumerate(turns):
+        msgs.append({"role": "user" if i % 2 == 0 else "assistant", "content": t})
+    return {"messages": msgs}
+
+
+ANSWERS = ["I am fine, thank you!", "The quick brown fox"]
+CONVERSATION = ["Hello, how are you today?", ANSWERS[0], "Numbers: 1 2 3", ANSWERS[1]]
+
+
+# ------------------------------------------------------------------------------------------ masks
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_multi_turn_masks_train_every_assistant_turn_token_by_token(toks, style, tmp_path):
+    tok = toks[style]
+    system = "Be brief." if style in ("chatml", "llama3") else None
+    record = chat(*CONVERSATION, system=system)
+    [rec] = load_train(write_jsonl(tmp_path / "c.jsonl", [record]), tok)
+    rendered = tok._tokenizer.apply_chat_template(record["messages"], tokenize=False)
+    assert rec.ids == enc(tok, rendered)
+    assert rec.mask[0] is False and len(rec.mask) == len(rec.ids)
+    # Exactly each answer plus its end-of-turn token, nothing before or after (ChatML/Gemma newlines untrained).
+    assert runs(rec) == [enc(tok, a) + [eot(tok, style)] for a in ANSWERS]
+    trained_positions = [i for i, m in enumerate(rec.mask) if m]
+    end_of_first = trained_positions[len(enc(tok, ANSWERS[0]))]
+    assert rec.ids[end_of_first] == eot(tok, style)
+
+
+def test_train_on_inputs_trains_everything_but_the_first_token(toks, tmp_path):
+    [rec] = load_train(write_jsonl(tmp_path / "c.jsonl", [chat(*CONVERSATION)]), toks["chatml"], train_on_inputs=True)
+    assert rec.mask == [False] + [True] * (len(rec.ids) - 1)
+
+
+def test_every_format_becomes_the_same_record_as_its_chat(toks, tmp_path):
+    tok = toks["llama3"]
+    end = eot(tok, "llama3")
+    cases = [
+        ({"prompt": "Say hi", "completion": "Hello"}, chat("Say hi", "Hello"), {}),
+        ({"q": "Say hi", "a": "Hello"}, chat("Say hi", "Hello"), dict(prompt_key="q", completion_key="a")),
+        ({"instruction": "Add", "input": "2 3", "output": "5"}, chat("Add\n\n2 3", "5"), {}),
+        ({"instruction": "Say hi", "output": "Hello"}, chat("Say hi", "Hello"), {}),
+        ({"question": "Say hi", "answer": "Hello"}, chat("Say hi", "Hello"), {}),
+        ({"instruction": "Say hi", "response": "Hello"}, chat("Say hi", "Hello"), {}),
+        ({"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Say hi"},
+                            {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Again"},
+                            {"from": "gpt", "value": "Hello again"}]},
+         chat("Say hi", "Hello", "Again", "Hello again", system="Be brief."), {}),
+    ]
+    for i, (record, as_chat, keys) in enumerate(cases):
+        [got] = load_train(write_jsonl(tmp_path / f"f{i}.jsonl", [record]), tok, **keys)
+        [want] = load_train(write_jsonl(tmp_path / f"c{i}.jsonl", [as_chat]), tok)
+        assert (got.ids, got.mask) == (want.ids, want.mask), record
+        answers = [m["content"] for m in as_chat["messages"] if m["role"] == "assistant"]
+        assert runs(got) == [enc(tok, a) + [end] for a in answers]
+
+
+def test_text_trains_everything_and_ends_with_eos(toks, tmp_path):
+    tok = toks["chatml"]
+    splits = load_dataset(write_jsonl(tmp_path / "t.jsonl", [{"text": "The quick brown fox"}]), tok,
+                          valid_split=0, cache=False)
+    [rec] = splits.train
+    assert splits.formats == {str(tmp_path / "t.jsonl"): "text"}
+    assert rec.ids == enc(tok, "The quick brown fox") + [tok._tokenizer.eos_token_id]
+    assert rec.mask == [False] + [True] * (len(rec.ids) - 1)
+
+
+def test_tools_reach_the_template_and_stay_untrained(toks, tmp_path):
+    tok = toks["chatml"]
+    (tmp_path / "tools.jinja").write_text(TOOLS_TEMPLATE)
+    tools = [{"type": "function", "function": {"name": "set_timer", "parameters": {"type": "object"}}}]
+    record = dict(chat("Set a timer", '<tool_call name="timer"/>'), tools=tools)
+    [rec] = load_train(write_jsonl(tmp_path / "c.jsonl", [record]), tok, chat_template=str(tmp_path / "tools.jinja"))
+    text = tok._tokenizer.decode(rec.ids)
+    assert text.startswith("<|im_start|>system\n# Tools\n") and "set_timer" in text
+    assert runs(rec) == [enc(tok, '<tool_call name="timer"/>') + [eot(tok, "chatml")]]
+    assert data.record_tools(record) == tools
+
+
+def test_tokenizer_without_template_gets_the_chatml_default(toks, tmp_path):
+    bare = load_style_tokenizer(tmp_path / "bare", "chatml", template="")
+    path = write_jsonl(tmp_path / "c.jsonl", [chat(*CONVERSATION)])
+    [got], [want] = load_train(path, bare), load_train(path, toks["chatml"])
+    assert (got.ids, got.mask) == (want.ids, want.mask)
+
+
+def test_template_that_rewrites_earlier_turns_is_refused_with_file_and_line(toks, tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [chat("Say hi", "Hello"), chat(*CONVERSATION)])
+    with pytest.raises(templates.TemplateMaskError, match=r"c\.jsonl:2: .*renders turn 2 differently"):
+        load_train(path, toks["chatml"], chat_template=NON_PREFIX_TEMPLATE)
+    # A single turn is a prefix either way, so it still works (and only the answer is trained).
+    [rec] = load_train(write_jsonl(tmp_path / "one.jsonl", [chat("Say hi", "Hello")]), toks["chatml"],
+                       chat_template=NON_PREFIX_TEMPLATE)
+    assert runs(rec) == [enc(toks["chatml"], "Hello") + [eot(toks["chatml"], "chatml")]]
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+LONG = "x" * 300
+ERRORS = [
+    ([{"text": "a"}, chat("q", "a")], r"x\.jsonl:2: record is in chat format but line 1 is text"),
+    ([{"text": "a"}, {"foo": 1}], r"x\.jsonl:2: record matches no known format .*\{\"foo\": 1\}"),
+    ([{"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}],
+     r"x\.jsonl:1: message 2 has unknown role 'bot'"),
+    ([{"messages": [{"role": "user", "content": "q"}]}], r"x\.jsonl:1: chat has no assistant turn"),
+    ([{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]}],
+     r"x\.jsonl:1: message 1 content must be a string"),
+    ([{"conversations": [{"from": "robot", "value": "q"}]}], r"x\.jsonl:1: conversation turn 1 has unknown \"from\""),
+    ([{"text": "a"}, "", '{"text": "b"'], r"x\.jsonl:3: not valid JSON"),
+    ([], r"x\.jsonl: the file is empty"),
+    ([chat("q", "a", system="s")], r"x\.jsonl:1: the chat template cannot render .*System role not supported"),
+    ([{"text": "a"}, {"foo": LONG}], r"x\.jsonl:2: .*\.\.\.$"),
+]
+
+
+@pytest.mark.parametrize("records,pattern", ERRORS)
+def test_bad_records_name_file_and_line(toks, tmp_path, records, pattern):
+    path = write_jsonl(tmp_path / "x.jsonl", records)
+    with pytest.raises(DataError, match=pattern) as e:
+        load_train(path, toks["gemma"])
+    assert "\n" not in str(e.value) and LONG not in str(e.value) and len(str(e.value)) < len(str(path)) + 500
+
+
+def test_json_array_errors_keep_line_numbers(toks, tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text('[\n  {"text": "a"},\n  {"text": "b"},\n  {"nothing": 1}\n]\n')
+    with pytest.raises(DataError, match=r"x\.json:4: record matches no known format"):
+        load_train(path, toks["chatml"])
+    path.write_text('[{"text": "a"},\n {"text": "b"}]')
+    assert len(load_train(path, toks["chatml"])) == 2
+
+
+def test_missing_paths_are_clear(toks, tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(DataError, match=r"d has no train\.jsonl"):
+        load_dataset(tmp_path / "d", toks["chatml"])
+    with pytest.raises(DataError, match=r"--data .*nope\.jsonl: no such file"):
+        load_dataset(tmp_path / "nope.jsonl", toks["chatml"])
+
+
+# ---------------------------------------------------------------------------- truncation and splits
+
+
+def test_truncation_cuts_the_prompt_side_and_counts(toks, tmp_path):
+    tok = toks["chatml"]
+    long_prompt = chat("The quick brown fox jumps over the lazy dog. " * 6, "Hello")
+    long_text = {"text": "Hello, how are you today? I am fine, thank you! " * 4}
+    path = write_jsonl(tmp_path / "c.jsonl", [long_prompt, chat("Say hi", "Hi")])
+    [full_chat, short] = load_train(path, tok)
+    [full_text] = load_train(write_jsonl(tmp_path / "t.jsonl", [long_text]), tok)
+    splits = load_dataset([path, tmp_path / "t.jsonl"], tok, valid_split=0, max_seq_length=30, cache=False)
+    assert (splits.truncated, splits.dropped) == (2, 0)
+    cut_chat, kept_short, cut_text = splits.train
+    assert (kept_short.ids, kept_short.mask) == (short.ids, short.mask)
+    # Prompt side: BOS/first token kept, start of the prompt removed, the answer and its header intact.
+    assert len(cut_chat.ids) == 30 and cut_chat.ids[0] == full_chat.ids[0]
+    assert cut_chat.ids[1:] == full_chat.ids[-29:] and runs(cut_chat) == runs(full_chat)
+    # Text has no prompt side: its end is cut.
+    assert cut_text.ids == full_text.ids[:30] and cut_text.mask == full_text.mask[:30]
+    assert "2 examples truncated" in splits.summary()
+    # Nothing to train on: an empty text, and a chat squeezed to 2 tokens.
+    write_jsonl(tmp_path / "e.jsonl", [{"text": ""}, {"text": "Hello"}])
+    assert load_dataset(tmp_path / "e.jsonl", tok, valid_split=0, cache=False).dropped == 1
+    tiny = load_dataset(path, tok, valid_split=0, max_seq_length=2, cache=False)
+    assert (tiny.dropped, tiny.train) == (2, [])
+
+
+def _key(r):
+    return tuple(r.ids)
+
+
+def test_single_file_split_is_seeded_and_matches_data_split(toks, tmp_path):
+    tok = toks["chatml"]
+    path = write_jsonl(tmp_path / "all.jsonl", [{"text": f"Numbers: {i} {i + 1}"} for i in range(20)])
+    a = load_dataset(path, tok, valid_split=0.25, test_split=0.1, seed=3, cache=False)
+    assert (len(a.train), len(a.valid), len(a.test)) == (13, 5, 2)
+    every = [_key(r) for r in a.train + a.valid + a.test]
+    assert sorted(every) == sorted(_key(r) for r in load_train(path, tok)) and len(set(every)) == 20
+    b = load_dataset(path, tok, valid_split=0.25, test_split=0.1, seed=3, cache=False)
+    c = load_dataset(path, tok, valid_split=0.25, test_split=0.1, seed=4, cache=False)
+    assert [_key(r) for r in b.valid] == [_key(r) for r in a.valid] != [_key(r) for r in c.valid]
+    # `mlxtune data split` writes the very same split into a folder.
+    counts = data.split_dataset(path, valid=0.25, test=0.1, seed=3, out=tmp_path / "parts")
+    assert counts == {"train": 13, "valid": 5, "test": 2}
+    d = load_dataset(tmp_path / "parts", tok, cache=False)
+    for name in ("train", "valid", "test"):
+        assert [_key(r) for r in getattr(d, name)] == [_key(r) for r in getattr(a, name)]
+    with pytest.raises(Exception, match="already exists"):
+        data.split_dataset(path, out=tmp_path / "parts")
+
+
+def test_list_of_files_mixes_formats(toks, tmp_path):
+    t = write_jsonl(tmp_path / "t.jsonl", [{"text": f"Numbers: {i}"} for i in range(10)])
+    c = write_jsonl(tmp_path / "c.jsonl", [chat(f"q {i}", "Hello") for i in range(10)])
+    s = load_dataset([t, c], toks["chatml"], valid_split=0.2, cache=False)
+    assert s.formats == {str(t): "text", str(c): "chat"}
+    assert (len(s.train), len(s.valid)) == (16, 4)
+
+
+def test_tokenization_is_cached_and_invalidated_by_content(toks, tmp_path, monkeypatch):
+    tok = toks["chatml"]
+    path = write_jsonl(tmp_path / "c.jsonl", [chat(*CONVERSATION), chat("Say hi", "Hello")])
+    cache = tmp_path / "tokcache"
+    first = load_dataset(path, tok, valid_split=0, cache=cache)
+    assert len(list(cache.glob("*.npz"))) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(templates, "chat_to_ids", boom)
+    again = load_dataset(path, tok, valid_split=0, cache=cache)  # served from the cache
+    assert [(r.ids, r.mask) for r in again.train] == [(r.ids, r.mask) for r in first.train]
+    assert again.formats == first.formats
+    with pytest.raises(AssertionError, match="tokenized again"):  # other options: another cache entry
+        load_dataset(path, tok, valid_split=0, cache=cache, train_on_inputs=True)
+    write_jsonl(path, [chat("Say hi", "Hello again")])
+    with pytest.raises(AssertionError, match="tokenized again"):  # new content
+        load_dataset(path, tok, valid_split=0, cache=cache)
+
+
+def test_split_prompt_answer_for_chat_like_records():
+    record = chat(*CONVERSATION, system="Be brief.")
+    messages, answer = split_prompt_answer(json.dumps(record))
+    assert answer == ANSWERS[1] and messages == record["messages"][:-1]
+    assert split_prompt_answer({"instruction": "Add", "input": "2 3", "output": "5"}) == (
+        [{"role": "user", "content": "Add\n\n2 3"}], "5")
+    with pytest.raises(DataError, match="not a chat-like record"):
+        split_prompt_answer({"text": "plain"})
+
+
+# -------------------------------------------------------------------------------------------- batching
+
+
+def synthetic(n=37, lo=4, hi=60, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.integers(lo, hi))
+        ids = [int(x) for x in rng.integers(1, 300, length)]
+        ids[0] = 1000 + i  # makes every record recognisable
+        mask = [False] + [bool(x) for x in rng.random(length - 1) < 0.7]
+        mask[-1] = True
+        out.append(Record(ids, mask))
+    return out
+
+
+def rows_of(batch):
+    """Records (ids, mask) recovered from a batch: one per row, or one per segment when packed."""
+    inputs, targets = np.array(batch.inputs), np.array(batch.targets)
+    loss = np.array(batch.loss_mask)
+    segs = np.array(batch.segments) if batch.segments is not None else (inputs != 0).astype(int) * 0 + 1
+    out = []
+    for b in range(inputs.shape[0]):
+        for s in sorted(set(segs[b].tolist()) - {0}):
+            pos = np.nonzero(segs[b] == s)[0]
+            if batch.segments is None:  # unpacked rows: real length = up to the last nonzero target
+                pos = pos[: int(np.nonzero(targets[b])[0].max()) + 1]
+            ids = inputs[b, pos].tolist() + [int(targets[b, pos[-1]])]
+            out.append((ids, [False] + (loss[b, pos] > 0).tolist()))
+    return out
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_one_pass_holds_every_example_once_with_exact_targets(pack):
+    records = synthetic()
+    batches = list(iterate_batches(records, 4, max_seq_length=64, loop=False, pack=pack))
+    got = [r for b in batches for r in rows_of(b)]
+    assert sorted(got) == sorted((r.ids, r.mask) for r in records)
+    for b in batches:
+        assert b.inputs.dtype == mx.int32 and b.loss_mask.dtype == mx.float32
+        assert b.inputs.shape[1] % 8 == 0 and b.inputs.shape == b.targets.shape == b.loss_mask.shape
+        assert b.n_real == sum(len(ids) - 1 for ids, _ in rows_of(b))
+        if pack:
+            segs = np.array(b.segments)
+            assert b.segments.shape == b.inputs.shape
+            assert np.all(np.array(b.loss_mask)[segs == 0] == 0)
+            assert (segs > 0).sum(axis=1).max() <= 64
+        else:
+            assert b.segments is None and b.inputs.shape[0] <= 4
+
+
+def _same(a, b):
+    return all(np.array_equal(np.array(getattr(a, f)), np.array(getattr(b, f)))
+               for f in ("inputs", "targets", "loss_mask")) and (a.segments is None) == (b.segments is None)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_batches_are_deterministic_and_resume_at_any_step(pack):
+    records = synthetic()
+    per_epoch = sum(1 for _ in iterate_batches(records, 4, max_seq_length=64, loop=False, pack=pack))
+    total = 2 * per_epoch + 3  # run past two epoch boundaries
+    fresh = list(itertools.islice(iterate_batches(records, 4, max_seq_length=64, seed=7, pack=pack), total))
+    again = list(itertools.islice(iterate_batches(records, 4, max_seq_length=64, seed=7, pack=pack), total))
+    other = list(itertools.islice(iterate_batches(records, 4, max_seq_length=64, seed=8, pack=pack), total))
+    assert all(_same(a, b) for a, b in zip(fresh, again))
+    assert not all(_same(a, b) for a, b in zip(fresh, other))
+    # Epochs differ from each other (reshuffled), and each holds every example.
+    assert not all(_same(a, b) for a, b in zip(fresh[:per_epoch], fresh[per_epoch:]))
+    for k in (1, per_epoch - 1, per_epoch, per_epoch + 2, 2 * per_epoch):
+        resumed = list(itertools.islice(
+            iterate_batches(records, 4, max_seq_length=64, seed=7, start_step=k, pack=pack), total - k))
+        assert len(resumed) == total - k and all(_same(a, b) for a, b in zip(resumed, fresh[k:])), k
+
+
+def test_length_buckets_and_packing_keep_padding_small():
+    records = synthetic(n=200, lo=4, hi=60)
+    bucketed = padding_fraction(records, 8, max_seq_length=64)
+    # The same batches without sorting by length: rows of random lengths share a batch.
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(records))
+    real = total = 0
+    for i in range(0, len(order), 8):
+        sizes = [len(records[j].ids) - 1 for j in order[i:i + 8]]
+        real, total = real + sum(sizes), total + len(sizes) * -(-max(sizes) // 8) * 8
+    naive = 1 - real / total
+    assert bucketed < naive / 2, (bucketed, naive)
+    short = synthetic(n=200, lo=4, hi=20)
+    assert padding_fraction(short, 4, max_seq_length=64, pack=True) < 0.1 < padding_fraction(short, 4, max_seq_length=64)
+
+
+def _masked_ce_sum(logits, targets, mask):
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    picked = mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return -(picked * mask).sum()
+
+
+def test_packed_batch_gives_the_same_loss_as_the_examples_one_by_one(tiny_llama, tmp_path):
+    from mlxtune.models import load
+
+    model, tok = load(tiny_llama)
+    path = write_jsonl(tmp_path / "c.jsonl", [chat(*CONVERSATION), chat("Say hi", "Hello"),
+                                              chat("Numbers: 1 2 3", "SELECT name FROM users")])
+    records = load_train(path, tok)
+    [batch] = list(iterate_batches(records, 1, max_seq_length=256, loop=False, pack=True))
+    assert sorted(set(np.array(batch.segments)[0].tolist()) - {0}) == [1, 2, 3]
+
+    one_by_one = sum(
+        _masked_ce_sum(model(mx.array([r.ids[:-1]])), mx.array([r.ids[1:]]), mx.array([r.mask[1:]], mx.float32)).item()
+        for r in records)
+    # Attention only inside each example (block-diagonal causal); RoPE is relative, so positions need no reset.
+    seg = batch.segments
+    length = seg.shape[1]
+    causal = mx.arange(length)[:, None] >= mx.arange(length)[None, :]
+    mask = (seg[:, :, None] == seg[:, None, :]) & causal
+    h = model.model.embed_tokens(batch.inputs)
+    for layer in model.model.layers:
+        h = layer(h, mask[:, None], cache=None)
+    logits = model.lm_head(model.model.norm(h))
+    packed = _masked_ce_sum(logits, batch.targets, batch.loss_mask).item()
+    assert packed == pytest.approx(one_by_one, rel=1e-4)
+    # Without the segment mask the examples would see each other and the loss would change.
+    leaky = _masked_ce_sum(model(batch.inputs), batch.targets, batch.loss_mask).item()
+    assert abs(leaky - one_by_one) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _cli(*args, env_cache):
+    env = dict(os.environ, MLXTUNE_CACHE=str(env_cache))
+    return subprocess.run([sys.executable, "-m", "mlxtune", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_cli_inspect_convert_split(tiny_llama, tmp_path):
+    from click.testing import CliRunner
+
+    from mlxtune.cli import _register, main
+
+    _register()
+    run = CliRunner().invoke
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": f"Say hi {i}", "output": "Hello"} for i in range(10)]))
+    r = run(main, ["data", "convert", str(alpaca), str(tmp_path / "chat.jsonl"), "--to", "chat"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (tmp_path / "chat.jsonl").read_text().splitlines()]
+    assert rows[3] == chat("Say hi 3", "Hello")
+    r = run(main, ["data", "split", str(tmp_path / "chat.jsonl"), "--valid", "0.2", "--test", "0.1"])
+    assert r.exit_code == 0 and sorted(p.name for p in (tmp_path / "chat").iterdir()) == [
+        "test.jsonl", "train.jsonl", "valid.jsonl"]
+    r = run(main, ["data", "inspect", "--model", str(tiny_llama), "--data", str(tmp_path / "chat"), "-n", "1",
+                   "--max-seq-length", "20"])
+    assert r.exit_code == 0, r.output
+    assert "chat.jsonl" not in r.output and "train.jsonl: chat" in r.output
+    assert "train: 7 examples" in r.output and "valid: 2 examples" in r.output
+    assert "10 examples longer than --max-seq-length 20 will be truncated" in r.output
+    assert "[[Hello<|im_end|>]]" in r.output and "\033[" not in r.output
+
+    # Bad data through the real entry point: one line, exit 1, file and line named.
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a"}, chat("q", "a")])
+    p = _cli("data", "inspect", "--model", tiny_llama, "--data", bad, env_cache=tmp_path / "cache")
+    assert p.returncode == 1 and p.stderr.strip().count("\n") == 0
+    assert p.stderr.startswith(f"error: {bad}:2: record is in chat format")
