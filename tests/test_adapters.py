@@ -1,0 +1,200 @@
+"""Adapter interop: PEFT export/import checked against peft itself on transformers models, and adapter info."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from hf_models import TEST_IDS, make_hf_model
+from mlxtune.adapters import adapter_info, export_peft, import_peft, read_peft
+from mlxtune.errors import AdapterError
+from mlxtune.fuse import fuse
+from mlxtune.lora import apply_lora, lora_modules, save_adapter
+from mlxtune.models import load
+
+IDS = np.array([TEST_IDS])
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """Transformers-written tiny checkpoints, built once per architecture."""
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = make_hf_model(tmp_path_factory.mktemp(arch) / arch, arch)
+        return cache[arch]
+
+    return get
+
+
+def mlx_logits(model_dir, adapter=None):
+    model, _ = load(model_dir, adapter_file=adapter)
+    return np.array(model(mx.array(IDS)).astype(mx.float32))
+
+
+def torch_model(model_dir, peft_dir=None):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    if peft_dir is not None:
+        model = PeftModel.from_pretrained(model, peft_dir)
+    return model.eval()
+
+
+def torch_logits(model):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(IDS)).logits.float().numpy()
+
+
+def trained_adapter(base, out, *, lora_layers=-1, targets="all-linear", modules=None, seed=0):
+    model, _ = load(base)
+    mx.random.seed(seed)
+    cfg = apply_lora(model, lora_layers=lora_layers, rank=4, alpha=8, target_modules=targets, modules=modules)
+    cfg.base_model = str(base)
+    for m in lora_modules(model).values():
+        m.lora_b = mx.random.normal(m.lora_b.shape) * 0.2
+    return save_adapter(model, out / "adapters.npz", cfg)
+
+
+@pytest.mark.parametrize("arch,lora_layers,targets", [
+    ("llama", -1, "all-linear"),  # every linear of every block
+    ("qwen2", 1, "attention"),  # biased q/k/v, last block only: layers_to_transform
+    ("phi3", -1, "all-linear"),  # fused qkv_proj and gate_up_proj
+])
+def test_export_to_peft_matches_mlxtune_and_imports_back_exactly(hf_dirs, tmp_path, arch, lora_layers, targets):
+    base = hf_dirs(arch)
+    adapter = trained_adapter(base, tmp_path / "ad", lora_layers=lora_layers, targets=targets)
+    ours = mlx_logits(base, adapter)
+    assert np.abs(ours - mlx_logits(base)).max() > 1e-2  # the adapter does something
+
+    peft_dir = export_peft(adapter, tmp_path / "peft")
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert cfg["base_model_name_or_path"] == str(base)
+    theirs = torch_logits(torch_model(base, peft_dir))
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+
+    back = import_peft(peft_dir, tmp_path / "back" / "adapters.npz")
+    with np.load(adapter) as a, np.load(back) as b:
+        assert sorted(a.files) == sorted(b.files)
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k])
+    np.testing.assert_allclose(mlx_logits(base, back), ours, atol=1e-5)
+
+
+def test_export_of_an_uneven_module_set_names_modules_exactly(hf_dirs, tmp_path):
+    base = hf_dirs("llama")
+    modules = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    adapter = trained_adapter(base, tmp_path / "ad", modules=modules)
+    peft_dir = export_peft(adapter, tmp_path / "peft")
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == sorted(modules) and cfg["layers_to_transform"] is None
+    peft_model = torch_model(base, peft_dir)
+    from peft.tuners.lora import LoraLayer
+
+    wrapped = sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer))
+    assert wrapped == sorted(modules)  # PEFT adapts exactly these, nothing more
+    np.testing.assert_allclose(torch_logits(peft_model), mlx_logits(base, adapter), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def peft_made(hf_dirs, tmp_path_factory):
+    """An adapter written by peft itself, with per-module ranks and alphas and rsLoRA scaling."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    base = hf_dirs("llama")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                        rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3}, use_rslora=True,
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(torch_model(base), config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: give the adapter an effect
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    out = tmp_path_factory.mktemp("peft") / "peft_adapter"
+    model.save_pretrained(out)
+    return base, out, torch_logits(model.eval())
+
+
+def test_peft_written_adapter_reads_and_fuses_with_parity(peft_made, tmp_path):
+    base, peft_dir, expected = peft_made
+    config, weights = read_peft(peft_dir)
+    assert config.rank == 4 and len(config.modules) == 6
+    assert weights["model.layers.0.mlp.down_proj.lora_a"].shape == (128, 4)  # rank 2 zero-padded to 4
+    np.testing.assert_allclose(mlx_logits(base, peft_dir), expected, atol=1e-4)  # read_adapter -> read_peft
+
+    out = tmp_path / "fused"
+    result = fuse(base, peft_dir, out, ignore_base_name=True)  # peft records no usable base name here
+    assert result.parity <= 1e-4
+    np.testing.assert_allclose(torch_logits(torch_model(out)), expected, atol=1e-4)  # transformers loads it
+
+    npz = import_peft(peft_dir, tmp_path / "imported" / "adapters.npz")
+    np.testing.assert_allclose(mlx_logits(base, npz), expected, atol=1e-4)
+
+
+def test_adapter_info_for_each_format(hf_dirs, tmp_path, peft_made):
+    base = hf_dirs("llama")
+    adapter = trained_adapter(base, tmp_path / "ad", lora_layers=1, targets="attention")
+    info = adapter_info(adapter.parent)
+    assert (info.format, info.rank, info.alpha, info.scale) == ("mlxtune-lora", 4, 8.0, 2.0)
+    assert info.layers == [1] and info.target_modules == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert info.n_modules == 4 and info.base_model == str(base)
+    # q: 64x64, k/v: 64x32 (2 kv heads of 16), o: 64x64 -> rank 4 * (in + out) each
+    assert info.parameters == 4 * ((64 + 64) + (64 + 32) * 2 + (64 + 64))
+    assert "layers:      1 (1 blocks)" in info.summary()
+    peft_info = adapter_info(peft_made[1])
+    assert peft_info.format == "peft" and peft_info.layers == [0, 1] and peft_info.n_modules == 6
+
+
+def test_bad_peft_directories_are_clear_errors(peft_made, tmp_path):
+    _, peft_dir, _ = peft_made
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_model.safetensors").write_bytes((peft_dir / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(AdapterError, match="no adapter_config.json"):
+        read_peft(bad)
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    for change, message in [({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+                            ({"peft_type": "IA3"}, "only LORA"), ({"bias": "all"}, "bias='none'")]:
+        (bad / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(AdapterError, match=message):
+            read_peft(bad)
+    # importing into the PEFT directory itself would overwrite its config
+    with pytest.raises(AdapterError, match="inside the PEFT directory"):
+        import_peft(peft_dir, peft_dir / "adapters.npz")
+    out = import_peft(peft_dir, tmp_path / "x" / "adapters.npz")
+    with pytest.raises(AdapterError, match="already exists.*--force"):
+        import_peft(peft_dir, out)
+
+
+def test_cli_adapters_verbs(peft_made, tmp_path, capsys):
+    from mlxtune.cli import run
+
+    base, peft_dir, expected = peft_made
+
+    def cli(*args):
+        try:
+            run(list(args))
+        except SystemExit as e:
+            return e.code or 0
+        return 0
+
+    npz = tmp_path / "ad" / "adapters.npz"
+    assert cli("adapters", "import", str(peft_dir), "--to", str(npz)) == 0
+    assert cli("adapters", "info", str(npz)) == 0
+    out = capsys.readouterr().out
+    assert "rank:        4" in out and "modules:     down_proj, q_proj, v_proj (6 in all)" in out
+    assert cli("adapters", "export", "--adapter-file", str(npz), "--to", "peft", str(tmp_path / "p2")) == 0
+    np.testing.assert_allclose(torch_logits(torch_model(base, tmp_path / "p2")), expected, atol=1e-4)
+    assert cli("adapters", "export", "--adapter-file", str(npz), "--to", "peft", str(tmp_path / "p2")) == 1
+    assert "error: " in capsys.readouterr().err
+    assert cli("adapters", "export", "--adapter-file", str(npz), "--to", "gguf") == 1
+    assert "--to gguf needs --model BASE and --outfile" in capsys.readouterr().err
