@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from tiny import make_tiny_model
@@ -7,3 +9,9 @@ from tiny import make_tiny_model
 def tiny_llama(tmp_path_factory):
     """A 2-block random llama with a ChatML BPE tokenizer (float32, HF layout)."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache_in_tmp(tmp_path_factory):
+    """Tokenization caches (mlxtune.data, $MLXTUNE_CACHE) go to a temp dir, never ~/.cache, in tests."""
+    os.environ["MLXTUNE_CACHE"] = str(tmp_path_factory.mktemp("mlxtune_cache"))

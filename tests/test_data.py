@@ -409,6 +409,12 @@ def test_packed_batch_gives_the_same_loss_as_the_examples_one_by_one(tiny_llama,
     logits = model.lm_head(model.model.norm(h))
     packed = _masked_ce_sum(logits, batch.targets, batch.loss_mask).item()
     assert packed == pytest.approx(one_by_one, rel=1e-4)
+    # The training loop's loss on the same packed batch (mean per trained token) agrees too.
+    from mlxtune.train import loss_fn
+
+    mean, count = loss_fn(model, batch)
+    assert count.item() == sum(sum(r.mask[1:]) for r in records)
+    assert mean.item() * count.item() == pytest.approx(one_by_one, rel=1e-4)
     # Without the segment mask the examples would see each other and the loss would change.
     leaky = _masked_ce_sum(model(batch.inputs), batch.targets, batch.loss_mask).item()
     assert abs(leaky - one_by_one) > 1e-3
