@@ -7,6 +7,7 @@ which is deterministic; the token loop and KV cache are mlx-lm's `generate_step`
 
 from __future__ import annotations
 
+import builtins
 import os
 import sys
 import time
@@ -209,13 +210,15 @@ def chat(model, tokenizer=None, *, adapter_file=None, system: str | None = None,
          output: TextIO | None = None, prompt_marker: str = ">> ") -> list[dict]:
     """Interactive multi-turn chat; returns the conversation.
 
-    Reads one user message per line from `input` (stdin by default); the model's reply streams to `output`.
-    `/reset` forgets the conversation, `/exit` (or end of input, Ctrl-D) ends it.
+    Reads one user message per line from `input` (the terminal or a notebook's input box by default; piped
+    stdin works too); the model's reply streams to `output`. `/reset` forgets the conversation, `/exit`
+    (or end of input, Ctrl-D) ends it; in a terminal Ctrl-C stops a reply and keeps the conversation.
     """
     model, tokenizer = resolve(model, tokenizer, adapter_file)
     input = input or sys.stdin
     output = output or sys.stdout
-    interactive = hasattr(input, "isatty") and input.isatty()
+    # A terminal, or a notebook (whose stdin is not a tty but whose input() asks the user).
+    interactive = (hasattr(input, "isatty") and input.isatty()) or (input is sys.stdin and "ipykernel" in sys.modules)
     if seed is not None:
         import mlx.core as mx
 
@@ -227,14 +230,11 @@ def chat(model, tokenizer=None, *, adapter_file=None, system: str | None = None,
         output.flush()
 
     if interactive:
-        write("Chat with the model: /reset starts over, /exit or Ctrl-D quits.\n")
+        write("Chat with the model: /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops a reply.\n")
     while True:
-        if interactive:
-            write(prompt_marker)
-        line = input.readline()
-        if not line:  # end of input
+        text = _read_line(input, prompt_marker if interactive else None, output)
+        if text is None:  # end of input
             break
-        text = line.rstrip("\n")
         if not text.strip():
             continue
         command = text.strip().lower()
@@ -245,7 +245,43 @@ def chat(model, tokenizer=None, *, adapter_file=None, system: str | None = None,
             write("[conversation reset]\n")
             continue
         ids = render_prompt(tokenizer, text, system=system, history=history)
-        reply = generate_ids(model, tokenizer, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, on_text=write)
+        pieces: list[str] = []
+
+        def show(piece: str) -> None:
+            pieces.append(piece)
+            write(piece)
+
+        try:
+            reply = generate_ids(model, tokenizer, ids, max_tokens=max_tokens, temp=temp, top_p=top_p,
+                                 on_text=show).text
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            reply = "".join(pieces)  # keep what was said so far; the conversation goes on
+            write(" [stopped]")
         write("\n")
-        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
     return ([{"role": "system", "content": system}] if system else []) + history
+
+
+def _read_line(input: TextIO, marker: str | None, output: TextIO) -> str | None:
+    """One line of user input without its newline, or None at end of input.
+
+    The terminal goes through `input()` so that line editing and history (readline) work.
+    """
+    if marker is not None and input is sys.stdin:
+        try:
+            import readline  # noqa: F401  (line editing for input())
+        except ImportError:
+            pass
+        try:
+            return builtins.input(marker)
+        except EOFError:
+            output.write("\n")
+            output.flush()
+            return None
+    if marker is not None:
+        output.write(marker)
+        output.flush()
+    line = input.readline()
+    return line.rstrip("\n") if line else None
