@@ -214,12 +214,12 @@ def export_peft(adapter_file: str | os.PathLike, out_dir: str | os.PathLike, *, 
     return out_dir
 
 
-def export_gguf(adapter_file: str | os.PathLike, model: str | os.PathLike, outfile: str | os.PathLike) -> Path:
+def export_gguf(adapter_file: str | os.PathLike, model: str | os.PathLike, outfile: str | os.PathLike, *,
+                force: bool = False) -> Path:
     """Write the adapter as a llama.cpp LoRA GGUF for the base `model` (see mlxtune.gguf.lora)."""
     from .gguf.lora import write_lora_gguf
-    from .models import resolve_model_path
 
-    return write_lora_gguf(find_adapter_file(adapter_file), resolve_model_path(model), outfile)
+    return write_lora_gguf(find_adapter_file(adapter_file), model, outfile, force=force)
 
 
 # --- summary ----------------------------------------------------------------------------------------------

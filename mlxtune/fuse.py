@@ -77,14 +77,14 @@ class FuseResult:
 def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: str | os.PathLike, *,
          de_quantize: bool = False, dtype: str | None = None, verify: bool | None = None,
          gguf: str | os.PathLike | None = None, gguf_type: str = "f16", force: bool = False,
-         ignore_base_name: bool = False, max_shard_size: int = SHARD_BYTES) -> FuseResult:
+         ignore_base_name: bool = False, max_shard_size: int = SHARD_BYTES, log=print) -> FuseResult:
     """Merge `adapter_file` into `model` and write the fused model to `save_path`.
 
     model: base model directory or hub id. adapter_file: adapters.npz / adapters.safetensors / a PEFT
     directory (or a directory holding one of these). de_quantize: write a float model from a quantized
     base. dtype: float16 | bfloat16 | float32 (default: float16 when de-quantizing, else the base's dtype).
     verify: parity check (None = on for models up to 2B parameters). gguf/gguf_type: also write a GGUF file.
-    force: replace an existing `save_path`. ignore_base_name: accept an adapter whose recorded base model
+    force: replace an existing `save_path` (and GGUF file). log: where the GGUF writer reports. ignore_base_name: accept an adapter whose recorded base model
     has another name (e.g. a converted copy of the same model); names and shapes are still checked.
     Raises AdapterError when the adapter does not fit the base, ExportError when a check fails.
     """
@@ -95,6 +95,13 @@ def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: s
     save_path = Path(save_path).expanduser()
     if save_path.exists() and not force:
         raise ExportError(f"{save_path} already exists: choose another --save-path or pass --force to replace it")
+    if gguf is not None:  # fail before the work, not after it
+        from .gguf import TYPES
+
+        if str(gguf_type).lower() not in TYPES:
+            raise ConfigError(f"--gguf-type {gguf_type!r}: choose one of {', '.join(TYPES)}")
+        if Path(gguf).expanduser().exists() and not force:
+            raise ExportError(f"{gguf} already exists: choose another --gguf file or pass --force to replace it")
     adapter_path = find_adapter_file(adapter_file)
     adapter, weights = read_adapter(adapter_path)
     loaded = load_model(model)
@@ -159,7 +166,7 @@ def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: s
     if gguf is not None:
         from .gguf import to_gguf
 
-        result.gguf = Path(to_gguf(save_path, gguf, gguf_type))
+        result.gguf = Path(to_gguf(save_path, gguf, gguf_type, force=force, log=log))
     return result
 
 

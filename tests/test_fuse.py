@@ -213,3 +213,48 @@ def test_parity_failure_writes_nothing(tiny_llama, tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="differs from base\\+adapter"):
         fuse(tiny_llama, adapter, tmp_path / "fused")
     assert not (tmp_path / "fused").exists()
+
+
+def test_fuse_reads_an_adapter_written_by_mlx_lm(tiny_llama, tmp_path):
+    """mlx-lm's own LoRA layers and adapter files (adapters.safetensors + lora_parameters) fuse exactly."""
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = load(tiny_llama)
+    model.freeze()
+    params = {"rank": 4, "scale": 3.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "mlp.down_proj"]}
+    linear_to_lora_layers(model, 1, params)
+    mx.random.seed(3)
+    for name, p in tree_flatten(model.trainable_parameters()):
+        if name.endswith("lora_b"):
+            model.update(tree_unflatten([(name, mx.random.normal(p.shape) * 0.2)]))
+    expected = np.array(model(IDS))
+    assert np.abs(expected - logits(tiny_llama)).max() > 1e-2  # the adapter changes the model
+    ad = tmp_path / "adapters"
+    ad.mkdir()
+    mx.save_safetensors(str(ad / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    (ad / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": params, "model": str(tiny_llama)}))
+    result = fuse(tiny_llama, ad, tmp_path / "fused")
+    assert result.adapter.format == "mlx-lm" and result.adapter.scale == 3.0
+    assert sorted(result.adapter.modules) == ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    np.testing.assert_allclose(logits(tmp_path / "fused"), expected, atol=1e-4)
+
+
+def test_fuse_then_gguf_holds_the_fused_weights(tiny_llama, tmp_path):
+    from gguf import GGUFReader
+
+    adapter, _ = make_adapter(tiny_llama, tmp_path / "ad")
+    gguf_file = tmp_path / "model.gguf"
+    result = fuse(tiny_llama, adapter, tmp_path / "fused", gguf=gguf_file, gguf_type="f32", log=lambda _: None)
+    assert result.gguf == gguf_file
+    fused = mx.load(str(tmp_path / "fused" / "model.safetensors"))
+    base = mx.load(str(tiny_llama / "model.safetensors"))
+    tensors = {t.name: t for t in GGUFReader(gguf_file).tensors}
+    v = np.array(tensors["blk.1.attn_v.weight"].data).reshape(fused["model.layers.1.self_attn.v_proj.weight"].shape)
+    np.testing.assert_array_equal(v, np.array(fused["model.layers.1.self_attn.v_proj.weight"]))
+    assert np.abs(v - np.array(base["model.layers.1.self_attn.v_proj.weight"])).max() > 1e-3  # merged, not base
+    # an existing GGUF file is refused before any work is done
+    with pytest.raises(ExportError, match="already exists"):
+        fuse(tiny_llama, adapter, tmp_path / "fused2", gguf=gguf_file)
+    assert not (tmp_path / "fused2").exists()

@@ -47,11 +47,7 @@ def export_cmd(adapter_file, to, out, outfile, model, force):
     outfile = outfile or out
     if model is None or outfile is None:
         raise ConfigError("--to gguf needs --model BASE and --outfile X.gguf")
-    from pathlib import Path
-
-    if Path(outfile).exists() and not force:
-        raise ConfigError(f"{outfile} already exists: choose another --outfile or pass --force to replace it")
-    path = export_gguf(adapter_file, model, outfile)
+    path = export_gguf(adapter_file, model, outfile, force=force)
     click.echo(f"Wrote LoRA GGUF {path}")
 
 

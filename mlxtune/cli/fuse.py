@@ -23,8 +23,8 @@ from . import main
               help="Check fused vs base+adapter logits in float32 (<= 1e-4) and reload the output "
                    "[default: on for models up to 2B parameters].")
 @click.option("--gguf", "gguf", default=None, type=click.Path(), metavar="FILE",
-              help="Also write a GGUF file of the fused model (implies a float model: use --de-quantize).")
-@click.option("--gguf-type", default="f16", show_default=True, help="GGUF weight type: f16, q8_0, q4_k_m, ...")
+              help="Also write the fused model as a GGUF file (llama.cpp, Ollama, LM Studio).")
+@click.option("--gguf-type", default="f16", show_default=True, help="GGUF weight type: f32, f16, bf16, q8_0, q4_0, q4_k_m, q6_k.")
 @click.option("--force", is_flag=True, help="Replace an existing --save-path.")
 @click.option("--ignore-base-name", is_flag=True,
               help="Accept an adapter recorded for a differently named base (e.g. a converted copy); "
@@ -47,7 +47,8 @@ def fuse_cmd(model, adapter_file, save_path, de_quantize, dtype, verify, gguf, g
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RequantizationWarning)
         result = fuse(model, adapter_file, save_path, de_quantize=de_quantize, dtype=dtype, verify=verify,
-                      gguf=gguf, gguf_type=gguf_type, force=force, ignore_base_name=ignore_base_name)
+                      gguf=gguf, gguf_type=gguf_type, force=force, ignore_base_name=ignore_base_name,
+                      log=lambda msg: click.echo(msg, err=True))
     for w in caught:
         if issubclass(w.category, RequantizationWarning):
             click.echo(f"warning: {w.message}", err=True)
