@@ -59,7 +59,8 @@ class FuseResult:
     base_model: str
     quantized_base: bool
     de_quantized: bool
-    dtype: str
+    dtype: str  # of the float tensors (for a re-quantized model: its scales, norms, ...)
+    bits: int | None = None  # the re-quantized model's bits (None: float output)
     layers: list[LayerUpdate] = field(default_factory=list)
     parity: float | None = None  # max |fused - base+adapter| logits in float32 (None: not verified)
     reload_diff: float | None = None  # max |reloaded - fused| logits (None: not verified)
@@ -121,6 +122,8 @@ def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: s
     net.eval()
     result = FuseResult(path=save_path, adapter=adapter, base_model=str(model), quantized_base=quantized_base,
                         de_quantized=de_quantize, dtype=_dtype_name(out_dtype))
+    if quantized_base and not de_quantize:
+        result.bits = (loaded.config.get("quantization") or {}).get("bits")
 
     tokens = _probe_tokens(loaded.config) if verify else None
     if verify:

@@ -2,7 +2,6 @@
 
 import importlib
 import json
-import shutil
 import warnings
 
 import mlx.core as mx
@@ -31,16 +30,10 @@ def make_adapter(base, out, *, b_scale=0.1, lora_layers=-1, seed=0, targets=None
 
 
 def make_quantized(src, dst, bits=4, group_size=32):
-    """A 4-bit copy of `src` in mlx-lm's quantized layout (config.json carries `quantization`)."""
-    from mlx_lm.utils import quantize_model, save_config, save_model
+    """A 4-bit float16 copy of `src`, made the way users make one (mlxtune convert -q)."""
+    from mlxtune.convert import convert
 
-    loaded = load_model(src)
-    model, config = quantize_model(loaded.model, json.loads((src / "config.json").read_text()), group_size, bits)
-    save_model(dst, model)
-    save_config(config, dst / "config.json")
-    for f in src.iterdir():
-        if f.name.startswith("tokenizer") or f.suffix == ".jinja":
-            shutil.copy(f, dst / f.name)
+    convert(src, dst, quantize=True, q_bits=bits, q_group_size=group_size, dtype="float16", progress=False)
     return dst
 
 
@@ -133,7 +126,7 @@ def test_cli_fuse_prints_warning_and_summary(q4_base, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "warning: re-quantizing the fused weights keeps only" in captured.err
     assert "Re-quantized with the base's settings; share of each update kept: mean" in captured.out
-    assert f"Saved float32 model to {tmp_path / 'o'}" in captured.out
+    assert f"Saved 4-bit (float16 scales) model to {tmp_path / 'o'}" in captured.out
     assert (tmp_path / "o" / "config.json").exists()
 
 

@@ -66,6 +66,7 @@ def fuse_cmd(model, adapter_file, save_path, de_quantize, dtype, verify, gguf, g
         what = "logit change from re-quantization" if result.requantized else "parity with base+adapter"
         click.echo(f"Verified: {what} {result.parity:.2e} (max abs logit difference, float32); "
                    f"reloaded output matches ({result.reload_diff:.1e})")
-    click.echo(f"Saved {result.dtype} model to {result.path}")
+    kind = f"{result.bits}-bit ({result.dtype} scales)" if result.requantized else result.dtype
+    click.echo(f"Saved {kind} model to {result.path}")
     if result.gguf is not None:
         click.echo(f"Wrote GGUF {result.gguf}")
