@@ -37,7 +37,24 @@ class EvalResult:
     file: str = ""
     seconds: float = 0.0
     predictions: list[str] = field(default_factory=list, repr=False)
+    answers: list[str] = field(default_factory=list, repr=False)
+    lines: list[int] = field(default_factory=list, repr=False)  # line of each row in the file
     mismatches: list[Mismatch] = field(default_factory=list, repr=False)
+
+    def save(self, path: str | os.PathLike, force: bool = False) -> Path:
+        """Write one JSON line per row (line, expected, got, match) to `path`, atomically."""
+        import json
+
+        from .files import atomic_file
+
+        path = Path(path)
+        if path.exists() and not force:
+            raise ConfigError(f"--output {path} already exists: choose another file or pass --force to replace it")
+        with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for line, answer, pred in zip(self.lines, self.answers, self.predictions):
+                row = {"line": line, "expected": answer, "got": pred, "match": pred.strip() == answer.strip()}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return path
 
     def summary(self) -> str:
         parts = [f"Exact match: {self.exact_match:.1%} ({self.correct}/{self.n})"]
@@ -227,4 +244,5 @@ def evaluate(model=None, tokenizer=None, *, data=None, adapter_file=None, split:
         ppl = math.exp(min(loss_value, 700.0))
     return EvalResult(exact_match=correct / len(rows), n=len(rows), correct=correct, test_loss=loss_value,
                       perplexity=ppl, split=split, file=str(file), seconds=time.perf_counter() - start,
-                      predictions=predictions, mismatches=mismatches)
+                      predictions=predictions, answers=answers, lines=[line for line, _ in rows],
+                      mismatches=mismatches)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import mlxtune
-from mlxtune.errors import DataError
+from mlxtune.errors import ConfigError, DataError
 from mlxtune.evaluate import cannot_match, greedy_batch
 from mlxtune.generate import render_prompt
 from mlxtune.models import load
@@ -55,6 +55,11 @@ def test_exact_match_is_one_on_own_answers_and_zero_on_wrong(loaded, own_answers
     good = evaluate_no_loss(model, tok, write_split(tmp_path / "good", own_answers))
     assert good.exact_match == 1.0 and good.correct == good.n == len(QUESTIONS) and not good.mismatches
     assert good.predictions == own_answers
+    saved = good.save(tmp_path / "replies.jsonl")
+    assert [json.loads(line)["got"] for line in open(saved)] == own_answers
+    with pytest.raises(ConfigError, match="already exists"):
+        good.save(saved)  # never overwrite what the user has without --force
+    good.save(saved, force=True)
     wrong = [f"<tool_call name=\"timer\" minutes=\"{i}\"/>" for i in range(len(QUESTIONS))]
     bad = evaluate_no_loss(model, tok, write_split(tmp_path / "bad", wrong))
     assert bad.exact_match == 0.0 and len(bad.mismatches) == len(QUESTIONS)
@@ -134,8 +139,13 @@ def test_bad_data_is_a_clear_error(loaded, tmp_path):
 def test_cli_eval_prints_score_and_mismatches(tiny_llama, own_answers, tmp_path):
     folder = write_split(tmp_path / "cli", own_answers[:3] + ["wrong answer"] * (len(QUESTIONS) - 3))
     r = subprocess.run([sys.executable, "-m", "mlxtune", "eval", "--model", str(tiny_llama), "--data", str(folder),
-                        "--max-tokens", str(MAX_TOKENS), "--no-loss", "--show", "2", "--batch-size", "4"],
+                        "--max-tokens", str(MAX_TOKENS), "--no-loss", "--show", "2", "--batch-size", "4",
+                        "--output", str(tmp_path / "replies.jsonl")],
                        capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert r.returncode == 0, r.stderr
     assert f"Exact match: 25.0% (3/{len(QUESTIONS)})" in r.stdout
     assert r.stdout.count("expected: wrong answer") == 2 and f"{folder / 'test.jsonl'}:4" in r.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "replies.jsonl")]
+    assert [r["match"] for r in rows] == [True] * 3 + [False] * (len(QUESTIONS) - 3)
+    assert [r["got"] for r in rows[:3]] == own_answers[:3] and rows[3] == {**rows[3], "line": 4,
+                                                                            "expected": "wrong answer"}

@@ -23,8 +23,11 @@ from . import main
 @click.option("--loss/--no-loss", default=True, show_default=True, help="Also compute test loss and perplexity.")
 @click.option("--max-seq-length", default=2048, show_default=True, type=int, help="Truncation length for the loss.")
 @click.option("--chat-template", default=None, help="Jinja chat template file overriding the tokenizer's.")
+@click.option("--output", "-o", default=None, type=click.Path(),
+              help="Write every reply as JSON lines (line, expected, got, match) to this file.")
+@click.option("--force", is_flag=True, help="Replace an existing --output file.")
 def eval_cmd(model, adapter_file, data, split, max_tokens, limit, batch_size, show, loss, max_seq_length,
-             chat_template):
+             chat_template, output, force):
     """Score a model on a chat dataset: exact match of greedy replies, test loss and perplexity.
 
     The prompt of each record is every message before its last assistant turn (rendered with the chat
@@ -34,10 +37,16 @@ def eval_cmd(model, adapter_file, data, split, max_tokens, limit, batch_size, sh
     Examples:
       mlxtune eval --adapter-file adapters/adapters.npz          # bundled model and tool-call data
       mlxtune eval --model model --adapter-file adapters --data data/ --limit 200 --show 3
-      mlxtune eval --model fused --data data/valid.jsonl --no-loss
+      mlxtune eval --model fused --data data/valid.jsonl --no-loss -o replies.jsonl
     """
+    from pathlib import Path
+
+    from ..errors import ConfigError
     from ..evaluate import evaluate
     from .generate import _default_model
+
+    if output and Path(output).exists() and not force:  # before the work, not after it
+        raise ConfigError(f"--output {output} already exists: choose another file or pass --force to replace it")
 
     if model is None or data is None:
         from ..defaults import require_bundled
@@ -58,4 +67,6 @@ def eval_cmd(model, adapter_file, data, split, max_tokens, limit, batch_size, sh
     click.echo(f"Exact match: {result.exact_match:.1%} ({result.correct}/{result.n}) on {result.file}")
     if result.test_loss is not None:
         click.echo(f"Test loss {result.test_loss:.3f}, Test ppl {result.perplexity:.3f}")
+    if output:
+        click.echo(f"Replies written to {result.save(output, force=force)}", err=True)
     click.echo(f"Took {result.seconds:.1f}s", err=True)
