@@ -8,6 +8,7 @@ with byte fallback) and a byte-level BPE one.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import gguf
@@ -193,28 +194,56 @@ def test_added_user_token_and_duplicates(bpe_dir, tmp_path):
 
 # --- llama.cpp itself ------------------------------------------------------------------------------------
 
-def llama_tokenize(path, text):
+@pytest.fixture(scope="module")
+def spm_gemma_dir(tmp_path_factory):
+    """Gemma-style SentencePiece: no dummy prefix (add_space_prefix=false)."""
+    return make_spm_tokenizer(tmp_path_factory.mktemp("spm_gemma"), add_dummy_prefix=False)
+
+
+def vocab_only(model_dir, path):
     from llama_cpp import Llama
 
-    model = Llama(str(path), vocab_only=True, verbose=False)
-    return model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    write_vocab_gguf(path, model_dir)
+    return Llama(str(path), vocab_only=True, verbose=False)
 
 
-@pytest.mark.parametrize("kind", ["bpe", "spm", "spm_json"])
+def llama_ids(llm, text):
+    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "spm_gemma"])
 def test_llama_cpp_tokenizes_like_hf(kind, request, tmp_path):
     model_dir = request.getfixturevalue(f"{kind}_dir")
-    path = tmp_path / f"{kind}.gguf"
-    write_vocab_gguf(path, model_dir)
-    from llama_cpp import Llama
-
-    llm = Llama(str(path), vocab_only=True, verbose=False)
-    mismatches = []
-    for text in TEXTS:
-        got = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        want = hf_ids(model_dir, text)
-        if got != want:
-            mismatches.append((text, got, want))
+    llm = vocab_only(model_dir, tmp_path / f"{kind}.gguf")
+    mismatches = [(t, llama_ids(llm, t), hf_ids(model_dir, t)) for t in TEXTS if llama_ids(llm, t) != hf_ids(model_dir, t)]
     assert not mismatches, mismatches
-    # add_bos as the HF tokenizer: SentencePiece adds <s>, the BPE tokenizer adds nothing.
-    with_bos = llm.tokenize(b"Hello", add_bos=True, special=True)
-    assert (with_bos[0] == 1) == (kind != "bpe")
+    # add_bos as the HF tokenizer does it: SentencePiece adds <s>, this BPE tokenizer adds nothing.
+    assert (llm.tokenize(b"Hello", add_bos=True, special=True)[0] == 1) == (kind != "bpe")
+
+
+def _fragments(text):
+    return [f for f in re.split(r"(<\|im_start\|>|<\|im_end\|>)", text) if f]
+
+
+@pytest.mark.parametrize("kind", ["spm", "spm_json"])
+def test_llama_cpp_tokenizes_like_sentencepiece(kind, request, spm_dir, tmp_path):
+    """Llama/Mistral-style SentencePiece (dummy prefix): the original model's own tokenization.
+
+    Two places where llama.cpp cannot follow transformers' converted tokenizer, asserted as they are:
+    llama.cpp (like `sentencepiece`) keeps every leading space where transformers drops one, and it starts
+    every text fragment after a special token with the dummy-prefix space (its SentencePiece rule), i.e.
+    each fragment is tokenized as if it began the text.
+    """
+    import sentencepiece as spm
+
+    model_dir = request.getfixturevalue(f"{kind}_dir")
+    llm = vocab_only(model_dir, tmp_path / f"{kind}.gguf")
+    sp = spm.SentencePieceProcessor(model_file=str(spm_dir / "tokenizer.model"))
+    special = {"<|im_start|>": 3, "<|im_end|>": 4}
+    for text in TEXTS:
+        got = llama_ids(llm, text)
+        expected = [i for f in _fragments(text) for i in ([special[f]] if f in special else sp.encode(f))]
+        assert got == expected, text
+        if not any(s in text for s in special) and not text[0].isspace():
+            assert got == hf_ids(model_dir, text), text
+    assert llm.tokenize(b"Hello", add_bos=True, special=True)[0] == 1

@@ -1,0 +1,94 @@
+"""A LoRA adapter as a llama.cpp LoRA GGUF (`llama-cli --lora`, Ollama `ADAPTER`), without fusing.
+
+The one thing to know: llama.cpp computes `W x + (alpha / r) * B (A x)` with `<base tensor>.lora_a` of shape
+(r, in) and `.lora_b` of shape (out, r) in numpy order. Our adapters store A (in, r) and B (r, out) and apply
+`scale`, so we write A.T, B.T and alpha = scale * r. On the `llama` architecture llama.cpp's q/k weights are
+row-permuted for its interleaved RoPE, so the rows of q/k `lora_b` get the same permutation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import AdapterError, ExportError
+from ..files import atomic_file
+
+
+def write_lora_gguf(adapter_file: str | os.PathLike, base_model_dir: str | os.PathLike,
+                    outfile: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write the adapter at `adapter_file` (npz/safetensors/PEFT) for the base model `base_model_dir` to `outfile`.
+
+    The base model supplies the architecture, layer count and tensor names; the GGUF of that same base model
+    (from `mlxtune gguf`) is what the LoRA file is loaded on top of. Refuses an existing `outfile` unless
+    `force`. Returns the path written.
+    """
+    import gguf
+
+    from ..lora import read_adapter
+    from ..models import normalize_config, read_config, resolve_model_path
+    from .arch import hf_name, qk_permutation, resolve_arch, tensor_namer
+
+    out = Path(outfile).expanduser()
+    if out.is_dir():
+        raise ExportError(f"--outfile {out} is a directory: give a file name like {out / 'adapter.gguf'}")
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists: choose another --outfile or pass --force to replace it")
+    base_dir = resolve_model_path(base_model_dir)
+    config = normalize_config(read_config(base_dir))
+    arch, cfg = resolve_arch(config, str(base_dir / "config.json"))
+    name_of = tensor_namer(arch, cfg["num_hidden_layers"])
+    adapter, weights = read_adapter(adapter_file)
+    if not weights:
+        raise AdapterError(f"{adapter_file}: the adapter holds no LoRA tensors")
+
+    tensors: dict[str, np.ndarray] = {}
+    for module in sorted({k.rsplit(".", 1)[0] for k in weights}):
+        a, b = weights.get(f"{module}.lora_a"), weights.get(f"{module}.lora_b")
+        if a is None or b is None:
+            raise AdapterError(f"{adapter_file}: {module} has only one of lora_a / lora_b")
+        a = np.asarray(_to_numpy(a), dtype=np.float32)  # (in, r)
+        b = np.asarray(_to_numpy(b), dtype=np.float32)  # (r, out)
+        hf = hf_name(f"{module}.weight")
+        if hf is None:
+            raise AdapterError(f"{adapter_file}: {module} is not part of the language model; llama.cpp cannot load it")
+        try:
+            base_name = name_of(hf)
+        except ExportError:
+            raise AdapterError(f"{adapter_file}: {module} does not match a {arch.name} tensor in llama.cpp "
+                               f"(was the adapter trained on {base_dir}?)") from None
+        lora_a, lora_b = a.T, b.T  # (r, in), (out, r)
+        if arch.permute_qk and module.endswith(("q_proj", "k_proj")):
+            heads = cfg["num_attention_heads"] if module.endswith("q_proj") else (
+                cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+            lora_b = lora_b[qk_permutation(lora_b.shape[0], heads)]
+        tensors[f"{base_name}.lora_a"] = np.ascontiguousarray(lora_a)
+        tensors[f"{base_name}.lora_b"] = np.ascontiguousarray(lora_b)
+
+    alpha = float(adapter.scale * adapter.rank)
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch.name)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        writer.add_name(f"{base_dir.name} LoRA")
+        for name, data in tensors.items():
+            writer.add_tensor(name, data)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return out
+
+
+def _to_numpy(x):
+    try:
+        import mlx.core as mx
+
+        if isinstance(x, mx.array):
+            return np.array(x.astype(mx.float32))
+    except ImportError:  # pragma: no cover - mlx is a dependency
+        pass
+    return np.asarray(x)
