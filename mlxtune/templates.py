@@ -2,7 +2,8 @@
 
 The one thing to know: the loss mask is found by rendering the conversation again up to each assistant
 turn (with and without that turn) and checking that those token ids are a prefix of the whole rendering.
-Tokens between "prompt up to the turn" and "prompt plus the turn" are the turn's answer; anything a
+Tokens between "prompt up to the turn" and "prompt plus the turn" are the turn's answer (when a token
+spans that boundary, character offsets place it: it belongs to the answer); anything a
 template writes after the turn's last special token (ChatML's newline after `<|im_end|>`) is not trained.
 A template that renders earlier turns differently once later turns exist cannot be masked this way: we
 say so (`TemplateMaskError`) instead of guessing.
@@ -95,30 +96,56 @@ def chat_to_ids(tokenizer, messages: list[dict], *, tools: list | None = None, t
     token but the first is trained.
     """
     template = template_for(tokenizer, template)
-    full = encode(tokenizer, render(tokenizer, messages, tools=tools, template=template))
+    full_text = render(tokenizer, messages, tools=tools, template=template)
+    full = encode(tokenizer, full_text)
     if train_on_inputs:
         return full, [False] + [True] * (len(full) - 1)
     specials = special_ids(tokenizer) if specials is None else specials
+    offsets = None
     mask = [False] * len(full)
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
-        before = encode(tokenizer, render(tokenizer, messages[:i], tools=tools, template=template,
-                                          add_generation_prompt=True))
-        after = encode(tokenizer, render(tokenizer, messages[: i + 1], tools=tools, template=template))
-        for part in (before, after):
-            if full[: len(part)] != part:
+        bounds = []
+        for prefix, gen in ((messages[:i], True), (messages[: i + 1], False)):
+            text = render(tokenizer, prefix, tools=tools, template=template, add_generation_prompt=gen)
+            if not full_text.startswith(text):
                 raise TemplateMaskError(
                     f"the chat template renders turn {i + 1} differently once later turns are added, so the "
                     "assistant tokens cannot be found (templates that drop earlier reasoning do this): "
                     "pass --chat-template FILE with a template that renders turns as prefixes, "
                     "or --train-on-inputs"
                 )
-        start, end = len(before), len(after)
-        # Stop after the turn's last special token (its end-of-turn); trailing newlines stay untrained.
+            ids = encode(tokenizer, text)
+            if full[: len(ids)] == ids:
+                bounds.append(len(ids))
+            else:
+                # The text is a prefix but a token spans the boundary ("Assistant: " + "name" -> " name"):
+                # place the boundary with character offsets; a spanning token counts as the answer's.
+                offsets = offsets if offsets is not None else _offsets(tokenizer, full_text, full)
+                bounds.append(next((k for k, (_, end) in enumerate(offsets) if end > len(text)), len(full))
+                              if gen else
+                              next((k for k, (begin, _) in enumerate(offsets) if begin >= len(text)), len(full)))
+        start, end = bounds
+        # Stop after the turn's last special token (its end-of-turn) when only whitespace follows it.
         last = max((j for j in range(start, end) if full[j] in specials), default=None)
         if last is not None and not hf_tokenizer(tokenizer).decode(full[last + 1: end]).strip():
             end = last + 1
         for j in range(max(start, 1), end):
             mask[j] = True
     return full, mask
+
+
+def _offsets(tokenizer, text: str, ids: list[int]) -> list[tuple[int, int]]:
+    hf = hf_tokenizer(tokenizer)
+    try:
+        enc = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    except Exception:  # slow (Python) tokenizers have no offsets
+        enc = None
+    if enc is None or list(enc["input_ids"]) != ids:
+        raise TemplateMaskError(
+            "a token spans the end of the prompt and the start of the answer and this tokenizer gives no "
+            "character offsets to split it: pass --chat-template FILE whose assistant header ends with a "
+            "newline or special token, or --train-on-inputs"
+        )
+    return [tuple(o) for o in enc["offset_mapping"]]

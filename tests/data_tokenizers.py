@@ -43,6 +43,13 @@ NON_PREFIX_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Plain-text roles: the answer's first token swallows the space that ends "Assistant: ", so the prompt's
+# tokens are not a prefix of the conversation's and the boundary has to be placed by character offsets.
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}"
+    "{% else %}{{ 'Assistant: ' + m['content'] + eos_token + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
 
 STYLES = {
     # style: (special tokens, bos, eos, end-of-turn, template)

@@ -12,7 +12,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from data_tokenizers import NON_PREFIX_TEMPLATE, STYLES, TOOLS_TEMPLATE, load_style_tokenizer
+from data_tokenizers import NON_PREFIX_TEMPLATE, PLAIN_TEMPLATE, STYLES, TOOLS_TEMPLATE, load_style_tokenizer
 
 from mlxtune import data, templates
 from mlxtune.data import Record, iterate_batches, load_dataset, padding_fraction, split_prompt_answer
@@ -86,6 +86,17 @@ def test_multi_turn_masks_train_every_assistant_turn_token_by_token(toks, style,
     trained_positions = [i for i, m in enumerate(rec.mask) if m]
     end_of_first = trained_positions[len(enc(tok, ANSWERS[0]))]
     assert rec.ids[end_of_first] == eot(tok, style)
+
+
+def test_answer_token_spanning_the_prompt_boundary_is_placed_by_offsets(toks, tmp_path):
+    tok = toks["chatml"]
+    answers = ["name the fox", "you name it"]
+    record = chat("Say hi", answers[0], "Again", answers[1])
+    assert enc(tok, " name") == [tok._tokenizer.convert_tokens_to_ids("\u0120name")]  # one token spans the space
+    [rec] = load_train(write_jsonl(tmp_path / "c.jsonl", [record]), tok, chat_template=PLAIN_TEMPLATE)
+    assert rec.ids == enc(tok, "User: Say hi\nAssistant: name the fox<|im_end|>\nUser: Again\n"
+                               "Assistant: you name it<|im_end|>\n")
+    assert runs(rec) == [enc(tok, " " + a) + [eot(tok, "chatml")] for a in answers]
 
 
 def test_train_on_inputs_trains_everything_but_the_first_token(toks, tmp_path):
