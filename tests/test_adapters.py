@@ -198,3 +198,15 @@ def test_cli_adapters_verbs(peft_made, tmp_path, capsys):
     assert "error: " in capsys.readouterr().err
     assert cli("adapters", "export", "--adapter-file", str(npz), "--to", "gguf") == 1
     assert "--to gguf needs --model BASE and --outfile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3", "phi3"])
+def test_transformers_fused_model_equals_transformers_base_plus_exported_adapter(hf_dirs, tmp_path, arch):
+    """All on the transformers side: fuse's output vs the PEFT export of the same adapter on the base."""
+    base = hf_dirs(arch)
+    adapter = trained_adapter(base, tmp_path / "ad", lora_layers=-1, targets="all-linear")
+    fuse(base, adapter, tmp_path / "fused")
+    peft_dir = export_peft(adapter, tmp_path / "peft")
+    expected = torch_logits(torch_model(base, peft_dir))
+    assert np.abs(expected - torch_logits(torch_model(base))).max() > 1e-2
+    np.testing.assert_allclose(torch_logits(torch_model(tmp_path / "fused")), expected, atol=1e-4)
