@@ -126,7 +126,18 @@ def greedy_batch(model, tokenizer, prompts: list[list[int]], *, max_tokens: int 
     if batch_size == 1:
         return [_greedy_one(model, tokenizer, p, max_tokens, stops, answers[i] if answers else None, progress)
                 for i, p in enumerate(prompts)]
-    return _greedy_batched(model, tokenizer, prompts, max_tokens, batch_size, stops, answers, progress)
+    try:
+        return _greedy_batched(model, tokenizer, prompts, max_tokens, batch_size, stops, answers, progress)
+    except (NotImplementedError, AttributeError, TypeError, ValueError) as e:
+        # An architecture mlx-lm cannot batch (gemma2's attention mask in mlx-lm 0.32): the same
+        # replies, one prompt at a time.
+        import warnings
+
+        warnings.warn(f"batched generation failed ({type(e).__name__}: {e}); generating one prompt at a time")
+        if progress is not None:
+            progress.reset(total=len(prompts))
+        return greedy_batch(model, tokenizer, prompts, max_tokens=max_tokens, batch_size=1, answers=answers,
+                            progress=progress)
 
 
 def _finish(tokenizer, tokens: list[int], cut: bool) -> str:

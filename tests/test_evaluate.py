@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import mlx.core as mx
 import numpy as np
@@ -83,6 +84,17 @@ def test_batched_replies_equal_one_at_a_time(loaded):
     assert one == many
     assert one == [mlxtune.generate(model, tok, q + " please" * (i % 4), max_tokens=MAX_TOKENS)
                    for i, q in enumerate(QUESTIONS)]
+
+
+def test_architectures_that_do_not_batch_fall_back(tmp_path):
+    from hf_models import make_hf_model
+
+    model, tok = load(make_hf_model(tmp_path / "gemma2", "gemma2"))  # mlx-lm 0.32 cannot batch gemma2
+    prompts = [render_prompt(tok, q) for q in QUESTIONS[:6]]
+    one = greedy_batch(model, tok, prompts, max_tokens=MAX_TOKENS, batch_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert greedy_batch(model, tok, prompts, max_tokens=MAX_TOKENS, batch_size=3) == one
 
 
 def test_replies_stop_once_they_cannot_match(loaded, own_answers):
