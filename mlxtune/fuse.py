@@ -84,25 +84,16 @@ def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: s
     model: base model directory or hub id. adapter_file: adapters.npz / adapters.safetensors / a PEFT
     directory (or a directory holding one of these). de_quantize: write a float model from a quantized
     base. dtype: float16 | bfloat16 | float32 (default: float16 when de-quantizing, else the base's dtype).
-    verify: parity check (None = on for models up to 2B parameters). gguf/gguf_type: also write a GGUF file.
-    force: replace an existing `save_path` (and GGUF file). log: where the GGUF writer reports. ignore_base_name: accept an adapter whose recorded base model
-    has another name (e.g. a converted copy of the same model); names and shapes are still checked.
-    Raises AdapterError when the adapter does not fit the base, ExportError when a check fails.
+    verify: parity check (None = on for models up to 2B parameters). gguf/gguf_type: also write a GGUF
+    file. force: replace an existing `save_path` (and GGUF file). ignore_base_name: accept an adapter
+    recorded for a differently named base (e.g. a converted copy); names and shapes are still checked.
+    log: where the GGUF writer reports. Raises AdapterError when the adapter does not fit the base,
+    ExportError when a check fails; in both cases nothing is written.
     """
     from .models import load_model
 
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     save_path = Path(save_path).expanduser()
-    if save_path.exists() and not force:
-        raise ExportError(f"{save_path} already exists: choose another --save-path or pass --force to replace it")
-    if gguf is not None:  # fail before the work, not after it
-        from .gguf import TYPES
-
-        if str(gguf_type).lower() not in TYPES:
-            raise ConfigError(f"--gguf-type {gguf_type!r}: choose one of {', '.join(TYPES)}")
-        if Path(gguf).expanduser().exists() and not force:
-            raise ExportError(f"{gguf} already exists: choose another --gguf file or pass --force to replace it")
+    _check_flags(save_path, dtype, gguf, gguf_type, force)
     adapter_path = find_adapter_file(adapter_file)
     adapter, weights = read_adapter(adapter_path)
     loaded = load_model(model)
@@ -112,21 +103,21 @@ def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: s
 
     quantized_base = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in net.named_modules())
     de_quantize = de_quantize and quantized_base
-    native = _float_dtype(net)
-    out_dtype = DTYPES[dtype] if dtype else (mx.float16 if de_quantize else native)
+    keep = _kept_dtypes(net)
+    out_dtype = DTYPES[dtype] if dtype else (mx.float16 if de_quantize else _float_dtype(net, keep))
     if verify is None:
         verify = _parameter_count(net) <= AUTO_VERIFY_MAX_PARAMS
+    result = FuseResult(path=save_path, adapter=adapter, base_model=str(model), quantized_base=quantized_base,
+                        de_quantized=de_quantize, dtype=_dtype_name(out_dtype))
+    if result.requantized:
+        result.bits = (loaded.config.get("quantization") or {}).get("bits")
 
     apply_lora(net, rank=adapter.rank, alpha=adapter.alpha, dropout=0.0, modules=adapter.modules)
     net.load_weights(list(weights.items()), strict=False)
     net.eval()
-    result = FuseResult(path=save_path, adapter=adapter, base_model=str(model), quantized_base=quantized_base,
-                        de_quantized=de_quantize, dtype=_dtype_name(out_dtype))
-    if quantized_base and not de_quantize:
-        result.bits = (loaded.config.get("quantization") or {}).get("bits")
-
-    tokens = _probe_tokens(loaded.config) if verify else None
+    tokens = reference = None
     if verify:
+        tokens = _probe_tokens(loaded.config)
         _cast(net, mx.float32)  # lossless for the base; parity is judged in float32
         reference = net(tokens)
         mx.eval(reference)
@@ -139,25 +130,14 @@ def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: s
     with warnings.catch_warnings():
         warnings.simplefilter("always", RequantizationWarning)  # every fuse says it, not only the first
         _warn_if_lost(result)
-
     if verify:
-        fused_logits = net(tokens)
-        diff = float(mx.abs(fused_logits - reference).max())
-        if result.requantized:
-            result.parity = diff  # reported, not judged: rounding is expected here
-        else:
-            scale = max(1.0, float(mx.abs(reference).max()))
-            result.parity = diff
-            if not diff <= PARITY_TOLERANCE * scale:
-                raise ExportError(f"fused model differs from base+adapter by {diff:.3g} (max logit difference, "
-                                  f"float32; allowed {PARITY_TOLERANCE * scale:.1g}): nothing was written; "
-                                  "please report this with the adapter's adapter_config.json")
-    _cast(net, out_dtype)
+        result.parity = _parity(net, tokens, reference, judge=not result.requantized)
+    _cast(net, out_dtype, keep)
     mx.eval(net.parameters())
 
-    config = fused_config(loaded.path, out_dtype, de_quantize)
     with atomic_dir(save_path, force=force) as tmp:
         save_weights(tmp, net, max_shard_size=max_shard_size)
+        config = fused_config(loaded.path, out_dtype, de_quantize)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_tokenizer_files(loaded.path, tmp)
         if verify:
@@ -171,6 +151,32 @@ def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: s
 
         result.gguf = Path(to_gguf(save_path, gguf, gguf_type, force=force, log=log))
     return result
+
+
+def _check_flags(save_path: Path, dtype, gguf, gguf_type, force: bool) -> None:
+    """Refuse bad settings and existing outputs before any work is done."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if save_path.exists() and not force:
+        raise ExportError(f"{save_path} already exists: choose another --save-path or pass --force to replace it")
+    if gguf is not None:
+        from .gguf import TYPES
+
+        if str(gguf_type).lower() not in TYPES:
+            raise ConfigError(f"--gguf-type {gguf_type!r}: choose one of {', '.join(TYPES)}")
+        if Path(gguf).expanduser().exists() and not force:
+            raise ExportError(f"{gguf} already exists: choose another --gguf file or pass --force to replace it")
+
+
+def _parity(net: nn.Module, tokens: mx.array, reference: mx.array, *, judge: bool) -> float:
+    """Max |fused - base+adapter| logits; when `judge`, above the tolerance is an error (nothing written)."""
+    diff = float(mx.abs(net(tokens) - reference).max())
+    allowed = PARITY_TOLERANCE * max(1.0, float(mx.abs(reference).max()))
+    if judge and not diff <= allowed:
+        raise ExportError(f"fused model differs from base+adapter by {diff:.3g} (max logit difference, float32; "
+                          f"allowed {allowed:.1g}): nothing was written; please report this with the adapter's "
+                          "adapter_config.json")
+    return diff
 
 
 # --- checks -----------------------------------------------------------------------------------------------
@@ -229,8 +235,11 @@ def merge_layers(model: nn.Module, *, de_quantize: bool, dtype: mx.Dtype) -> lis
     `dtype` is the dtype the weights will be written in: the measurement rounds to it, because a
     bfloat16 (or 4-bit) weight can be too coarse to hold a small update.
     """
+    from tqdm.auto import tqdm
+
     updates, fused = [], []
-    for name, layer in lora_modules(model).items():
+    layers = lora_modules(model)
+    for name, layer in tqdm(layers.items(), total=len(layers), desc="merge", unit="layer", leave=False):
         base = layer.linear
         merged = layer.fuse(dequantize=True)  # float weights W + delta (quantized bases are de-quantized)
         if isinstance(base, nn.QuantizedLinear) and not de_quantize:
@@ -288,19 +297,40 @@ def _warn_if_lost(result: FuseResult) -> None:
 
 # --- dtype and probes -------------------------------------------------------------------------------------
 
-def _cast(model: nn.Module, dtype: mx.Dtype) -> None:
-    """Cast every floating-point parameter (not packed quantized weights) to `dtype`."""
-    def cast(v):
-        return v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v
+def _cast(model: nn.Module, dtype: mx.Dtype, keep: dict[str, mx.Dtype] | None = None) -> None:
+    """Cast every floating-point parameter (not packed quantized weights) to `dtype`.
 
-    model.update(tree_map(cast, model.parameters()))
+    `keep` maps parameter names the architecture wants in a dtype of their own (mlx-lm's
+    `cast_predicate`, e.g. float32 router biases) to that dtype.
+    """
+    keep = keep or {}
+
+    def cast(name, v):
+        if not mx.issubdtype(v.dtype, mx.floating):
+            return v
+        want = keep.get(name, dtype)
+        return v if v.dtype == want else v.astype(want)
+
+    flat = [(k, cast(k, v)) for k, v in tree_flatten(model.parameters())]
+    model.update(tree_unflatten(flat))
 
 
-def _float_dtype(model: nn.Module) -> mx.Dtype:
-    for _, v in tree_flatten(model.parameters()):
-        if mx.issubdtype(v.dtype, mx.floating):
-            return v.dtype
-    return mx.float16
+def _kept_dtypes(model: nn.Module) -> dict[str, mx.Dtype]:
+    """Parameters that mlx-lm's `cast_predicate` says must keep their dtype, with that dtype."""
+    predicate = getattr(model, "cast_predicate", None)
+    if predicate is None:
+        return {}
+    return {k: v.dtype for k, v in tree_flatten(model.parameters())
+            if mx.issubdtype(v.dtype, mx.floating) and not predicate(k)}
+
+
+def _float_dtype(model: nn.Module, keep: dict) -> mx.Dtype:
+    """The dtype holding most of the model's floating-point bytes (a float32 norm does not make it float32)."""
+    size: dict = {}
+    for k, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating) and k not in keep:
+            size[v.dtype] = size.get(v.dtype, 0) + v.nbytes
+    return max(size, key=size.get) if size else mx.float16
 
 
 def _dtype_name(dtype: mx.Dtype) -> str:
