@@ -119,10 +119,20 @@ def read_records(path: str | os.PathLike) -> list[tuple[int, Any]]:
         try:
             records.append((n, decoder.decode(line)))
         except json.JSONDecodeError as e:
+            if not records and _is_one_object(text):
+                raise DataError(f"{path} holds one JSON object, not records: give a JSON array of records "
+                                "or one record per line (JSON lines)") from None
             raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}): {line[:80]}") from None
     if not records:
         raise DataError(f"{path}: the file is empty: it needs one JSON record per line")
     return records
+
+
+def _is_one_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _read_json_array(path: Path, text: str) -> list[tuple[int, Any]]:

@@ -30,7 +30,9 @@ class TemplateMaskError(DataError):
 
 def hf_tokenizer(tokenizer):
     """The Hugging Face tokenizer inside an mlx-lm TokenizerWrapper (or the argument itself)."""
-    return getattr(tokenizer, "_tokenizer", tokenizer)
+    # A transformers tokenizer also has `_tokenizer` (the Rust one), so look for the HF API behind it.
+    inner = getattr(tokenizer, "_tokenizer", None)
+    return inner if hasattr(inner, "apply_chat_template") else tokenizer
 
 
 def read_chat_template(template: str | Path | None) -> str | None:
@@ -78,7 +80,8 @@ def special_ids(tokenizer) -> set[int]:
     for i, tok in (getattr(hf, "added_tokens_decoder", {}) or {}).items():
         if getattr(tok, "special", False):
             ids.add(int(i))
-    ids.update(getattr(tokenizer, "eos_token_ids", None) or [])
+    eos = getattr(tokenizer, "eos_token_ids", None)  # mlx-lm: a set; some HF tokenizers: one int
+    ids.update([eos] if isinstance(eos, int) else eos or [])
     return ids
 
 

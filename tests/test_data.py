@@ -127,6 +127,13 @@ def test_every_format_becomes_the_same_record_as_its_chat(toks, tmp_path):
         assert runs(got) == [enc(tok, a) + [end] for a in answers]
 
 
+def test_a_plain_hugging_face_tokenizer_works_too(toks, tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [chat(*CONVERSATION)])
+    [wrapped] = load_train(path, toks["gemma"])
+    [plain] = load_train(path, toks["gemma"]._tokenizer)
+    assert (plain.ids, plain.mask) == (wrapped.ids, wrapped.mask)
+
+
 def test_text_trains_everything_and_ends_with_eos(toks, tmp_path):
     tok = toks["chatml"]
     splits = load_dataset(write_jsonl(tmp_path / "t.jsonl", [{"text": "The quick brown fox"}]), tok,
@@ -200,6 +207,9 @@ def test_json_array_errors_keep_line_numbers(toks, tmp_path):
         load_train(path, toks["chatml"])
     path.write_text('[{"text": "a"},\n {"text": "b"}]')
     assert len(load_train(path, toks["chatml"])) == 2
+    path.write_text('{\n  "train": [{"text": "a"}]\n}\n')
+    with pytest.raises(DataError, match=r"x\.json holds one JSON object, not records"):
+        load_train(path, toks["chatml"])
 
 
 def test_missing_paths_are_clear(toks, tmp_path):
