@@ -163,3 +163,13 @@ def test_doctor_reports_openblas_reexec_and_opt_out():
     if sys.platform.startswith("linux"):
         assert report["blas"].startswith("reference BLAS")
     assert report["backend"] in ("CPU", "Metal GPU", "CUDA GPU") and report["memory_total_gb"] > 0
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and find_openblas()), reason="needs Linux with OpenBLAS")
+def test_reexec_keeps_the_arguments_given_to_run():
+    # run(argv) from another program re-executes with argv, not with the host's sys.argv.
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MLXTUNE_BLAS_REEXEC")}
+    r = subprocess.run([sys.executable, "-c", "from mlxtune.cli import run; run(['doctor'])"], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "BLAS:" in r.stdout and "OpenBLAS" in r.stdout

@@ -48,7 +48,8 @@ def run(argv: list[str] | None = None) -> None:
     """Console-script entry point: OpenBLAS re-exec, then the command with one-line errors."""
     from ..blas import maybe_reexec_with_openblas
 
-    maybe_reexec_with_openblas()
+    # Re-execute with the arguments actually given (a caller's argv, not the host process's sys.argv).
+    maybe_reexec_with_openblas(None if argv is None else ["mlxtune", *argv])
     _register()
     debug = os.environ.get("MLXTUNE_DEBUG") == "1" or "--debug" in (argv or sys.argv)
     try:
