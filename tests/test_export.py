@@ -326,3 +326,93 @@ def test_cli_error_is_one_line(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [f"error: --gguf {tmp_path / 'x.gguf'}: no such file "
                                                "(write one with `mlxtune gguf --model DIR --outfile FILE`)"]
+
+
+# --- LoRA adapter GGUF, loaded by llama.cpp on top of the base model's GGUF ------------------------------
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"]
+
+
+def _random_adapter(model_dir: Path, out: Path, seed: int = 0) -> Path:
+    import mlx.core as mx
+    import numpy as np
+
+    from mlxtune.lora import adapter_weights, apply_lora, save_adapter
+    from mlxtune.models import load
+
+    model, _ = load(model_dir)
+    config = apply_lora(model, lora_layers=None, rank=4, alpha=12.0, target_modules=LORA_TARGETS)
+    rng = np.random.default_rng(seed)
+    # lora_b starts at zero in training; random values here make every module's delta matter
+    model.load_weights([(k, mx.array(rng.normal(0, 0.15, v.shape).astype(np.float32)))
+                        for k, v in adapter_weights(model).items()], strict=False)
+    return save_adapter(model, out / "adapters.npz", config)
+
+
+def _mlx_logits(model_dir, adapter, ids):
+    import mlx.core as mx
+    import numpy as np
+
+    from mlxtune.models import load
+
+    model, _ = load(model_dir, adapter_file=adapter)
+    return np.array(model(mx.array([ids]))[0].astype(mx.float32))
+
+
+def _llama_cpp_logits(base_gguf, ids, lora=None):
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(str(base_gguf), lora_path=str(lora) if lora else None, n_ctx=64, n_batch=64, n_ubatch=64,
+                logits_all=True, type_k=0, type_v=0, flash_attn=False, n_threads=2, verbose=False, seed=0)
+    llm.eval(list(ids))
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_lora_gguf_in_llama_cpp(arch, tmp_path, tmp_path_factory):
+    import numpy as np
+
+    import mlxtune
+    from hf_models import cached_hf_model
+    from mlxtune.gguf.lora import write_lora_gguf
+
+    # general.name comes from the folder; llama.cpp wants Phi's special tokens in any model named "phi..."
+    base = shutil.copytree(cached_hf_model(tmp_path_factory, arch), tmp_path / "base-model")
+    adapter = _random_adapter(base, tmp_path)
+    base_gguf = mlxtune.to_gguf(base, tmp_path / "base.gguf", "f32", progress=False, log=lambda *_: None)
+    lora = write_lora_gguf(adapter, base, tmp_path / "lora.gguf")
+
+    reader = gguf.GGUFReader(str(lora))
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["general.architecture"].contents() == arch
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["adapter.lora.alpha"].contents() == pytest.approx(12.0)
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}  # numpy order
+    first = "blk.0.attn_qkv.weight" if arch == "phi3" else "blk.0.attn_q.weight"
+    assert shapes[f"{first}.lora_a"][0] == 4 and shapes[f"{first}.lora_b"][1] == 4
+    assert len(shapes) == 2 * 2 * (4 if arch == "phi3" else 7)
+
+    ids = [1, 17, 42, 99, 7, 250, 33, 120, 64, 5, 88, 300]
+    want = _mlx_logits(base, adapter, ids)
+    got = _llama_cpp_logits(base_gguf, ids, lora)
+    without = _llama_cpp_logits(base_gguf, ids)
+    assert np.abs(without - want).max() > 0.1  # the adapter matters...
+    assert np.abs(got - want).max() <= 2e-3  # ...and llama.cpp applies it exactly
+
+
+def test_lora_gguf_errors(tiny_llama, tmp_path):
+    from mlxtune.errors import AdapterError
+    from mlxtune.gguf.lora import write_lora_gguf
+
+    adapter = _random_adapter(tiny_llama, tmp_path)
+    out = write_lora_gguf(adapter, tiny_llama, tmp_path / "lora.gguf")
+    with pytest.raises(ExportError, match="already exists.*--force"):
+        write_lora_gguf(adapter, tiny_llama, out)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
+    with pytest.raises(AdapterError, match="does not match a llama tensor"):
+        write_lora_gguf(adapter, other, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
