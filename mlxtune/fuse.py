@@ -12,7 +12,8 @@ Every adapted layer becomes W' = W + (alpha / r) * (A @ B).T. Fusing is checked,
 
 The one thing to know: the fused directory keeps mlx-lm's weight names, which equal the Hugging Face names
 for the architectures LoRA is usually trained on (llama, mistral, qwen, gemma, phi3), so transformers, mlx-lm
-and the GGUF writer all read it.
+and the GGUF writer all read a float output; a re-quantized output is in MLX's quantized layout, which
+mlx-lm and the GGUF writer read but transformers does not.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import AdapterError, ConfigError, ExportError
-from .files import atomic_dir, write_text_atomic
+from .files import atomic_dir
 from .lora import AdapterConfig, LoRALinear, apply_lora, find_adapter_file, lora_modules, read_adapter
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}

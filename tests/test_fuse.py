@@ -11,7 +11,7 @@ import pytest
 from mlxtune.errors import AdapterError, ExportError, MlxtuneError
 from mlxtune.fuse import RequantizationWarning, fuse
 from mlxtune.lora import apply_lora, lora_modules, save_adapter
-from mlxtune.models import load, load_model
+from mlxtune.models import load
 from tiny import make_tiny_model
 
 IDS = mx.array([[1, 17, 42, 99, 7, 256, 300, 12, 5, 88]])
