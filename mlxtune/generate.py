@@ -62,10 +62,13 @@ def stop_token_ids(tokenizer) -> set[int]:
     hf = getattr(tokenizer, "_tokenizer", tokenizer)
     if hf.eos_token_id is not None:
         stops.add(hf.eos_token_id)
+    # Only as special tokens: in some vocabularies "</s>" is also plain text.
+    special = dict(hf.get_added_vocab())
     vocab = hf.get_vocab()
+    special.update({t: vocab[t] for t in getattr(hf, "all_special_tokens", []) if t in vocab})
     for token in END_OF_TURN_TOKENS:
-        if token in vocab:
-            stops.add(vocab[token])
+        if token in special:
+            stops.add(special[token])
     return stops
 
 
