@@ -589,13 +589,14 @@ def train(model: nn.Module, optimizer: optim.Optimizer, train_records, valid_rec
             raise ConfigError(f"--resume: no checkpoint (NNNNNNN_adapters{suffix} + NNNNNNN_state.npz) in {folder}; "
                               "train without --resume first")
         start, ckpt, state_file = found[-1]
-        meta = load_checkpoint(model, optimizer, ckpt, state_file)
-        old = meta.get("settings", {})
+        with np.load(state_file) as data:
+            old = json.loads(str(data["meta"])).get("settings", {})
         diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]
         if diff:
             k = diff[0]
             raise ConfigError(f"--resume: the checkpoint {ckpt} was trained with {k}={old.get(k)!r} but this run has "
                               f"{k}={fingerprint[k]!r}: use the same settings, or pass a new --adapter-file")
+        meta = load_checkpoint(model, optimizer, ckpt, state_file)
         result.trained_tokens = int(meta.get("trained_tokens", 0))
         if start >= args.iters:
             raise ConfigError(f"--resume: the newest checkpoint {ckpt} is already at iteration {start}; "
@@ -619,8 +620,6 @@ def train(model: nn.Module, optimizer: optim.Optimizer, train_records, valid_rec
 
     if args.grad_checkpoint:
         _checkpoint_blocks(model)
-    if args.pack and not pack:
-        fingerprint["pack"] = args.pack  # what the user asked stays the resume key
     model.train()
     log = _Log(verbose, metrics_file)
     accum = args.grad_accumulation

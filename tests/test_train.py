@@ -1,0 +1,293 @@
+"""The LoRA training loop end to end on a tiny random llama: CLI run, reload, QLoRA, exact gradient
+accumulation, packed == unpacked loss, gathered head == full logits, resume after SIGKILL, NaN stop,
+callbacks, and every bad input as a one-line error that leaves existing files alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import mlxtune
+from mlxtune.cli import run
+from mlxtune.data import iterate_batches, load_dataset
+from mlxtune.errors import ConfigError, TrainingError
+from mlxtune.lora import LoRALinear, apply_lora, lora_modules
+from mlxtune.models import load
+from mlxtune.train import evaluate_loss, loss_fn, model_parts, training_args
+
+WORDS = "the quick brown fox jumps over lazy dog hello how are you today fine thank".split()
+FAST = dict(steps_per_report=5, steps_per_eval=0, val_batches=2, plot=True, verbose=False)
+
+
+def _chat_rows(n: int, rng: random.Random) -> str:
+    rows = []
+    for _ in range(n):
+        q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10)))
+        rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": q.upper()[:16]}]})
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    """train/valid/test chat jsonl with varied lengths (user text, then its upper-case echo as the answer)."""
+    out = tmp_path_factory.mktemp("chat")
+    rng = random.Random(0)
+    for name, n in (("train", 24), ("valid", 8), ("test", 8)):
+        (out / f"{name}.jsonl").write_text(_chat_rows(n, rng))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MLXTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "mlxtune-cache"))
+
+
+def cli(args, monkeypatch, capsys):
+    monkeypatch.setenv("MLXTUNE_NO_OPENBLAS", "1")
+    monkeypatch.setenv("MLXTUNE_DEBUG", "0")
+    code = 0
+    try:
+        run([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def npz(path) -> dict[str, np.ndarray]:
+    with np.load(path) as d:
+        return {k: d[k] for k in d.files}
+
+
+def test_cli_trains_saves_and_the_adapter_changes_generation(tiny_llama, chat_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run" / "adapters.npz"
+    code, stdout, err = cli(["lora", "--model", tiny_llama, "--data", chat_data, "--iters", 20, "--batch-size", 2,
+                             "--learning-rate", 5e-3, "--steps-per-report", 5, "--steps-per-eval", 10,
+                             "--save-every", 10, "--adapter-file", out, "--test"], monkeypatch, capsys)
+    assert code == 0, err
+    assert re.search(r"Trainable parameters: \d+\.\d+% \(\d+\.\d+M/\d+\.\d+M\)", stdout)
+    lines = re.findall(r"Iter (\d+): Train loss ([\d.]+), Learning Rate [\d.]+e[-+]\d+, It/sec [\d.]+, Tokens/sec \d+, "
+                       r"Trained Tokens \d+, Peak mem [\d.]+ GB", stdout)
+    assert [int(i) for i, _ in lines] == [5, 10, 15, 20]
+    assert float(lines[-1][1]) < float(lines[0][1]) - 0.3  # it learns
+    assert re.search(r"Iter 20: Val loss [\d.]+, Val took [\d.]+s", stdout)
+    assert re.search(r"Test loss [\d.]+, Test ppl [\d.]+", stdout)
+    folder = out.parent
+    for name in ("adapters.npz", "adapter_config.json", "metrics.jsonl", "loss.png", "0000010_adapters.npz"):
+        assert (folder / name).exists(), name
+    assert (folder / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics if "train_loss" in m] == [5, 10, 15, 20]
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model"] == str(Path(tiny_llama).resolve())
+    assert config["lora_layers"] == 2  # the default 16 clamped silently to the 2 blocks
+    weights = npz(out)
+    assert set(weights) == {f"model.layers.{i}.self_attn.{m}.lora_{ab}" for i in (0, 1)
+                            for m in ("q_proj", "k_proj", "v_proj", "o_proj") for ab in "ab"}
+    assert all(np.isfinite(w).all() for w in weights.values())
+
+    base = mlxtune.generate(str(tiny_llama), prompt="hello how are you", max_tokens=12)
+    tuned = mlxtune.generate(str(tiny_llama), prompt="hello how are you", max_tokens=12, adapter_file=out)
+    assert tuned != base
+
+
+def test_qlora_on_a_4bit_model(tiny_llama, chat_data, tmp_path):
+    from mlx.utils import tree_flatten
+
+    model, _ = load(tiny_llama)
+    nn.quantize(model, group_size=32, bits=4)
+    qdir = tmp_path / "q4"
+    qdir.mkdir()
+    mx.save_safetensors(str(qdir / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    config = json.loads((Path(tiny_llama) / "config.json").read_text())
+    config["quantization"] = {"group_size": 32, "bits": 4}
+    (qdir / "config.json").write_text(json.dumps(config))
+    for f in Path(tiny_llama).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, qdir)
+    qmodel, tok = load(qdir)
+    frozen = np.array(qmodel.model.layers[1].self_attn.q_proj.weight)
+    result = mlxtune.lora(qmodel, chat_data, tokenizer=tok, iters=15, batch_size=2, learning_rate=5e-3,
+                          adapter_file=tmp_path / "qa" / "adapters.npz", **FAST)
+    layer = qmodel.model.layers[1].self_attn.q_proj
+    assert isinstance(layer, LoRALinear) and isinstance(layer.linear, nn.QuantizedLinear)
+    np.testing.assert_array_equal(np.array(layer.linear.weight), frozen)  # base stays frozen and quantized
+    assert result.train_loss[-1][1] < result.train_loss[0][1]
+    fresh, _ = load(qdir, adapter_file=result.adapter_file)
+    ids = mx.array([[1, 20, 30, 40]])
+    np.testing.assert_allclose(np.array(fresh(ids)), np.array(qmodel(ids)), atol=1e-4)
+
+
+def test_gradient_accumulation_equals_a_larger_batch(tiny_llama, chat_data, tmp_path):
+    common = dict(iters=4, learning_rate=1e-3, seed=5, save_every=0, **FAST)
+    big = mlxtune.lora(str(tiny_llama), str(chat_data), batch_size=4, adapter_file=tmp_path / "a" / "adapters.npz", **common)
+    acc = mlxtune.lora(str(tiny_llama), str(chat_data), batch_size=2, grad_accumulation=2,
+                       adapter_file=tmp_path / "b" / "adapters.npz", **common)
+    a, b = npz(big.adapter_file), npz(acc.adapter_file)
+    assert any(np.abs(v).max() > 0 for k, v in a.items() if k.endswith("lora_b"))  # it did train
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=2e-6, rtol=1e-4, err_msg=k)
+
+
+def test_packed_rows_and_gathered_head_give_the_plain_loss(tiny_llama, chat_data):
+    model, tok = load(tiny_llama)
+    splits = load_dataset(chat_data, tok, cache=False)
+    records = splits.train[:6]
+    parts = model_parts(model)
+    assert parts.body is not None and parts.packing
+    # Reference: the full model(inputs) logits, one example at a time, cross-entropy on masked targets.
+    total = count = 0.0
+    for r in records:
+        ids = mx.array(r.ids)[None]
+        logits = model(ids[:, :-1]).astype(mx.float32)
+        mask = mx.array(np.array(r.mask[1:], np.float32))[None]
+        total += (nn.losses.cross_entropy(logits, ids[:, 1:]) * mask).sum().item()
+        count += mask.sum().item()
+    packed = next(iterate_batches(records, 2, max_seq_length=256, seed=0, loop=False, shuffle=False, pack=True))
+    assert packed.segments is not None and int(np.array(packed.segments).max()) > 1  # rows really hold several examples
+    loss, n = loss_fn(model, packed)
+    assert n.item() == count
+    assert abs(loss.item() - total / count) < 1e-4
+    assert abs(evaluate_loss(model, records, 4, 256) - total / count) < 1e-4
+
+
+def test_grad_checkpoint_gives_the_same_adapter(tiny_llama, chat_data, tmp_path):
+    common = dict(iters=3, batch_size=2, learning_rate=1e-3, save_every=0, **FAST)
+    plain = mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=tmp_path / "p" / "adapters.npz", **common)
+    ckpt = mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=tmp_path / "c" / "adapters.npz",
+                        grad_checkpoint=True, **common)
+    a, b = npz(plain.adapter_file), npz(ckpt.adapter_file)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+
+
+RESUME = dict(iters=12, batch_size=2, learning_rate=2e-3, lr_schedule="cosine", warmup=2, dropout=0.1, seed=3,
+              save_every=4, steps_per_report=2, steps_per_eval=0, verbose=False)
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_llama, chat_data, tmp_path):
+    whole = mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=tmp_path / "whole" / "adapters.npz", **RESUME)
+
+    folder = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import time, mlxtune
+        def hang(report):  # stands in for the machine dying after iteration 6 (checkpoint 4 is on disk)
+            if report.get("iteration") == 6 and "train_loss" in report:
+                time.sleep(600)
+        mlxtune.lora({str(tiny_llama)!r}, {str(chat_data)!r}, adapter_file={str(folder / 'adapters.npz')!r},
+                     callbacks=[hang], **{RESUME!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    metrics = folder / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.exists() and '"iteration": 6, "train_loss"' in metrics.read_text():
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the training subprocess never reached iteration 6")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (folder / "0000004_adapters.npz").exists() and not (folder / "0000008_adapters.npz").exists()
+
+    resumed = mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=folder / "adapters.npz", resume=True, **RESUME)
+    a, b = npz(whole.adapter_file), npz(resumed.adapter_file)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    iters = [json.loads(l)["iteration"] for l in metrics.read_text().splitlines()]
+    assert iters == [2, 4, 6, 8, 10, 12, 12]  # the killed run's reports after checkpoint 4 were dropped
+    assert resumed.trained_tokens == whole.trained_tokens
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_llama, chat_data, tmp_path):
+    out = tmp_path / "nan" / "adapters.npz"
+    with pytest.raises(TrainingError, match=r"iteration \d+.*non-finite.*--learning-rate") as e:
+        mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=out, iters=30, batch_size=2, optimizer="sgd",
+                     learning_rate=1e9, max_grad_norm=0, save_every=1, **{**FAST, "steps_per_report": 1})
+    assert "last good checkpoint" in str(e.value)
+    for f in out.parent.glob("*adapters.npz"):
+        assert all(np.isfinite(v).all() for v in npz(f).values()), f
+
+
+def test_callback_sees_reports_and_can_stop(tiny_llama, chat_data, tmp_path):
+    seen = []
+
+    def cb(report):
+        seen.append(report)
+        return report["iteration"] >= 4
+
+    result = mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=tmp_path / "cb" / "adapters.npz", iters=50,
+                          batch_size=2, callbacks=[cb], **{**FAST, "steps_per_report": 2})
+    assert result.stopped_early and result.iterations == 4
+    assert {"train_loss", "learning_rate", "tokens_per_second", "trained_tokens", "peak_memory"} <= set(seen[0])
+    assert result.adapter_file.exists()
+
+
+def test_yaml_config_with_cli_override(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: some/model\nnum_layers: 4\nlearning_rate: 3e-4\nlora_parameters: {rank: 16, scale: 2.0}\n")
+    args = training_args(cfg, learning_rate=1e-5)
+    assert (args.model, args.lora_layers, args.rank, args.alpha, args.learning_rate) == ("some/model", 4, 16, 32.0, 1e-5)
+    cfg.write_text("learning_rat: 1\n")
+    with pytest.raises(ConfigError, match="unknown setting 'learning_rat'.*did you mean learning_rate"):
+        training_args(cfg)
+
+
+def test_test_alone_evaluates_an_existing_adapter(tiny_llama, chat_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "t" / "adapters.npz"
+    mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=out, iters=2, batch_size=2, **FAST)
+    before = out.read_bytes()
+    code, stdout, err = cli(["lora", "--model", tiny_llama, "--data", chat_data, "--adapter-file", out, "--test"],
+                            monkeypatch, capsys)
+    assert code == 0, err
+    assert "no training" in stdout and re.search(r"Test loss [\d.]+, Test ppl [\d.]+", stdout)
+    assert out.read_bytes() == before
+
+
+def test_bad_inputs_are_one_line_errors_and_overwrite_nothing(tiny_llama, chat_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bad" / "adapters.npz"
+    mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=out, iters=4, batch_size=2, save_every=2, **FAST)
+    before = {f.name: f.read_bytes() for f in out.parent.iterdir()}
+    no_tok = tmp_path / "no-tokenizer"
+    no_tok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_llama) / name, no_tok)
+    base = ["lora", "--model", tiny_llama, "--data", chat_data, "--iters", 2]
+    cases = [
+        (base + ["--lora-layers", 5, "--adapter-file", tmp_path / "x1.npz"], "--lora-layers 5 is larger than the model's 2"),
+        (base + ["--rank", 0, "--adapter-file", tmp_path / "x2.npz"], "--rank must be a positive integer"),
+        (base + ["--batch-size", 100, "--adapter-file", tmp_path / "x3.npz"], "--batch-size 100 needs at least 100 training examples"),
+        (base + ["--target-modules", "foo_proj", "--adapter-file", tmp_path / "x4.npz"], "--target-modules foo_proj: no such linear layer"),
+        (["lora", "--model", no_tok, "--data", chat_data, "--adapter-file", tmp_path / "x5.npz"], "has no tokenizer"),
+        (base + ["--adapter-file", out], "already exists: pass --resume"),
+        (base + ["--adapter-file", out, "--resume", "--rank", 4, "--iters", 8, "--batch-size", 2, "--save-every", 2],
+         "--resume: the checkpoint .* was trained with rank=8 but this run has rank=4"),
+        (["lora", "--model", tiny_llama, "--adapter-file", tmp_path / "x6.npz"], "no --data"),
+        (base + ["--optimizer", "lion", "--adapter-file", tmp_path / "x7.npz"], "--optimizer must be one of adamw, adam, sgd"),
+    ]
+    for args, message in cases:
+        code, stdout, err = cli(args, monkeypatch, capsys)
+        assert code == 1, (args, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        assert re.search(message, err), (message, err)
+    assert {f.name: f.read_bytes() for f in out.parent.iterdir()} == before
+    assert not any((tmp_path / f"x{i}.npz").exists() for i in range(1, 8))
+
