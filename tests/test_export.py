@@ -416,3 +416,30 @@ def test_lora_gguf_errors(tiny_llama, tmp_path):
     with pytest.raises(AdapterError, match="does not match a llama tensor"):
         write_lora_gguf(adapter, other, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_one_shot_adapter_to_chat_ready(tiny_llama, tmp_path):
+    """mlxtune export --model BASE --adapter-file A --out DIR: fused model, GGUF, Modelfile and LM Studio copy."""
+    import numpy as np
+
+    from mlxtune.cli import _register, main
+
+    _register()
+    adapter = _random_adapter(tiny_llama, tmp_path / "adapter")
+    out, models = tmp_path / "chat", tmp_path / "lm"
+    res = CliRunner().invoke(main, ["export", "--model", str(tiny_llama), "--adapter-file", str(adapter.parent),
+                                    "--out", str(out), "--app", "both", "--type", "f32", "--name", "Tool Caller"],
+                             env={"LMSTUDIO_MODELS_DIR": str(models)})
+    assert res.exit_code == 0, res.output
+    model = out / "tool-caller-f32.gguf"
+    assert (out / "fused" / "config.json").exists() and model.exists()
+    text = (out / "Modelfile").read_text()
+    assert "FROM ./tool-caller-f32.gguf" in text and "<|im_start|>assistant" in text
+    assert f"ollama create tool-caller -f {out / 'Modelfile'}" in res.output
+    placed = models / "mlxtune" / "tool-caller" / "tool-caller-f32.gguf"
+    assert placed.read_bytes() == model.read_bytes()
+    # the chat-ready file answers like the base model with its adapter
+    ids = [1, 40, 41, 42, 43, 44, 200, 7]
+    assert np.abs(_llama_cpp_logits(model, ids) - _mlx_logits(tiny_llama, adapter, ids)).max() <= 2e-3
+    res = CliRunner().invoke(main, ["export", "--model", str(tiny_llama)])
+    assert res.exit_code != 0 and "--adapter-file" in res.output
