@@ -5,8 +5,9 @@ turn (with and without that turn) and checking that those token ids are a prefix
 Tokens between "prompt up to the turn" and "prompt plus the turn" are the turn's answer (when a token
 spans that boundary, character offsets place it: it belongs to the answer); anything a
 template writes after the turn's last special token (ChatML's newline after `<|im_end|>`) is not trained.
-A template that renders earlier turns differently once later turns exist cannot be masked this way: we
-say so (`TemplateMaskError`) instead of guessing.
+A template that renders a turn differently once later turns exist (Qwen3 marks only the final turn with
+an empty <think> block) is handled by finding the turn's own text after its header; when even that is
+impossible (the template drops earlier answers) we say so (`TemplateMaskError`) instead of guessing.
 """
 
 from __future__ import annotations
@@ -104,39 +105,59 @@ def chat_to_ids(tokenizer, messages: list[dict], *, tools: list | None = None, t
     if train_on_inputs:
         return full, [False] + [True] * (len(full) - 1)
     specials = special_ids(tokenizer) if specials is None else specials
-    offsets = None
+    cache: dict = {}
+
+    def offsets() -> list[tuple[int, int]]:
+        if "offsets" not in cache:
+            cache["offsets"] = _offsets(tokenizer, full_text, full)
+        return cache["offsets"]
+
+    def boundary(text: str, answer_side: bool) -> int:
+        """Token index where the prefix `text` ends; a token spanning it goes to the answer side."""
+        ids = encode(tokenizer, text)
+        if full[: len(ids)] == ids:
+            return len(ids)
+        # The text is a prefix but a token spans the boundary ("Assistant: " + "name" -> " name").
+        if answer_side:
+            return next((k for k, (_, e) in enumerate(offsets()) if e > len(text)), len(full))
+        return next((k for k, (b, _) in enumerate(offsets()) if b >= len(text)), len(full))
+
     mask = [False] * len(full)
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
-        bounds = []
-        for prefix, gen in ((messages[:i], True), (messages[: i + 1], False)):
-            text = render(tokenizer, prefix, tools=tools, template=template, add_generation_prompt=gen)
-            if not full_text.startswith(text):
-                raise TemplateMaskError(
-                    f"the chat template renders turn {i + 1} differently once later turns are added, so the "
-                    "assistant tokens cannot be found (templates that drop earlier reasoning do this): "
-                    "pass --chat-template FILE with a template that renders turns as prefixes, "
-                    "or --train-on-inputs"
-                )
-            ids = encode(tokenizer, text)
-            if full[: len(ids)] == ids:
-                bounds.append(len(ids))
-            else:
-                # The text is a prefix but a token spans the boundary ("Assistant: " + "name" -> " name"):
-                # place the boundary with character offsets; a spanning token counts as the answer's.
-                offsets = offsets if offsets is not None else _offsets(tokenizer, full_text, full)
-                bounds.append(next((k for k, (_, end) in enumerate(offsets) if end > len(text)), len(full))
-                              if gen else
-                              next((k for k, (begin, _) in enumerate(offsets) if begin >= len(text)), len(full)))
-        start, end = bounds
-        # Stop after the turn's last special token (its end-of-turn) when only whitespace follows it.
-        last = max((j for j in range(start, end) if full[j] in specials), default=None)
-        if last is not None and not hf_tokenizer(tokenizer).decode(full[last + 1: end]).strip():
-            end = last + 1
+        before = render(tokenizer, messages[:i], tools=tools, template=template, add_generation_prompt=True)
+        after = render(tokenizer, messages[: i + 1], tools=tools, template=template)
+        if not full_text.startswith(before):
+            raise _not_prefix(i)
+        start = boundary(before, answer_side=True)
+        if full_text.startswith(after):
+            end = boundary(after, answer_side=False)
+            # Stop after the turn's last special token (its end-of-turn) when only whitespace follows it.
+            last = max((j for j in range(start, end) if full[j] in specials), default=None)
+            if last is not None and not hf_tokenizer(tokenizer).decode(full[last + 1: end]).strip():
+                end = last + 1
+        else:
+            # The template renders this turn differently when it is not the last one (Qwen3 adds an empty
+            # <think> block only to the final turn): find the turn's text after its header instead.
+            content = message.get("content") or ""
+            at = full_text.find(content, len(before)) if content.strip() and not message.get("tool_calls") else -1
+            if at < 0:
+                raise _not_prefix(i)
+            end = next((k for k, (b, _) in enumerate(offsets()) if b >= at + len(content)), len(full))
+            if end < len(full) and full[end] in specials:
+                end += 1  # the end-of-turn token
         for j in range(max(start, 1), end):
             mask[j] = True
     return full, mask
+
+
+def _not_prefix(i: int) -> TemplateMaskError:
+    return TemplateMaskError(
+        f"the chat template renders turn {i + 1} differently once later turns are added, so its assistant "
+        "tokens cannot be found (templates that drop earlier turns' reasoning or tool calls do this): "
+        "pass --chat-template FILE with a template that renders turns as prefixes, or --train-on-inputs"
+    )
 
 
 def _offsets(tokenizer, text: str, ids: list[int]) -> list[tuple[int, int]]:

@@ -43,6 +43,14 @@ NON_PREFIX_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Like Qwen3: only the final assistant turn carries an (empty) <think> block, so an earlier turn renders
+# differently once later turns exist; masking finds that turn's text after its header instead.
+FINAL_THINK_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+    "{% if loop.last %}{{ '<think>\n\n</think>\n\n' }}{% endif %}{{ message['content'] + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 # Plain-text roles: the answer's first token swallows the space that ends "Assistant: ", so the prompt's
 # tokens are not a prefix of the conversation's and the boundary has to be placed by character offsets.
 PLAIN_TEMPLATE = (

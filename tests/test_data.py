@@ -12,7 +12,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from data_tokenizers import NON_PREFIX_TEMPLATE, PLAIN_TEMPLATE, STYLES, TOOLS_TEMPLATE, load_style_tokenizer
+from data_tokenizers import FINAL_THINK_TEMPLATE, NON_PREFIX_TEMPLATE, PLAIN_TEMPLATE, STYLES, TOOLS_TEMPLATE, load_style_tokenizer
 
 from mlxtune import data, templates
 from mlxtune.data import Record, iterate_batches, load_dataset, padding_fraction, split_prompt_answer
@@ -161,6 +161,14 @@ def test_tokenizer_without_template_gets_the_chatml_default(toks, tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [chat(*CONVERSATION)])
     [got], [want] = load_train(path, bare), load_train(path, toks["chatml"])
     assert (got.ids, got.mask) == (want.ids, want.mask)
+
+
+def test_turn_rendered_differently_when_not_last_is_found_by_its_text(toks, tmp_path):
+    tok = toks["chatml"]
+    [rec] = load_train(write_jsonl(tmp_path / "c.jsonl", [chat(*CONVERSATION)]), tok, chat_template=FINAL_THINK_TEMPLATE)
+    assert tok._tokenizer.decode(rec.ids).count("<think>") == 1
+    assert runs(rec) == [enc(tok, ANSWERS[0]) + [eot(tok, "chatml")],
+                         enc(tok, "<think>\n\n</think>\n\n" + ANSWERS[1]) + [eot(tok, "chatml")]]
 
 
 def test_template_that_rewrites_earlier_turns_is_refused_with_file_and_line(toks, tmp_path):
