@@ -50,6 +50,30 @@ def mlx_name(module: str) -> str:
     return module
 
 
+def align_to_model(config: AdapterConfig, weights: dict, model) -> tuple[AdapterConfig, dict]:
+    """Rename modules the model lacks to the other spelling of their prefix, where the model has that one.
+
+    `mlx_name` guesses mlx-lm's prefix without seeing the model; most multimodal mlx-lm models use
+    language_model.model.*, but a few keep transformers' model.language_model.*. Unknown names are left
+    for the caller's check to report.
+    """
+    named = dict(model.named_modules())
+    renames = {}
+    for module in config.modules:
+        if module in named:
+            continue
+        for candidate in (hf_name(module), mlx_name(module)):
+            if candidate in named:
+                renames[module] = candidate
+                break
+    if not renames:
+        return config, weights
+    config.modules = [renames.get(m, m) for m in config.modules]
+    weights = {renames.get(k.rsplit(".", 1)[0], k.rsplit(".", 1)[0]) + "." + k.rsplit(".", 1)[1]: v
+               for k, v in weights.items()}
+    return config, weights
+
+
 def _layer_ids(modules) -> list[int]:
     return sorted({int(m.group(1)) for m in (_LAYER.search(f".{x}.") for x in modules) if m})
 

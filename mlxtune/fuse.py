@@ -29,6 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .adapters import align_to_model
 from .errors import AdapterError, ConfigError, ExportError
 from .files import atomic_dir
 from .lora import AdapterConfig, LoRALinear, apply_lora, find_adapter_file, lora_modules, read_adapter
@@ -100,6 +101,7 @@ def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: s
     loaded = load_model(model)
     net = loaded.model
     check_base_name(adapter, str(model), loaded.path, ignore=ignore_base_name)
+    adapter, weights = align_to_model(adapter, weights, net)
     check_adapter(net, adapter, weights, str(adapter_path))
 
     quantized_base = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in net.named_modules())

@@ -210,3 +210,32 @@ def test_transformers_fused_model_equals_transformers_base_plus_exported_adapter
     expected = torch_logits(torch_model(base, peft_dir))
     assert np.abs(expected - torch_logits(torch_model(base))).max() > 1e-2
     np.testing.assert_allclose(torch_logits(torch_model(tmp_path / "fused")), expected, atol=1e-4)
+
+
+def test_align_to_model_renames_multimodal_prefixes_to_what_the_model_has():
+    import mlx.nn as nn
+
+    from mlxtune.adapters import align_to_model, hf_name, mlx_name
+    from mlxtune.lora import AdapterConfig
+
+    assert mlx_name("model.language_model.layers.0.self_attn.q_proj") == "language_model.model.layers.0.self_attn.q_proj"
+    assert hf_name("language_model.model.layers.0.self_attn.q_proj") == "model.language_model.layers.0.self_attn.q_proj"
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(4, 4)
+
+    class LM(nn.Module):  # a model that keeps transformers' spelling (like mlx-lm's gemma3n)
+        def __init__(self):
+            super().__init__()
+            self.model = nn.Module()
+            self.model.language_model = nn.Module()
+            self.model.language_model.layers = [Block()]
+
+    guessed = "language_model.model.layers.0.q_proj"
+    cfg = AdapterConfig(rank=2, modules=[guessed])
+    weights = {f"{guessed}.lora_a": mx.zeros((4, 2)), f"{guessed}.lora_b": mx.zeros((2, 4))}
+    cfg, weights = align_to_model(cfg, weights, LM())
+    assert cfg.modules == ["model.language_model.layers.0.q_proj"]
+    assert sorted(weights) == ["model.language_model.layers.0.q_proj.lora_a", "model.language_model.layers.0.q_proj.lora_b"]
