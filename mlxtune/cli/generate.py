@@ -11,7 +11,7 @@ from . import main
 @click.option("--model", "model", default=None, metavar="PATH|ID",
               help="Model directory or Hugging Face hub id (default: the bundled tiny-chat model).")
 @click.option("--adapter-file", default=None, type=click.Path(), help="LoRA adapter to apply (adapters.npz or its folder).")
-@click.option("--prompt", "-p", required=True, help="The user message (or raw text with --no-chat).")
+@click.option("--prompt", "-p", required=True, help="The user message (or raw text with --no-chat); - reads stdin.")
 @click.option("--max-tokens", "-m", default=256, show_default=True, type=int, help="Stop after this many tokens.")
 @click.option("--temp", default=0.0, show_default=True, type=float, help="Sampling temperature; 0 = greedy, deterministic.")
 @click.option("--top-p", default=0.0, show_default=True, type=float, help="Nucleus sampling (0 = off).")
@@ -27,9 +27,12 @@ def generate_cmd(model, adapter_file, prompt, max_tokens, temp, top_p, seed, sys
       mlxtune generate --model mlx-community/Qwen2.5-0.5B-Instruct-4bit --prompt "Hello"
       mlxtune generate --model model --adapter-file adapters/adapters.npz -p "Set a timer for 5 minutes"
       mlxtune generate --model model --no-chat -p "Once upon a time" --temp 0.8 --seed 1
+      cat question.txt | mlxtune generate --model model -p -
     """
     from ..generate import generate_with_stats
 
+    if prompt == "-":
+        prompt = click.get_text_stream("stdin").read().rstrip("\n")
     model = _default_model(model)
     result = generate_with_stats(model, prompt=prompt, adapter_file=adapter_file, max_tokens=max_tokens, temp=temp,
                                  top_p=top_p, seed=seed, system=system, chat=chat,
