@@ -251,3 +251,37 @@ def test_fuse_then_gguf_holds_the_fused_weights(tiny_llama, tmp_path):
     with pytest.raises(ExportError, match="already exists"):
         fuse(tiny_llama, adapter, tmp_path / "fused2", gguf=gguf_file)
     assert not (tmp_path / "fused2").exists()
+
+
+def test_without_verify_a_write_that_lost_the_weights_is_still_caught(tiny_llama, tmp_path, monkeypatch):
+    """The classic loss: a merge that saves only a config. check_saved reads the shard headers back."""
+    fuse_mod = importlib.import_module("mlxtune.fuse")
+    adapter, expected = make_adapter(tiny_llama, tmp_path / "ad")
+    result = fuse(tiny_llama, adapter, tmp_path / "ok", verify=False)
+    assert result.parity is None and result.reload_diff is None
+    np.testing.assert_allclose(logits(tmp_path / "ok"), expected, atol=1e-4)
+
+    real_save = fuse_mod.save_weights
+
+    def forgets_a_tensor(tmp, model, **kw):
+        real_save(tmp, model, **kw)
+        (tmp / "model.safetensors").unlink()
+        mx.save_safetensors(str(tmp / "model.safetensors"), {"lm_head.weight": mx.zeros((2, 2))})
+
+    monkeypatch.setattr(fuse_mod, "save_weights", forgets_a_tensor)
+    for verify in (False, True):
+        with pytest.raises(ExportError, match="writing the fused model failed: .* is missing or has the wrong shape"):
+            fuse(tiny_llama, adapter, tmp_path / "bad", verify=verify)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_bfloat16_output_measures_and_warns_about_a_rounded_away_update(tiny_llama, tmp_path):
+    adapter, _ = make_adapter(tiny_llama, tmp_path / "ad", b_scale=1e-4)
+    with pytest.warns(RequantizationWarning, match=r"storing the fused weights as bfloat16 keeps only .*--dtype float32"):
+        result = fuse(tiny_llama, adapter, tmp_path / "bf16", dtype="bfloat16")
+    assert result.dtype == "bfloat16" and result.mean_kept < 0.5
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {v.dtype for v in mx.load(str(tmp_path / "bf16" / "model.safetensors")).values()} == {mx.bfloat16}
+    with warnings.catch_warnings():  # the same tiny update survives in float32
+        warnings.simplefilter("error", RequantizationWarning)
+        assert fuse(tiny_llama, adapter, tmp_path / "f32").mean_kept > 0.99
