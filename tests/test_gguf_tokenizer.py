@@ -247,3 +247,32 @@ def test_llama_cpp_tokenizes_like_sentencepiece(kind, request, spm_dir, tmp_path
         if not any(s in text for s in special) and not text[0].isspace():
             assert got == hf_ids(model_dir, text), text
     assert llm.tokenize(b"Hello", add_bos=True, special=True)[0] == 1
+
+
+PRE_VARIANTS = {
+    "llama-bpe": _split(LLAMA3_HF),
+    "qwen2": _split(LLAMA3_HF.replace("\\p{N}{1,3}", "\\p{N}")),
+    "starcoder": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+}
+
+
+@pytest.mark.parametrize("pre", list(PRE_VARIANTS))
+def test_llama_cpp_detected_pre_tokenizer(pre, bpe_dir, tmp_path):
+    """Each structure detected from tokenizer.json tokenizes in llama.cpp exactly like transformers."""
+    model_dir = _with_pre_tokenizer(bpe_dir, tmp_path / pre, PRE_VARIANTS[pre])
+    llm = vocab_only(model_dir, tmp_path / "v.gguf")
+    assert gguf.GGUFReader(str(tmp_path / "v.gguf")).fields["tokenizer.ggml.pre"].contents() == pre
+    for text in TEXTS:
+        assert llama_ids(llm, text) == hf_ids(model_dir, text), text
+
+
+def test_pre_tokenizer_nothing_fits_warns(bpe_dir, tmp_path):
+    # Whitespace is dropped by this pre-tokenizer: no llama.cpp regex set can reproduce that.
+    odd = _with_pre_tokenizer(bpe_dir, tmp_path / "ws", {"type": "Sequence", "pretokenizers": [
+        {"type": "WhitespaceSplit"},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]})
+    info = read_tokenizer(odd)
+    assert info.notes[-1].startswith("warning: no llama.cpp pre-tokenizer reproduces")
+    assert "--pre-tokenizer NAME" in info.notes[-1] and info.pre in ("gpt-2", "llama-bpe", "qwen2", "starcoder", "default")

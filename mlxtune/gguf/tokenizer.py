@@ -443,52 +443,71 @@ def pre_tokenizer_regexes(tok_json) -> list[str] | None:
 
 
 def _choose_pre(info: TokenizerInfo, tok_json, override: str | None, model_dir: Path) -> None:
+    if override and override not in KNOWN_PRE and override not in OTHER_PRE:
+        known = ", ".join([*KNOWN_PRE, *OTHER_PRE])
+        raise ConfigError(f"--pre-tokenizer {override} is not a llama.cpp pre-tokenizer; known: {known}")
+    exprs = pre_tokenizer_regexes(tok_json)
+    structural = next((name for name, known in KNOWN_PRE.items() if exprs == known), None)
+    try:
+        reference = reference_ids(tok_json)  # the HF tokenizer's ids for the check strings
+    except Exception as e:  # tokenizers cannot read this file: choose without the cross-check
+        info.pre = override or structural or "gpt-2"
+        info.notes.append(f"warning: {model_dir / 'tokenizer.json'} could not be loaded by the tokenizers library "
+                          f"({e}); pre-tokenizer {info.pre} chosen without checking tokenizations")
+        return
+
+    def score(name: str) -> tuple[int, int]:
+        return _score(info, name, reference)
+
     if override:
-        if override not in KNOWN_PRE and override not in OTHER_PRE:
-            known = ", ".join([*KNOWN_PRE, *OTHER_PRE])
-            raise ConfigError(f"--pre-tokenizer {override} is not a llama.cpp pre-tokenizer; known: {known}")
         info.pre = override
         if override in KNOWN_PRE:
-            ok, total = check_pre(info, tok_json, override)
+            ok, total = score(override)
             info.notes.append(f"pre-tokenizer {override} (from --pre-tokenizer): {ok}/{total} check strings "
                               "tokenize exactly like the Hugging Face tokenizer")
         else:
             info.notes.append(f"pre-tokenizer {override} (from --pre-tokenizer), not cross-checked")
         return
 
-    exprs = pre_tokenizer_regexes(tok_json)
-    structural = next((name for name, known in KNOWN_PRE.items() if exprs == known), None)
     if structural:
-        ok, total = check_pre(info, tok_json, structural)
+        ok, total = score(structural)
         info.pre = structural
         info.notes.append(f"pre-tokenizer {structural} (matches tokenizer.json's pre_tokenizer): "
                           f"{ok}/{total} check strings tokenize exactly like the Hugging Face tokenizer")
         if ok == total:
             return
     # Unknown structure (or a structural match that tokenizes differently): try each known regex set.
-    results = {name: check_pre(info, tok_json, name) for name in KNOWN_PRE}
+    results = {name: score(name) for name in KNOWN_PRE}
     best = max(results, key=lambda n: results[n][0])  # dict order breaks ties toward older names
+    if structural and results[structural][0] >= results[best][0]:
+        best = structural
     ok, total = results[best]
-    if structural and results[structural][0] >= ok:
-        return
     info.pre = best
     summary = ", ".join(f"{n} {r[0]}/{r[1]}" for n, r in results.items())
     if ok == total:
         info.notes.append(f"pre-tokenizer {best}: tokenizer.json's pre_tokenizer is not one llama.cpp knows by "
                           f"structure; chose by comparing tokenizations ({summary})")
     else:
-        info.notes.append(f"warning: no llama.cpp pre-tokenizer reproduces this tokenizer exactly ({summary}); "
-                          f"using {best}, closest. Pass --pre-tokenizer NAME to choose another")
+        info.notes.append(f"warning: no llama.cpp pre-tokenizer reproduces {model_dir / 'tokenizer.json'} exactly "
+                          f"({summary}); using {best}, the closest. Pass --pre-tokenizer NAME to choose another")
+
+
+def reference_ids(tok_json, strings=CHECK_STRINGS) -> list[list[int]]:
+    """The Hugging Face tokenizer's ids for `strings` (no special tokens added)."""
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_str(json.dumps(tok_json))
+    return [reference.encode(s, add_special_tokens=False).ids for s in strings]
 
 
 def check_pre(info: TokenizerInfo, tok_json, name: str, strings=CHECK_STRINGS) -> tuple[int, int]:
     """How many check strings llama.cpp would tokenize like the HF tokenizer with pre-tokenizer `name`."""
-    from tokenizers import Tokenizer
+    return _score(info, name, reference_ids(tok_json, strings), strings)
 
-    reference = Tokenizer.from_str(json.dumps(tok_json))
+
+def _score(info: TokenizerInfo, name: str, reference: list[list[int]], strings=CHECK_STRINGS) -> tuple[int, int]:
     bpe = SimulatedBPE(info.tokens, info.merges or [], KNOWN_PRE[name])
-    ok = sum(bpe.encode(s) == reference.encode(s, add_special_tokens=False).ids for s in strings)
-    return ok, len(strings)
+    return sum(bpe.encode(s) == ids for s, ids in zip(strings, reference)), len(strings)
 
 
 def _byte_to_unicode() -> dict[int, str]:
