@@ -186,7 +186,10 @@ def _from_sentencepiece(path: Path, tok_json, tok_config) -> TokenizerInfo:
     _apply_added(tokens, types, scores, _added_tokens(tok_json, tok_config))
     info = TokenizerInfo("llama", "default", tokens, types, scores=scores)
     info.add_space_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
-    if proto.normalizer_spec.name not in ("identity", "nmt_nfkc", ""):
+    if proto.trainer_spec.model_type == 1:  # UNIGRAM
+        info.notes.append("SentencePiece unigram model: llama.cpp merges pieces by score instead of the unigram "
+                          "lattice, so some words may be split differently")
+    if proto.normalizer_spec.name not in ("identity", ""):
         info.notes.append(f"SentencePiece normalizer {proto.normalizer_spec.name!r} is not applied by llama.cpp")
     return info
 
@@ -220,7 +223,10 @@ def _is_spm_style(tok_json) -> bool:
 def _from_spm_json(tok_json, tok_config) -> TokenizerInfo:
     model = tok_json["model"]
     added = _added_tokens(tok_json, tok_config)
+    notes = []
     if model["type"] == "Unigram":
+        notes.append("unigram tokenizer: llama.cpp merges pieces by score instead of the unigram lattice, "
+                     "so some words may be split differently")
         pieces = [(p, float(s)) for p, s in model["vocab"]]
         tokens = [p for p, _ in pieces]
         scores = [s for _, s in pieces]
@@ -253,8 +259,8 @@ def _from_spm_json(tok_json, tok_config) -> TokenizerInfo:
     text = json.dumps([tok_json.get("normalizer"), tok_json.get("pre_tokenizer")])
     info.add_space_prefix = ('"Prepend"' in text or '"prepend_scheme": "always"' in text
                              or '"prepend_scheme": "first"' in text)
-    info.notes.append("SentencePiece vocabulary read from tokenizer.json (no tokenizer.model): "
-                      "scores rebuilt from the merge order")
+    info.notes.extend(notes or ["SentencePiece vocabulary read from tokenizer.json (no tokenizer.model): "
+                                "scores rebuilt from the merge order"])
     return info
 
 
