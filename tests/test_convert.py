@@ -365,3 +365,37 @@ def test_cli_one_line_errors_and_success(hf_copy, tmp_path, capsys, monkeypatch)
     assert cli("--hf-path", str(hf_copy), "--mlx-path", str(out)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "--force" in err[0]
+
+
+@pytest.mark.parametrize("arch,flags", [("phi3", dict(dtype="float16")),
+                                        ("gemma2", dict(quantize=True, q_bits=4, q_group_size=64))])
+def test_same_tensors_as_mlx_lm_convert(arch, flags, tmp_path, tmp_path_factory):
+    """Streaming changes how, not what: names, dtypes and values equal mlx_lm.convert's, bit for bit."""
+    from mlx_lm import convert as mlx_lm_convert
+
+    import mlxtune
+
+    hf = cached_hf_model(tmp_path_factory, arch)
+    mlx_lm_convert(str(hf), str(tmp_path / "theirs"), **flags)
+    mlxtune.convert(hf, tmp_path / "ours", progress=False, **flags)
+    theirs, ours = mx.load(str(tmp_path / "theirs" / "model.safetensors")), mx.load(str(tmp_path / "ours" / "model.safetensors"))
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype, k
+        assert mx.array_equal(ours[k], theirs[k]).item(), k
+    assert json.loads((tmp_path / "ours" / "config.json").read_text()).get("quantization") == \
+        json.loads((tmp_path / "theirs" / "config.json").read_text()).get("quantization")
+
+
+def test_dequantize_an_mlx_lm_quantized_model(tmp_path, tmp_path_factory):
+    """A model quantized by mlx-lm (as on mlx-community) comes back as mlx-lm's own de-quantize gives it."""
+    from mlx_lm import convert as mlx_lm_convert
+
+    hf = cached_hf_model(tmp_path_factory, "mistral")
+    mlx_lm_convert(str(hf), str(tmp_path / "q"), quantize=True, q_bits=8, q_group_size=32)
+    mlx_lm_convert(str(tmp_path / "q"), str(tmp_path / "theirs"), dequantize=True)
+    dequantize_model_dir(tmp_path / "q", tmp_path / "ours", progress=False)
+    theirs, ours = mx.load(str(tmp_path / "theirs" / "model.safetensors")), mx.load(str(tmp_path / "ours" / "model.safetensors"))
+    assert set(ours) == set(theirs) and not any(k.endswith(".scales") for k in ours)
+    for k in theirs:
+        assert mx.array_equal(ours[k], theirs[k]).item(), k
