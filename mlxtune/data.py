@@ -434,25 +434,28 @@ def split_indices(n: int, valid_split: float, test_split: float, seed: int) -> d
             "test": sorted(order[:n_test])}
 
 
-def truncate(record: Record, max_seq_length: int) -> Record | None:
+def truncate(record: Record, max_seq_length: int, bos_id: int | None = None) -> Record | None:
     """Fit `record` into max_seq_length tokens, cutting prompt tokens from the start first.
 
-    The first token (BOS) and the token just before the first target stay. If the targets alone are too
-    long, the end is cut too; a record left with no target is None (dropped).
+    A leading BOS (`bos_id`) and the token just before the first target stay. If the targets alone are
+    too long, the end is cut too. A record with no target left is None (dropped).
     """
     ids, mask = record.ids, record.mask
     excess = len(ids) - max_seq_length
     if excess <= 0:
         return record if any(mask) else None
+    keep = 1 if bos_id is not None and ids and ids[0] == bos_id else 0
     first = next((i for i, m in enumerate(mask) if m), len(ids))
-    removable = max(0, first - 2)  # prompt tokens between ids[0] and ids[first - 1]
-    cut = min(excess, removable)
-    ids, mask = ids[:1] + ids[1 + cut:], mask[:1] + mask[1 + cut:]
-    ids, mask = ids[:max_seq_length], mask[:max_seq_length]
-    mask = [False] + mask[1:]
+    cut = min(excess, max(0, first - 1 - keep))  # prompt tokens after BOS and before ids[first - 1]
+    ids, mask = ids[:keep] + ids[keep + cut:], mask[:keep] + mask[keep + cut:]
+    ids, mask = ids[:max_seq_length], [False] + mask[1:max_seq_length]
     if not any(mask):
         return None
     return Record(ids, mask)
+
+
+def _bos_id(tokenizer) -> int | None:
+    return getattr(templates.hf_tokenizer(tokenizer), "bos_token_id", None)
 
 
 def _resolve_inputs(data) -> list[tuple[Path, str | None]]:
@@ -519,11 +522,12 @@ def load_dataset(data, tokenizer, *, valid_split: float = 0.1, test_split: float
                                         train_on_inputs=train_on_inputs, chat_template=chat_template, keys=keys,
                                         cache=cache)
     truncated = dropped = 0
+    bos = _bos_id(tokenizer)
     out: dict[str, list[Record]] = {}
     for name, records in splits.items():
         kept = []
         for r in records:
-            t = truncate(r, max_seq_length)
+            t = truncate(r, max_seq_length, bos)
             if t is None:
                 dropped += 1
             else:
@@ -679,6 +683,7 @@ class DataReport:
     dropped: int  # examples that will be left out (no trained token)
     examples: list[Record]  # the first n training examples as they will be trained (after truncation)
     tokenizer: Any = None  # the tokenizer used, to decode `examples` (see `highlight`)
+    padding: dict[str, float] = field(default_factory=dict)  # "bucketed"/"packed" -> padding share of train batches
 
     def length_stats(self, split: str) -> dict[str, int]:
         x = np.asarray(self.lengths[split])
@@ -701,26 +706,35 @@ def _tokenizer_of(model_or_tokenizer):
 def inspect_dataset(model, data, *, n: int = 3, max_seq_length: int = 2048, valid_split: float = 0.1,
                     test_split: float = 0.0, seed: int = 0, train_on_inputs: bool = False,
                     chat_template: str | None = None, prompt_key: str | None = None,
-                    completion_key: str | None = None, cache: bool | str | os.PathLike = True) -> DataReport:
-    """Load `data` as training would (with the tokenizer of `model`, a path/hub id or a tokenizer) and report."""
+                    completion_key: str | None = None, batch_size: int = 4,
+                    cache: bool | str | os.PathLike = True) -> DataReport:
+    """Load `data` as training would (with the tokenizer of `model`, a path/hub id or a tokenizer) and report.
+
+    `batch_size` is only used to estimate the padding of training batches, bucketed and packed.
+    """
     tokenizer = _tokenizer_of(model)
     keys = Keys(prompt=prompt_key or "prompt", completion=completion_key or "completion")
     splits, formats = _load_untruncated(data, tokenizer, valid_split=valid_split, test_split=test_split, seed=seed,
                                         train_on_inputs=train_on_inputs, chat_template=chat_template, keys=keys,
                                         cache=cache)
     truncated = dropped = 0
-    examples = []
+    bos = _bos_id(tokenizer)
+    train = []
     for name, records in splits.items():
         for r in records:
-            t = truncate(r, max_seq_length)
+            t = truncate(r, max_seq_length, bos)
             if t is None:
                 dropped += 1
             else:
                 truncated += t is not r
-                if name == "train" and len(examples) < n:
-                    examples.append(t)
+                if name == "train":
+                    train.append(t)
     lengths = {name: [len(r.ids) for r in records] for name, records in splits.items()}
-    return DataReport(formats, lengths, max_seq_length, truncated, dropped, examples, tokenizer)
+    padding = {}
+    if train:
+        padding = {"bucketed": padding_fraction(train, batch_size, max_seq_length=max_seq_length, seed=seed),
+                   "packed": padding_fraction(train, batch_size, max_seq_length=max_seq_length, seed=seed, pack=True)}
+    return DataReport(formats, lengths, max_seq_length, truncated, dropped, train[:n], tokenizer, padding)
 
 
 def highlight(tokenizer, record: Record, color: bool = False) -> str:

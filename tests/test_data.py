@@ -242,17 +242,26 @@ def test_truncation_cuts_the_prompt_side_and_counts(toks, tmp_path):
     assert (splits.truncated, splits.dropped) == (2, 0)
     cut_chat, kept_short, cut_text = splits.train
     assert (kept_short.ids, kept_short.mask) == (short.ids, short.mask)
-    # Prompt side: BOS/first token kept, start of the prompt removed, the answer and its header intact.
-    assert len(cut_chat.ids) == 30 and cut_chat.ids[0] == full_chat.ids[0]
-    assert cut_chat.ids[1:] == full_chat.ids[-29:] and runs(cut_chat) == runs(full_chat)
+    # Prompt side: the start of the prompt removed, the answer and its header intact (ChatML has no BOS).
+    assert cut_chat.ids == full_chat.ids[-30:] and runs(cut_chat) == runs(full_chat)
     # Text has no prompt side: its end is cut.
     assert cut_text.ids == full_text.ids[:30] and cut_text.mask == full_text.mask[:30]
     assert "2 examples truncated" in splits.summary()
-    # Nothing to train on: an empty text, and a chat squeezed to 2 tokens.
+    # A template that writes BOS keeps it in front.
+    llama = toks["llama3"]
+    lpath = write_jsonl(tmp_path / "l.jsonl", [long_prompt])
+    [full_llama] = load_train(lpath, llama)
+    [cut_llama] = load_dataset(lpath, llama, valid_split=0, max_seq_length=30, cache=False).train
+    bos = llama._tokenizer.bos_token_id
+    assert full_llama.ids[0] == bos and cut_llama.ids == [bos] + full_llama.ids[-29:]
+    assert runs(cut_llama) == runs(full_llama)
+    # Nothing to train on: an empty text, and chats squeezed to BOS + the token before the answer.
     write_jsonl(tmp_path / "e.jsonl", [{"text": ""}, {"text": "Hello"}])
     assert load_dataset(tmp_path / "e.jsonl", tok, valid_split=0, cache=False).dropped == 1
-    tiny = load_dataset(path, tok, valid_split=0, max_seq_length=2, cache=False)
-    assert (tiny.dropped, tiny.train) == (2, [])
+    write_jsonl(lpath, [long_prompt, chat("Say hi", "Hi")])
+    squeezed = load_dataset(lpath, llama, valid_split=0, max_seq_length=2, cache=False)
+    assert (squeezed.dropped, squeezed.truncated, squeezed.train) == (2, 0, [])
+    assert "2 dropped" in squeezed.summary()
 
 
 def _key(r):
@@ -480,6 +489,7 @@ def test_cli_inspect_convert_split(tiny_llama, tmp_path):
     assert "chat.jsonl" not in r.output and "train.jsonl: chat" in r.output
     assert "train: 7 examples" in r.output and "valid: 2 examples" in r.output
     assert "10 examples longer than --max-seq-length 20 will be truncated" in r.output
+    assert "padding in training batches of 4: " in r.output
     assert "[[Hello<|im_end|>]]" in r.output and "\033[" not in r.output
 
     # Bad data through the real entry point: one line, exit 1, file and line named.

@@ -39,9 +39,11 @@ def _bar(count: int, most: int, width: int = 40) -> str:
               help="Jinja chat template file replacing the tokenizer's (default: its own, else ChatML).")
 @click.option("--prompt-key", default=None, help="Field holding the prompt (default: prompt).")
 @click.option("--completion-key", default=None, help="Field holding the answer (default: completion).")
+@click.option("--batch-size", default=4, show_default=True, type=int,
+              help="Batch size for the padding estimate (bucketed and --pack).")
 @click.option("--color/--no-color", default=None, help="Colour trained tokens (default: when stdout is a terminal).")
 def inspect_cmd(model, data, n, max_seq_length, valid_split, test_split, seed, train_on_inputs, chat_template,
-                prompt_key, completion_key, color):
+                prompt_key, completion_key, batch_size, color):
     """Show formats, counts, token lengths, truncation and examples with the trained tokens marked.
 
     Trained tokens are green in a terminal and [[in double brackets]] when the output is piped.
@@ -55,7 +57,7 @@ def inspect_cmd(model, data, n, max_seq_length, valid_split, test_split, seed, t
     report = inspect_dataset(model, list(data) if len(data) > 1 else data[0], n=n, max_seq_length=max_seq_length,
                              valid_split=valid_split, test_split=test_split, seed=seed,
                              train_on_inputs=train_on_inputs, chat_template=chat_template,
-                             prompt_key=prompt_key, completion_key=completion_key)
+                             prompt_key=prompt_key, completion_key=completion_key, batch_size=batch_size)
     for file, fmt in report.formats.items():
         click.echo(f"{file}: {fmt}")
     for split, lengths in report.lengths.items():
@@ -70,6 +72,9 @@ def inspect_cmd(model, data, n, max_seq_length, valid_split, test_split, seed, t
         click.echo(f"  {lo:>7}-{hi:<7} {count:>6} {_bar(count, max(counts))}")
     click.echo(f"{report.truncated} examples longer than --max-seq-length {report.max_seq_length} will be truncated"
                + (f", {report.dropped} dropped (no trained token)" if report.dropped else ""))
+    if report.padding:
+        click.echo(f"padding in training batches of {batch_size}: {100 * report.padding['bucketed']:.1f}% "
+                   f"(with --pack: {100 * report.padding['packed']:.1f}%)")
     color = sys.stdout.isatty() if color is None else color
     for i, record in enumerate(report.examples, 1):
         trained = sum(record.mask)
