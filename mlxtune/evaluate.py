@@ -108,7 +108,7 @@ def cannot_match(text: str, answer: str) -> bool:
     return not answer.startswith(settled.strip()) and not answer.startswith(settled[:-1].strip())
 
 
-def greedy_batch(model, tokenizer, prompts: list[list[int]], *, max_tokens: int = 256, batch_size: int = 16,
+def greedy_batch(model, tokenizer, prompts: list[list[int]], *, max_tokens: int = 256, batch_size: int = 32,
                  answers: list[str] | None = None, progress=None) -> list[str]:
     """Greedy replies to many prompts, `batch_size` at a time, stopping at EOS / end of turn.
 
@@ -212,7 +212,7 @@ def split_loss(model, tokenizer, file: Path, *, limit: int | None = None, batch_
 
 
 def evaluate(model=None, tokenizer=None, *, data=None, adapter_file=None, split: str = "test",
-             max_tokens: int = 256, limit: int | None = None, batch_size: int = 16, loss: bool = True,
+             max_tokens: int = 256, limit: int | None = None, batch_size: int = 32, loss: bool = True,
              max_seq_length: int = 2048, chat_template: str | None = None, progress: bool = True) -> EvalResult:
     """Score a model on a chat dataset split: exact match (greedy), test loss and perplexity.
 

@@ -17,7 +17,7 @@ from . import main
               help="Which file of a data folder to score.")
 @click.option("--max-tokens", "-m", default=256, show_default=True, type=int, help="Longest reply, in tokens.")
 @click.option("--limit", default=None, type=int, help="Score only the first N records.")
-@click.option("--batch-size", default=16, show_default=True, type=int,
+@click.option("--batch-size", default=32, show_default=True, type=int,
               help="Prompts generated together (1 = one at a time).")
 @click.option("--show", default=0, show_default=True, type=int, help="Print the first N mismatches.")
 @click.option("--loss/--no-loss", default=True, show_default=True, help="Also compute test loss and perplexity.")
