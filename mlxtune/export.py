@@ -159,6 +159,29 @@ def go_template(family: str, jinja: str = "", eos: str | None = None) -> str:
     return text
 
 
+def default_system_prompt(template: str | None) -> str | None:
+    """The system prompt a ChatML template inserts when the conversation has none (Qwen2.5 does), else None.
+
+    Ollama has no such branch in a Go template; the Modelfile's SYSTEM line is its equivalent (sent as the
+    system message whenever the request has none).
+    """
+    if not template:
+        return None
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        text = env.from_string(template).render(messages=[{"role": "user", "content": "\x00"}],
+                                                add_generation_prompt=True, bos_token="", eos_token="")
+    except Exception:  # a template that needs more context than we give it: no default to report
+        return None
+    head = "<|im_start|>system\n"
+    if not text.startswith(head) or "<|im_end|>" not in text:
+        return None
+    system = text[len(head):text.index("<|im_end|>")]
+    return system if "\x00" not in system else None
+
+
 def stop_tokens(info: GGUFChatInfo, family: str | None) -> list[str]:
     """Every end-of-turn string this model can emit: the family's markers, EOT and EOS, if in the vocabulary."""
     stops: list[str] = []
@@ -199,6 +222,10 @@ def modelfile_text(info: GGUFChatInfo, from_ref: str, adapter_ref: str | None = 
                      "Ollama will send raw prompts")
     stops = stop_tokens(info, family)
     lines.extend(f"PARAMETER stop {_quote(s)}" for s in stops)
+    if system is None and family == "chatml":
+        system = default_system_prompt(info.chat_template)
+        if system:
+            notes.append("the chat template adds a default system prompt when none is given: written as SYSTEM")
     if system:
         lines.append(f'SYSTEM """{system}"""')
     return "\n".join(lines) + "\n", family, stops, notes

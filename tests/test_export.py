@@ -443,3 +443,28 @@ def test_one_shot_adapter_to_chat_ready(tiny_llama, tmp_path):
     assert np.abs(_llama_cpp_logits(model, ids) - _mlx_logits(tiny_llama, adapter, ids)).max() <= 2e-3
     res = CliRunner().invoke(main, ["export", "--model", str(tiny_llama)])
     assert res.exit_code != 0 and "--adapter-file" in res.output
+
+
+QWEN25 = (
+    "{%- if messages[0]['role'] == 'system' %}\n    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
+    "{%- else %}\n    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n"
+    "{%- endif %}\n{%- for message in messages %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or (message.role == \"assistant\") %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- endif %}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
+)
+
+
+def test_chatml_default_system_prompt_becomes_system_line(tmp_path, go_renderer):
+    """Qwen2.5's template adds a system prompt when there is none; Ollama gets it as SYSTEM, same prompt text."""
+    model = chat_gguf(tmp_path / "qwen.gguf", QWEN25, ["<|im_start|>", "<|im_end|>", "<|endoftext|>"], "<|im_end|>")
+    result = export_ollama(model)
+    text = result.modelfile.read_text()
+    default = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    assert f'SYSTEM """{default}"""' in text and any("default system prompt" in n for n in result.notes)
+    # Ollama sends SYSTEM as the first message when the request has no system message of its own
+    sent = [[{"role": "system", "content": default}, *conv] for conv in CONVERSATIONS] + WITH_SYSTEM
+    expected = [jinja_render(QWEN25, conv, "<|im_end|>") for conv in CONVERSATIONS + WITH_SYSTEM]
+    assert go_renderer(modelfile_template(text), sent) == expected
+    plain = export_ollama(chat_gguf(tmp_path / "c.gguf", CHATML_TEMPLATE, [], "</s>"), out=tmp_path / "c")
+    assert "SYSTEM" not in plain.modelfile.read_text()
