@@ -458,6 +458,38 @@ def test_packed_batch_gives_the_same_loss_as_the_examples_one_by_one(tiny_llama,
     assert abs(leaky - one_by_one) > 1e-3
 
 
+def test_convert_between_formats_keeps_what_is_trained(toks, tmp_path):
+    tok = toks["chatml"]
+    src = write_jsonl(tmp_path / "pairs.jsonl", [{"question": f"Say hi {i}", "answer": "Hello"} for i in range(3)])
+    assert data.convert_dataset(src, tmp_path / "comp.jsonl", "completions") == 3
+    assert json.loads((tmp_path / "comp.jsonl").read_text().splitlines()[1]) == {"prompt": "Say hi 1",
+                                                                                  "completion": "Hello"}
+    data.convert_dataset(tmp_path / "comp.jsonl", tmp_path / "chat.jsonl", "chat")
+    originals = load_train(src, tok)
+    assert [(r.ids, r.mask) for r in load_train(tmp_path / "chat.jsonl", tok)] == [(r.ids, r.mask) for r in originals]
+    # --to text renders with the model's template: same tokens, now all trained.
+    data.convert_dataset(src, tmp_path / "text.jsonl", "text", model=tok)
+    assert [r.ids[:-1] for r in load_train(tmp_path / "text.jsonl", tok)] == [r.ids for r in originals]
+    with pytest.raises(DataError, match=r"text\.jsonl:1: plain text cannot become chat"):
+        data.convert_dataset(tmp_path / "text.jsonl", tmp_path / "back.jsonl", "chat")
+    multi = write_jsonl(tmp_path / "multi.jsonl", [chat(*CONVERSATION)])
+    with pytest.raises(DataError, match=r"multi\.jsonl:1: only a single user turn"):
+        data.convert_dataset(multi, tmp_path / "m.jsonl", "completions")
+    assert not (tmp_path / "m.jsonl").exists()
+    before = (tmp_path / "chat.jsonl").read_text()
+    with pytest.raises(DataError, match="already exists"):
+        data.convert_dataset(src, tmp_path / "chat.jsonl", "chat")
+    assert (tmp_path / "chat.jsonl").read_text() == before
+
+
+def test_highlight_marks_trained_tokens(toks):
+    tok = toks["chatml"]
+    ids, mask = templates.chat_to_ids(tok, chat("Say hi", "Hello")["messages"])
+    plain = data.highlight(tok, Record(ids, mask))
+    assert plain.endswith("assistant\n[[Hello<|im_end|>]]\n") and plain.count("[[") == 1
+    assert "\033[1;32mHello<|im_end|>\033[0m" in data.highlight(tok, Record(ids, mask), color=True)
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 
