@@ -250,7 +250,8 @@ def evaluate(model=None, tokenizer=None, *, data=None, adapter_file=None, split:
     correct = len(rows) - len(mismatches)
     loss_value = ppl = None
     if loss:
-        loss_value = split_loss(model, tokenizer, file, limit=limit, batch_size=batch_size,
+        # Whole sequences through the vocabulary head cost far more memory than decoding: smaller batches.
+        loss_value = split_loss(model, tokenizer, file, limit=limit, batch_size=min(batch_size, 8),
                                 max_seq_length=max_seq_length, chat_template=chat_template)
         ppl = math.exp(min(loss_value, 700.0))
     return EvalResult(exact_match=correct / len(rows), n=len(rows), correct=correct, test_loss=loss_value,
