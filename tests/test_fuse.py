@@ -285,3 +285,29 @@ def test_bfloat16_output_measures_and_warns_about_a_rounded_away_update(tiny_lla
     with warnings.catch_warnings():  # the same tiny update survives in float32
         warnings.simplefilter("error", RequantizationWarning)
         assert fuse(tiny_llama, adapter, tmp_path / "f32").mean_kept > 0.99
+
+
+def test_whole_path_qlora_train_then_fuse_de_quantized_then_gguf(q4_base, tmp_path, monkeypatch):
+    """convert -q -> lora (QLoRA) -> fuse --de-quantize --gguf: the fine-tune reaches the fused model and GGUF."""
+    import mlxtune
+    from gguf import GGUFReader
+
+    monkeypatch.setenv("MLXTUNE_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.dumps({"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w.upper()}]})
+            for w in ["fox", "dog", "cat", "table", "users", "timer", "hello", "quick"] * 3]
+    for name in ("train", "valid"):
+        (data / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+    trained = mlxtune.lora(str(q4_base), str(data), iters=2, batch_size=2, learning_rate=1e-2, lora_layers=2,
+                           steps_per_eval=0, plot=False, adapter_file=str(tmp_path / "adapters" / "adapters.npz"),
+                           verbose=False)
+    expected = logits(q4_base, trained.adapter_file)
+    assert np.abs(expected - logits(q4_base)).max() > 1e-3  # training moved the model
+
+    result = mlxtune.fuse(q4_base, trained.adapter_file, tmp_path / "fused", de_quantize=True,
+                          gguf=tmp_path / "model.gguf", log=lambda _: None)
+    assert result.parity <= 1e-4 and result.dtype == "float16"
+    np.testing.assert_allclose(logits(tmp_path / "fused"), expected, atol=5e-2)
+    names = {t.name for t in GGUFReader(tmp_path / "model.gguf").tensors}
+    assert {"token_embd.weight", "blk.0.attn_q.weight", "blk.1.attn_output.weight"} <= names
