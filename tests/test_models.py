@@ -33,6 +33,26 @@ def test_load_matches_transformers(arch, tmp_path_factory):
     assert tokenizer.encode("hello world") == tokenizer._tokenizer.encode("hello world")
 
 
+SCALINGS = {
+    "qwen2-yarn": ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                             "rope_theta": 1e6}),
+    "llama-linear": ("llama", {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e5}),
+    "llama-dynamic": ("llama", {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e5}),
+    "mistral-llama3": ("mistral", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+                                   "rope_theta": 5e5}),
+}
+
+
+@pytest.mark.parametrize("case", list(SCALINGS))
+def test_rope_scalings_match_transformers(case, tmp_path_factory):
+    arch, rope = SCALINGS[case]
+    extra = {"max_position_embeddings": 8} if rope["rope_type"] == "dynamic" else {}  # 12 tokens > 8: scaled
+    path = cached_hf_model(tmp_path_factory, arch, rope_parameters=rope, **extra)
+    model, _ = load(path)
+    assert np.abs(mlx_logits(model, TEST_IDS) - cached_hf_logits(path, TEST_IDS)).max() <= 1e-4
+
+
 @pytest.mark.parametrize("arch", ["llama", "llama3", "gemma2", "phi3", "gemma3"])
 def test_without_normalization_the_logits_differ(arch, tmp_path_factory):
     """Guards the test above: plain mlx-lm on the raw transformers-5 config is measurably wrong."""
