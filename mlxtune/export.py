@@ -36,6 +36,13 @@ GO_TEMPLATES = {
         "{{ .Content }}<|eot_id|>\n"
         "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
+    # Llama 3.1+: a system block is always written, opening with fixed text (knowledge cutoff, date).
+    "llama3-system": (
+        "<|start_header_id|>system<|end_header_id|>\n\n@@PREFIX@@{{ .System }}<|eot_id|>\n"
+        "{{- range .Messages }}{{ if ne .Role \"system\" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
+        "{{ .Content }}<|eot_id|>\n"
+        "{{- end }}{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
     # Mistral puts the system prompt inside the last [INST] block; a system message is not rendered itself.
     "mistral": (
         "{{- range $i, $_ := .Messages }}\n"
@@ -150,6 +157,10 @@ def chat_family(template: str | None) -> str | None:
 def go_template(family: str, jinja: str = "", eos: str | None = None) -> str:
     """Ollama's TEMPLATE for `family`; details that vary between releases are read from the Jinja text."""
     text = GO_TEMPLATES[family]
+    if family == "llama3":
+        prefix = llama3_system_prefix(jinja)
+        if prefix is not None:
+            text = GO_TEMPLATES["llama3-system"].replace("@@PREFIX@@", prefix)
     if family == "mistral":
         # v0.1/v0.2 write "[INST] x [/INST]answer</s>"; v0.3 writes "[INST] x[/INST] answer</s>".
         close = " [/INST]" if re.search(r"[\"'] \[/INST\]", jinja) else "[/INST]"
@@ -165,21 +176,47 @@ def default_system_prompt(template: str | None) -> str | None:
     Ollama has no such branch in a Go template; the Modelfile's SYSTEM line is its equivalent (sent as the
     system message whenever the request has none).
     """
-    if not template:
-        return None
-    try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        text = env.from_string(template).render(messages=[{"role": "user", "content": "\x00"}],
-                                                add_generation_prompt=True, bos_token="", eos_token="")
-    except Exception:  # a template that needs more context than we give it: no default to report
+    text = _render(template, [{"role": "user", "content": "\x00"}])
+    if text is None:
         return None
     head = "<|im_start|>system\n"
     if not text.startswith(head) or "<|im_end|>" not in text:
         return None
     system = text[len(head):text.index("<|im_end|>")]
     return system if "\x00" not in system else None
+
+
+LLAMA3_SYSTEM_HEAD = "<|start_header_id|>system<|end_header_id|>\n\n"
+
+
+def llama3_system_prefix(template: str | None) -> str | None:
+    """The fixed text a Llama-3.1-style template always writes in its system block before the system message.
+
+    None when the template writes no system block of its own (Llama 3.0). The date such templates print is
+    the one they fall back to without `strftime_now`, fixed at export time.
+    """
+    bare = _render(template, [{"role": "user", "content": "\x00"}])
+    with_system = _render(template, [{"role": "system", "content": "\x01"}, {"role": "user", "content": "\x00"}])
+    if not bare or not with_system or not bare.startswith(LLAMA3_SYSTEM_HEAD) or "<|eot_id|>" not in bare:
+        return None
+    prefix = bare[len(LLAMA3_SYSTEM_HEAD):bare.index("<|eot_id|>")]
+    if "\x00" in prefix or "{{" in prefix or not with_system.startswith(f"{LLAMA3_SYSTEM_HEAD}{prefix}\x01<|eot_id|>"):
+        return None
+    return prefix
+
+
+def _render(template: str | None, messages: list[dict]) -> str | None:
+    """The Jinja chat template rendered as transformers does (BOS left out), or None if it cannot be."""
+    if not template:
+        return None
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token="",
+                                                eos_token="")
+    except Exception:  # a template that needs more context than we give it
+        return None
 
 
 def stop_tokens(info: GGUFChatInfo, family: str | None) -> list[str]:

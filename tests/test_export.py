@@ -468,3 +468,26 @@ def test_chatml_default_system_prompt_becomes_system_line(tmp_path, go_renderer)
     assert go_renderer(modelfile_template(text), sent) == expected
     plain = export_ollama(chat_gguf(tmp_path / "c.gguf", CHATML_TEMPLATE, [], "</s>"), out=tmp_path / "c")
     assert "SYSTEM" not in plain.modelfile.read_text()
+
+
+LLAMA31 = (
+    "{{- bos_token }}\n{%- if not date_string is defined %}\n    {%- set date_string = \"26 Jul 2024\" %}\n{%- endif %}\n"
+    "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content']|trim %}\n"
+    "    {%- set messages = messages[1:] %}\n{%- else %}\n    {%- set system_message = \"\" %}\n{%- endif %}\n"
+    "{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n{{- \"Cutting Knowledge Date: December 2023\\n\" }}\n"
+    "{{- \"Today Date: \" + date_string + \"\\n\\n\" }}\n{{- system_message }}\n{{- \"<|eot_id|>\" }}\n"
+    "{%- for message in messages %}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n"
+    "{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n{%- endif %}\n"
+)
+
+
+def test_llama31_system_block(tmp_path, go_renderer):
+    """Llama 3.1+ always opens with a system block (knowledge cutoff, date): reproduced in the Go template."""
+    specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    model = chat_gguf(tmp_path / "l31.gguf", LLAMA31, specials, "<|eot_id|>")
+    text = export_ollama(model).modelfile.read_text()
+    assert "Cutting Knowledge Date: December 2023" in text
+    conversations = CONVERSATIONS + WITH_SYSTEM
+    assert go_renderer(modelfile_template(text), conversations) == [
+        jinja_render(LLAMA31, conv, "<|eot_id|>") for conv in conversations]
