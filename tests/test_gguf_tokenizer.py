@@ -276,3 +276,22 @@ def test_pre_tokenizer_nothing_fits_warns(bpe_dir, tmp_path):
     info = read_tokenizer(odd)
     assert info.notes[-1].startswith("warning: no llama.cpp pre-tokenizer reproduces")
     assert "--pre-tokenizer NAME" in info.notes[-1] and info.pre in ("gpt-2", "llama-bpe", "qwen2", "starcoder", "default")
+
+
+def test_add_bos_follows_the_post_processor(bpe_dir, tmp_path):
+    """Llama-3 style: tokenizer.json's post_processor prepends BOS, so llama.cpp must add it too."""
+    d = shutil.copytree(bpe_dir, tmp_path / "bos")
+    data = json.loads((d / "tokenizer.json").read_text())
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    data["post_processor"] = {
+        "type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    (d / "tokenizer.json").write_text(json.dumps(data))
+    info = read_tokenizer(d)
+    assert info.add_bos and not info.add_eos
+    llm = vocab_only(d, tmp_path / "bos.gguf")
+    from transformers import AutoTokenizer
+
+    text = "Hello world"
+    assert llm.tokenize(text.encode(), add_bos=True, special=True) == AutoTokenizer.from_pretrained(str(d))(text)["input_ids"]
