@@ -266,6 +266,9 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike = "mlx_model
         raise ConfigError(f"--q-group-size {q_group_size} is not supported; choose 32, 64 or 128")
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
+    keep = _keep_patterns(keep_modules)
+    if keep and not quantize:
+        raise ConfigError("--keep-modules only applies when quantizing: add -q")
     src = resolve_model_path(hf_path, revision)
     out = Path(mlx_path).expanduser()
     if out.resolve() == src.resolve():
@@ -313,7 +316,6 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike = "mlx_model
     predicate = getattr(model, "quant_predicate", None) if quantize else None
 
     quant = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"} if quantize else None
-    keep = _keep_patterns(keep_modules)
     float_layers: dict[str, str] = {}
     outputs: list[tuple[str, object]] = []
     num_parameters = 0

@@ -343,6 +343,8 @@ def test_bad_settings(hf_copy, tmp_path):
         convert(hf_copy, tmp_path / "o", dtype="float8")
     with pytest.raises(ConfigError, match="either"):
         convert(hf_copy, tmp_path / "o", quantize=True, dequantize=True)
+    with pytest.raises(ConfigError, match="--keep-modules only applies when quantizing"):
+        convert(hf_copy, tmp_path / "o", keep_modules="lm_head")
     with pytest.raises(ConfigError, match="is the input model"):
         convert(hf_copy, hf_copy, force=True)
 
