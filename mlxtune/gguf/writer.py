@@ -332,7 +332,6 @@ def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer
         w = gguf.GGUFWriter(tmp, arch.name)
         try:
             w.add_type(gguf.GGUFType.MODEL)
-            w.add_name(_model_name(model_dir))
             w.add_file_type(ftype.llama_file_type)
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
             archmod.add_metadata(w, arch, cfg)
@@ -344,6 +343,7 @@ def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer
                     f"the tokenizer has {len(tokens)} tokens but the embedding has {embd.rows} rows: "
                     "llama.cpp needs them equal (check vocab_size in config.json)"
                 )
+            w.add_name(_model_name(model_dir, tokens))
             from tqdm.auto import tqdm
 
             bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True,
@@ -360,8 +360,13 @@ def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer
     return planned
 
 
-def _model_name(model_dir: Path) -> str:
-    return Path(model_dir).resolve().name or "model"
+def _model_name(model_dir: Path, tokens: list | None) -> str:
+    name = Path(model_dir).resolve().name or "model"
+    # llama.cpp's vocab loader looks up </s>, <unk>, <s>, <|endoftext|> when general.name contains
+    # "phi3"/"phi-3", and aborts if one is missing: keep such a name only when they all exist
+    if re.search(r"phi-?3", name, re.I) and not {"</s>", "<unk>", "<s>", "<|endoftext|>"} <= set(tokens or []):
+        name = re.sub(r"phi-?3", "phi", name, flags=re.I)
+    return name
 
 
 # ---------------------------------------------------------------- verification

@@ -1,0 +1,364 @@
+"""GGUF writer: every file is loaded by llama.cpp itself and compared with the MLX model.
+
+Float files must give the MLX model's logits (F32 KV cache), quantized files must keep its top-1 choices;
+the K-quant encoders are checked block by block against `gguf`'s decoder and against ggml's own encoder
+(llama_model_quantize), and the per-tensor recipe against llama-quantize's choices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+import llamacpp
+from hf_models import TEST_IDS, cached_hf_model
+from mlxtune.errors import ConfigError, ExportError
+from mlxtune.gguf import to_gguf
+from mlxtune.gguf import quants
+from mlxtune.gguf.writer import dequantize_mlx
+
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
+QUIET = dict(progress=False, log=lambda msg: None)
+
+
+@contextlib.contextmanager
+def ggml_gelu():
+    """Make MLX's GELU round like ggml's CPU GELU (tanh form through an f16 lookup table).
+
+    llama.cpp evaluates GELU on the f16-rounded input and stores an f16 result; on Gemma 2 that alone
+    moves logits by ~2e-3, which would hide what the writer does. The reference applies the same rounding.
+    """
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    saved = nn.gelu, nn.gelu_approx
+
+    def gelu(x):
+        h = x.astype(mx.float16).astype(mx.float32)
+        y = 0.5 * h * (1 + mx.tanh(0.7978845608028654 * h * (1 + 0.044715 * h * h)))
+        y = y.astype(mx.float16).astype(mx.float32)
+        return mx.where(x <= -10, 0, mx.where(x >= 10, x, y))
+
+    nn.gelu = nn.gelu_approx = gelu
+    try:
+        yield
+    finally:
+        nn.gelu, nn.gelu_approx = saved
+
+
+def mlx_logits(model_dir, seqs, *, f16_weights: bool = False, gguf_gelu: bool = False) -> np.ndarray:
+    """MLX logits (B, L, V) in float32; optionally with matrices rounded to f16 as an F16 file stores them."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    from mlxtune.models import load
+
+    model, _ = load(model_dir)
+    if f16_weights:
+        model.update(tree_map(lambda v: v.astype(mx.float16).astype(mx.float32) if v.ndim == 2 else v,
+                              model.parameters()))
+    with ggml_gelu() if gguf_gelu else contextlib.nullcontext():
+        out = model(mx.array(np.atleast_2d(seqs)))
+        return np.array(out.astype(mx.float32))
+
+
+def gguf_logits(path, seqs) -> np.ndarray:
+    llm = llamacpp.load(path)
+    return np.stack([llamacpp.logits(llm, s) for s in np.atleast_2d(seqs)])
+
+
+def perplexity(logits: np.ndarray, seqs: np.ndarray) -> float:
+    """Perplexity of each next token of `seqs` under `logits` (B, L, V)."""
+    lg = logits[:, :-1].astype(np.float64)
+    lg = lg - lg.max(-1, keepdims=True)
+    logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, seqs[:, 1:, None], -1)
+    return float(np.exp(nll.mean()))
+
+
+# ---------------------------------------------------------------- float files, every architecture
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_float_files_give_the_mlx_logits(arch, tmp_path_factory, tmp_path):
+    model = cached_hf_model(tmp_path_factory, arch)
+    gemma = arch.startswith("gemma")
+    ref32 = mlx_logits(model, TEST_IDS, gguf_gelu=gemma)[0]
+    ref16 = mlx_logits(model, TEST_IDS, f16_weights=True, gguf_gelu=gemma)[0]
+    for kind, ref in (("f32", ref32), ("f16", ref16)):
+        out = to_gguf(model, tmp_path / f"{arch}-{kind}.gguf", kind, **QUIET)
+        got = llamacpp.logits(out, TEST_IDS)
+        diff = float(np.abs(got - ref).max())
+        assert diff <= 2e-3, f"{arch} {kind}: max |llama.cpp - MLX| = {diff:.2e}"
+        assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_llama3_rope_freqs_and_tensor_layout(tmp_path_factory, tmp_path):
+    out = to_gguf(cached_hf_model(tmp_path_factory, "llama3"), tmp_path / "l3.gguf", "f32", **QUIET)
+    reader = gguf.GGUFReader(out)
+    tensors = {t.name: t for t in reader.tensors}
+    freqs = np.array(tensors["rope_freqs.weight"].data)
+    # factor 8 on the long wavelengths, 1 on the short ones (original context 64, head dim 16)
+    assert freqs.shape == (8,) and freqs[0] == 1.0 and freqs[-1] == 8.0
+    assert reader.fields["llama.rope.dimension_count"].contents() == 16
+    assert "output.weight" in tensors  # untied llama keeps its own output matrix
+
+
+def test_tied_and_gemma_outputs(tmp_path_factory, tmp_path):
+    for arch in ("qwen2", "gemma"):
+        out = to_gguf(cached_hf_model(tmp_path_factory, arch), tmp_path / f"{arch}.gguf", "f16", **QUIET)
+        names = {t.name: t for t in gguf.GGUFReader(out).tensors}
+        assert "output.weight" not in names
+        if arch == "qwen2":
+            assert names["blk.0.attn_q.bias"].tensor_type == Q.F32
+        assert names["blk.0.attn_norm.weight"].tensor_type == Q.F32
+
+
+# ---------------------------------------------------------------- quantized files
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory):
+    """8 blocks with 256-wide rows so that the K-quants apply (and the Q4_K_M layer pattern shows)."""
+    return cached_hf_model(tmp_path_factory, "llama", hidden_size=256, intermediate_size=512,
+                           num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def eval_seqs():
+    return np.random.default_rng(0).integers(0, 400, size=(4, 40))
+
+
+def test_quantized_files_keep_the_top1_choices(wide_llama, eval_seqs, tmp_path):
+    ref = mlx_logits(wide_llama, eval_seqs)
+    ppl_ref = perplexity(ref, eval_seqs)
+    agree = {}
+    for kind in ("q8_0", "q6_k", "q4_k_m", "q4_0"):
+        got = gguf_logits(to_gguf(wide_llama, tmp_path / f"{kind}.gguf", kind, **QUIET), eval_seqs)
+        agree[kind] = float((got.argmax(-1) == ref.argmax(-1)).mean())
+        ppl = perplexity(got, eval_seqs)
+        print(f"{kind}: top-1 agreement {agree[kind]:.3f}, perplexity {ppl:.2f} (MLX {ppl_ref:.2f})")
+        assert abs(ppl / ppl_ref - 1) < 0.05
+    assert agree["q8_0"] >= 0.98 and agree["q6_k"] >= 0.98
+    assert agree["q4_k_m"] >= 0.90 and agree["q4_0"] >= 0.85
+
+
+def test_q4_k_m_recipe_and_blocks_match_llama_quantize(wide_llama, tmp_path):
+    """llama-quantize, fed our F32 file, picks the same type per tensor and (nearly) the same bytes."""
+    ours = to_gguf(wide_llama, tmp_path / "ours.gguf", "q4_k_m", **QUIET)
+    f32 = to_gguf(wide_llama, tmp_path / "f32.gguf", "f32", **QUIET)
+    theirs = llamacpp.quantize(f32, tmp_path / "theirs.gguf", gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    ours_t = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    theirs_t = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert {n: t.tensor_type for n, t in ours_t.items()} == {n: t.tensor_type for n, t in theirs_t.items()}
+    assert ours_t["blk.0.attn_v.weight"].tensor_type == Q.Q6_K and ours_t["blk.3.attn_v.weight"].tensor_type == Q.Q4_K
+    assert ours_t["blk.2.ffn_down.weight"].tensor_type == Q.Q6_K and ours_t["output.weight"].tensor_type == Q.Q6_K
+    same_blocks, n_blocks = 0, 0
+    for name, t in ours_t.items():
+        if t.tensor_type not in (Q.Q4_K, Q.Q6_K):
+            continue
+        size = gguf.GGML_QUANT_SIZES[t.tensor_type][1]
+        a = np.array(t.data).reshape(-1, size)
+        b = np.array(theirs_t[name].data).reshape(-1, size)
+        same_blocks += int((a == b).all(axis=1).sum())
+        n_blocks += len(a)
+    assert same_blocks / n_blocks >= 0.95, f"only {same_blocks}/{n_blocks} blocks byte-identical to ggml"
+
+
+# ---------------------------------------------------------------- the K-quant encoders
+
+
+def _q4_k_reference_decode(block: np.ndarray) -> np.ndarray:
+    """Decode one Q4_K block by following ggml's dequantize_row_q4_K literally (scalar code)."""
+    d = float(block[0:2].view(np.float16)[0])
+    dmin = float(block[2:4].view(np.float16)[0])
+    sc, q = block[4:16], block[16:144]
+    out = []
+    for j in range(8):
+        if j < 4:
+            s, m = sc[j] & 63, sc[j + 4] & 63
+        else:
+            s = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4)
+            m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)
+        nib = q[32 * (j // 2): 32 * (j // 2) + 32]
+        vals = (nib & 0xF) if j % 2 == 0 else (nib >> 4)
+        out.extend(d * s * v - dmin * m for v in vals.astype(np.float64))
+    return np.array(out, dtype=np.float32)
+
+
+def _q6_k_reference_decode(block: np.ndarray) -> np.ndarray:
+    """Decode one Q6_K block following ggml's dequantize_row_q6_K literally."""
+    ql, qh, sc = block[0:128], block[128:192], block[192:208].view(np.int8)
+    d = float(block[208:210].view(np.float16)[0])
+    y = np.zeros(256, dtype=np.float32)
+    for half in range(2):
+        l_, h_, s_ = ql[64 * half:], qh[32 * half:], sc[8 * half:]
+        for i in range(32):
+            is_ = i // 16
+            q1 = int((l_[i] & 0xF) | (((h_[i] >> 0) & 3) << 4)) - 32
+            q2 = int((l_[i + 32] & 0xF) | (((h_[i] >> 2) & 3) << 4)) - 32
+            q3 = int((l_[i] >> 4) | (((h_[i] >> 4) & 3) << 4)) - 32
+            q4 = int((l_[i + 32] >> 4) | (((h_[i] >> 6) & 3) << 4)) - 32
+            base = 128 * half + i
+            y[base] = d * s_[is_] * q1
+            y[base + 32] = d * s_[is_ + 2] * q2
+            y[base + 64] = d * s_[is_ + 4] * q3
+            y[base + 96] = d * s_[is_ + 6] * q4
+    return y
+
+
+def _test_blocks() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((24, 256)) * 0.05).astype(np.float32)
+    x[0] = 0                                # all zero
+    x[1] = 0.25                             # constant positive
+    x[2] = -0.25                            # constant negative
+    x[3, 7] = 3.0                           # one outlier
+    x[4] = np.abs(x[4])                     # one-signed
+    x[5, :128] = 0                          # half empty
+    x[6] *= 1e-6                            # tiny values
+    return x
+
+
+@pytest.mark.parametrize("qtype,encode,reference,bound", [
+    (Q.Q4_K, quants.quantize_q4_k, _q4_k_reference_decode, 0.09),
+    (Q.Q6_K, quants.quantize_q6_k, _q6_k_reference_decode, 0.022),
+])
+def test_k_quant_blocks_decode_exactly_and_within_bounds(qtype, encode, reference, bound):
+    x = _test_blocks()
+    blocks = encode(x)
+    assert blocks.dtype == np.uint8 and blocks.shape == (len(x), gguf.GGML_QUANT_SIZES[qtype][1])
+    decoded = quants.gguf_quants.dequantize(blocks, qtype)
+    for row, block in zip(decoded, blocks):
+        np.testing.assert_array_equal(row, reference(block))  # gguf's decoder == the literal ggml decoder
+    assert (decoded[0] == 0).all()
+    np.testing.assert_allclose(decoded[1], 0.25, rtol=2e-3)
+    np.testing.assert_allclose(decoded[2], -0.25, rtol=2e-3)
+    assert abs(decoded[3, 7] - 3.0) < 0.05              # the outlier survives
+    gauss = x[7:]
+    rel_rmse = np.sqrt(((decoded[7:] - gauss) ** 2).mean()) / gauss.std()
+    assert rel_rmse < bound
+    # each value within one quantization step of its sub-block (range / levels); typically half a step
+    sub = 32 if qtype == Q.Q4_K else 16
+    levels = 15 if qtype == Q.Q4_K else 63
+    g = gauss.reshape(-1, sub)
+    err = np.abs(decoded[7:].reshape(-1, sub) - g).max(axis=1)
+    assert (err <= (g.max(axis=1) - np.minimum(g.min(axis=1), 0)) / levels + 1e-6).all()
+
+
+# ---------------------------------------------------------------- inputs, streaming, errors, CLI
+
+
+def test_mlx_dequantize_matches_mlx():
+    import mlx.core as mx
+
+    w = mx.random.normal((8, 256), key=mx.random.key(0))
+    for bits in (2, 3, 4, 5, 6, 8):
+        q, s, b = mx.quantize(w, group_size=64, bits=bits)
+        ref = np.array(mx.dequantize(q, s, b, group_size=64, bits=bits))
+        got = dequantize_mlx(np.array(q), np.array(s), np.array(b), bits)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+
+
+def test_mlx_quantized_input_is_dequantized(tmp_path_factory, tmp_path):
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    from mlxtune.models import load
+
+    src = cached_hf_model(tmp_path_factory, "qwen3")
+    qdir = tmp_path / "q4"
+    model, tok = load(src)
+    cfg = json.loads((src / "config.json").read_text())
+    model, cfg = quantize_model(model, cfg, q_group_size=32, q_bits=4)
+    qdir.mkdir()
+    save_model(qdir, model)
+    save_config(cfg, qdir / "config.json")
+    for f in src.glob("tokenizer*"):
+        shutil.copy(f, qdir)
+    notes = []
+    out = to_gguf(qdir, tmp_path / "q.gguf", "f32", progress=False, log=notes.append)
+    assert any("MLX-quantized" in n for n in notes)
+    ref = mlx_logits(qdir, TEST_IDS)[0]
+    assert np.abs(llamacpp.logits(out, TEST_IDS) - ref).max() <= 2e-3
+
+
+def test_chunked_streaming_gives_identical_bytes(wide_llama, tmp_path, monkeypatch):
+    """Converting in tiny row chunks (q/k permutation across chunk borders included) changes nothing."""
+    from mlxtune.gguf import writer
+
+    whole = to_gguf(wide_llama, tmp_path / "whole.gguf", "q4_k_m", **QUIET).read_bytes()
+    monkeypatch.setattr(writer, "CHUNK_VALUES", 1000)
+    small = to_gguf(wide_llama, tmp_path / "small.gguf", "q4_k_m", **QUIET).read_bytes()
+    assert small == whole
+
+
+def test_refuses_existing_unsupported_and_broken(tmp_path_factory, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model = cached_hf_model(tmp_path_factory, "llama")
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep me")
+    with pytest.raises(ExportError, match="--force"):
+        to_gguf(model, out, "f16", **QUIET)
+    with pytest.raises(ConfigError, match="q4_k_m"):
+        to_gguf(model, tmp_path / "x.gguf", "q3_k", **QUIET)
+    odd = tmp_path / "odd"
+    shutil.copytree(model, odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
+    with pytest.raises(ExportError, match="supported: gemma.*llama.*phi3.*qwen2"):
+        to_gguf(odd, tmp_path / "x.gguf", "f16", **QUIET)
+    # a NaN in the weights: refused, and the existing file is untouched with no temp file left behind
+    (odd / "config.json").write_text(json.dumps(cfg))
+    weights = load_file(odd / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = np.nan
+    save_file(weights, odd / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExportError, match="NaN"):
+        to_gguf(odd, out, "q8_0", force=True, **QUIET)
+    assert out.read_bytes() == b"keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "odd"]
+
+
+def test_verify_catches_a_wrong_file(tmp_path_factory, tmp_path):
+    from mlxtune.gguf.writer import verify_gguf, write_gguf
+    from mlxtune.gguf.quants import FileType
+
+    planned = write_gguf(cached_hf_model(tmp_path_factory, "llama"), tmp_path / "a.gguf", FileType.F16, **QUIET)
+    verify_gguf(tmp_path / "a.gguf", planned)
+    planned[3].qtype = Q.Q8_0
+    with pytest.raises(ExportError, match=f"verify: tensor {planned[3].name} is F"):
+        verify_gguf(tmp_path / "a.gguf", planned)
+
+
+def test_cli(tmp_path_factory, tmp_path, capsys, monkeypatch):
+    from mlxtune.cli import run
+
+    def cli(*args):
+        try:
+            run(["gguf", *map(str, args)])
+            return 0
+        except SystemExit as e:
+            return e.code or 0
+
+    monkeypatch.setenv("MLXTUNE_NO_OPENBLAS", "1")
+    model = cached_hf_model(tmp_path_factory, "qwen2")
+    out = tmp_path / "m.gguf"
+    assert cli("--model", model, "--outfile", out, "--type", "q8_0") == 0
+    captured = capsys.readouterr()
+    assert f"wrote {out}" in captured.out and "verified" in captured.err
+    ids = llamacpp.tokenize(out, "<|im_start|>user\nHello, how are you?<|im_end|>")
+    from transformers import AutoTokenizer
+
+    assert ids == AutoTokenizer.from_pretrained(model)("<|im_start|>user\nHello, how are you?<|im_end|>")["input_ids"]
+    assert cli("--model", model, "--outfile", out) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--force" in err[0]
+    assert cli("--model", model, "--outfile", out, "--force", "--no-verify", "--type", "bf16") == 0
+    assert "verified" not in capsys.readouterr().err
+    assert gguf.GGUFReader(out).fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_BF16
