@@ -175,17 +175,19 @@ def test_bad_peft_directories_are_clear_errors(peft_made, tmp_path):
         import_peft(peft_dir, out)
 
 
-def test_cli_adapters_verbs(peft_made, tmp_path, capsys):
+def cli(*args) -> int:
+    """Run `mlxtune ARGS` in this process; the exit code."""
     from mlxtune.cli import run
 
-    base, peft_dir, expected = peft_made
+    try:
+        run(list(args))
+    except SystemExit as e:
+        return e.code or 0
+    return 0
 
-    def cli(*args):
-        try:
-            run(list(args))
-        except SystemExit as e:
-            return e.code or 0
-        return 0
+
+def test_cli_adapters_verbs(peft_made, tmp_path, capsys):
+    base, peft_dir, expected = peft_made
 
     npz = tmp_path / "ad" / "adapters.npz"
     assert cli("adapters", "import", str(peft_dir), "--to", str(npz)) == 0
@@ -239,3 +241,18 @@ def test_align_to_model_renames_multimodal_prefixes_to_what_the_model_has():
     cfg, weights = align_to_model(cfg, weights, LM())
     assert cfg.modules == ["model.language_model.layers.0.q_proj"]
     assert sorted(weights) == ["model.language_model.layers.0.q_proj.lora_a", "model.language_model.layers.0.q_proj.lora_b"]
+
+
+def test_cli_export_to_gguf_writes_a_llama_cpp_lora(hf_dirs, tmp_path, capsys):
+    from gguf import GGUFReader
+
+    base = hf_dirs("llama")
+    adapter = trained_adapter(base, tmp_path / "ad", lora_layers=1, targets="attention")
+    out = tmp_path / "lora.gguf"
+    args = ["adapters", "export", "--adapter-file", str(adapter), "--to", "gguf", "--model", str(base), "--outfile", str(out)]
+    assert cli(*args) == 0 and f"Wrote LoRA GGUF {out}" in capsys.readouterr().out
+    names = sorted(t.name for t in GGUFReader(out).tensors)
+    assert names == sorted(f"blk.1.{t}.weight.lora_{ab}" for t in ("attn_q", "attn_k", "attn_v", "attn_output") for ab in "ab")
+    before = out.read_bytes()
+    assert cli(*args) == 1 and "already exists" in capsys.readouterr().err  # kept unless --force
+    assert out.read_bytes() == before
