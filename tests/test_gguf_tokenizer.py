@@ -295,3 +295,18 @@ def test_add_bos_follows_the_post_processor(bpe_dir, tmp_path):
 
     text = "Hello world"
     assert llm.tokenize(text.encode(), add_bos=True, special=True) == AutoTokenizer.from_pretrained(str(d))(text)["input_ids"]
+
+
+def test_stray_tokenizer_model_is_ignored(bpe_dir, spm_json_dir, tmp_path):
+    """A byte-level tokenizer.json wins over a tokenizer.model beside it; an unreadable one falls back to JSON."""
+    d = shutil.copytree(bpe_dir, tmp_path / "bpe")
+    (d / "tokenizer.model").write_bytes(b"IQ== 0\nIg== 1\n")  # tiktoken-style ranks, not SentencePiece
+    assert read_tokenizer(d).model == "gpt2"
+    s = shutil.copytree(spm_json_dir, tmp_path / "spm")
+    (s / "tokenizer.model").write_bytes(b"IQ== 0\nIg== 1\n")
+    info = read_tokenizer(s)
+    assert info.model == "llama" and "is not a SentencePiece model" in info.notes[-1]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ExportError, match="neither tokenizer.model nor tokenizer.json"):
+        read_tokenizer(empty)

@@ -122,20 +122,27 @@ def read_tokenizer(model_dir, config: dict | None = None, pre_tokenizer: str | N
     config = config or {}
     tok_json = _read_json(model_dir / "tokenizer.json")
     tok_config = _read_json(model_dir / "tokenizer_config.json") or {}
-    if (model_dir / "tokenizer.model").exists():
-        info = _from_sentencepiece(model_dir / "tokenizer.model", tok_json, tok_config)
-    elif tok_json is not None:
-        kind = tok_json.get("model", {}).get("type")
-        if kind == "Unigram" or (kind == "BPE" and _is_spm_style(tok_json)):
-            info = _from_spm_json(tok_json, tok_config)
-        elif kind == "BPE":
-            info = _from_bpe_json(tok_json)
-        else:
-            raise ExportError(f"{model_dir / 'tokenizer.json'}: tokenizer model type {kind!r} cannot be written "
-                              "to GGUF (supported: byte-level BPE and SentencePiece)")
-    else:
+    kind = (tok_json or {}).get("model", {}).get("type")
+    byte_level = kind == "BPE" and not _is_spm_style(tok_json)
+    spm_file = model_dir / "tokenizer.model"
+    if tok_json is None and not spm_file.exists():
         raise ExportError(f"{model_dir} has neither tokenizer.model nor tokenizer.json: copy the tokenizer "
                           "files of the base model into it")
+    if tok_json is not None and kind not in ("BPE", "Unigram"):
+        raise ExportError(f"{model_dir / 'tokenizer.json'}: tokenizer model type {kind!r} cannot be written "
+                          "to GGUF (supported: byte-level BPE and SentencePiece)")
+    if byte_level:  # tokenizer.json decides: a stray tokenizer.model (e.g. tiktoken) beside it is not the tokenizer
+        info = _from_bpe_json(tok_json)
+    elif spm_file.exists():
+        try:
+            info = _from_sentencepiece(spm_file, tok_json, tok_config)
+        except ExportError:
+            if tok_json is None:
+                raise
+            info = _from_spm_json(tok_json, tok_config)
+            info.notes.append(f"{spm_file} is not a SentencePiece model: vocabulary read from tokenizer.json")
+    else:
+        info = _from_spm_json(tok_json, tok_config)
 
     _pad_to_vocab(info, _vocab_size(config), model_dir)
     _make_unique(info)
@@ -180,6 +187,8 @@ def _from_sentencepiece(path: Path, tok_json, tok_config) -> TokenizerInfo:
         proto.ParseFromString(path.read_bytes())
     except Exception as e:
         raise ExportError(f"{path} is not a SentencePiece model ({e}): restore it from the base model") from None
+    if not proto.pieces:
+        raise ExportError(f"{path} is not a SentencePiece model (no pieces): restore it from the base model")
     tokens = [p.piece for p in proto.pieces]
     scores = [float(p.score) for p in proto.pieces]
     types = [int(p.type) if 1 <= int(p.type) <= 6 else NORMAL for p in proto.pieces]
