@@ -132,7 +132,7 @@ def test_peft_written_adapter_reads_and_fuses_with_parity(peft_made, tmp_path):
     np.testing.assert_allclose(mlx_logits(base, peft_dir), expected, atol=1e-4)  # read_adapter -> read_peft
 
     out = tmp_path / "fused"
-    result = fuse(base, peft_dir, out, ignore_base_name=True)  # peft records no usable base name here
+    result = fuse(base, peft_dir, out)  # peft recorded the base directory: the name check passes
     assert result.parity <= 1e-4
     np.testing.assert_allclose(torch_logits(torch_model(out)), expected, atol=1e-4)  # transformers loads it
 
