@@ -102,7 +102,6 @@ class GGUFChatInfo:
     chat_template: str | None
     eos: str | None
     eot: str | None
-    tokens: set[str] = field(repr=False, default_factory=set)
 
 
 @dataclass
@@ -141,7 +140,7 @@ def read_gguf_chat_info(gguf) -> GGUFChatInfo:
 
     return GGUFChatInfo(path=path, architecture=value("general.architecture"), name=value("general.name"),
                         chat_template=value("tokenizer.chat_template"), eos=token("tokenizer.ggml.eos_token_id"),
-                        eot=token("tokenizer.ggml.eot_token_id"), tokens=set(tokens))
+                        eot=token("tokenizer.ggml.eot_token_id"))
 
 
 def chat_family(template: str | None) -> str | None:
@@ -220,10 +219,14 @@ def _render(template: str | None, messages: list[dict]) -> str | None:
 
 
 def stop_tokens(info: GGUFChatInfo, family: str | None) -> list[str]:
-    """Every end-of-turn string this model can emit: the family's markers, EOT and EOS, if in the vocabulary."""
+    """Every end-of-turn string: the family's turn markers, then the GGUF's EOT and EOS tokens.
+
+    Ollama matches stops on the generated text, so a marker that is plain text in this vocabulary (Mistral
+    v0.1's `[INST]`) still stops a reply that starts the next turn.
+    """
     stops: list[str] = []
     for s in [*FAMILY_STOPS.get(family, []), info.eot, info.eos]:
-        if s and s not in stops and (s in info.tokens or not info.tokens):
+        if s and s not in stops:
             stops.append(s)
     return stops
 

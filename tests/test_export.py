@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlxtune.errors import ExportError
-from mlxtune.export import chat_family, export_lmstudio, export_ollama, read_gguf_chat_info
+from mlxtune.export import FAMILY_STOPS, chat_family, export_lmstudio, export_ollama, read_gguf_chat_info
 from spm import write_vocab_gguf
 from tiny import CHATML_TEMPLATE
 
@@ -132,7 +132,7 @@ FAMILIES = {
     "chatml": (CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>"], "<|im_end|>", True),
     "llama3": (LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>", True),
     "mistral": (MISTRAL_V3, ["[INST]", "[/INST]"], "</s>", True),
-    "mistral-v1": (MISTRAL_V1, ["[INST]", "[/INST]"], "</s>", False),
+    "mistral-v1": (MISTRAL_V1, [], "</s>", False),  # [INST] is plain text in Mistral v0.1's vocabulary
     "gemma": (GEMMA3, ["<start_of_turn>", "<end_of_turn>"], "<end_of_turn>", True),
     "phi3": (PHI3, ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>"], "<|endoftext|>", True),
 }
@@ -217,7 +217,7 @@ def test_ollama_template_renders_like_jinja(family, tmp_path, go_renderer):
     assert result.command == f"ollama create my-{family} -f {result.modelfile}"
     for stop in result.stops:
         assert f'PARAMETER stop "{stop}"' in text
-    assert eos in result.stops
+    assert eos in result.stops and set(FAMILY_STOPS[result.family]) <= set(result.stops)
 
     conversations = CONVERSATIONS + (WITH_SYSTEM if system_ok else [])
     expected = [jinja_render(jinja, conv, eos) for conv in conversations]
