@@ -17,6 +17,9 @@ _API = {
     "convert": "convert",
     "fuse": "fuse",
     "to_gguf": "gguf",
+    "export_ollama": "export",
+    "export_lmstudio": "export",
+    "export_chat": "export",
     "MlxtuneError": "errors",
 }
 
