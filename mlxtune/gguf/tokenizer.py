@@ -225,7 +225,7 @@ def _is_spm_style(tok_json) -> bool:
     model = tok_json.get("model", {})
     if model.get("byte_fallback"):
         return True
-    text = json.dumps([tok_json.get("normalizer"), tok_json.get("pre_tokenizer")])
+    text = json.dumps([tok_json.get("normalizer"), tok_json.get("pre_tokenizer")], ensure_ascii=False)
     return "Metaspace" in text or "\u2581" in text
 
 
@@ -265,9 +265,12 @@ def _from_spm_json(tok_json, tok_config) -> TokenizerInfo:
             types.append(NORMAL)
     _apply_added(tokens, types, scores, added)
     info = TokenizerInfo("llama", "default", tokens, types, scores=scores)
-    text = json.dumps([tok_json.get("normalizer"), tok_json.get("pre_tokenizer")])
+    text = json.dumps([tok_json.get("normalizer"), tok_json.get("pre_tokenizer")], ensure_ascii=False)
+    # transformers 4 wrote a Prepend("▁") normalizer; tokenizers >= 0.14 a Metaspace prepend_scheme
+    # (older files: add_prefix_space without a scheme).
     info.add_space_prefix = ('"Prepend"' in text or '"prepend_scheme": "always"' in text
-                             or '"prepend_scheme": "first"' in text)
+                             or '"prepend_scheme": "first"' in text
+                             or ('"add_prefix_space": true' in text and "prepend_scheme" not in text))
     info.notes.extend(notes or ["SentencePiece vocabulary read from tokenizer.json (no tokenizer.model): "
                                 "scores rebuilt from the merge order"])
     return info
