@@ -92,13 +92,15 @@ def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: s
     log: where the GGUF writer reports. Raises AdapterError when the adapter does not fit the base,
     ExportError when a check fails; in both cases nothing is written.
     """
-    from .models import load_model
+    from .models import load_model, resolve_model_path
 
     save_path = Path(save_path).expanduser()
     _check_flags(save_path, dtype, gguf, gguf_type, force)
     adapter_path = find_adapter_file(adapter_file)
+    base_dir = resolve_model_path(model)
+    _check_not_inside(save_path, {"base model": base_dir, "adapter": adapter_path})
     adapter, weights = read_adapter(adapter_path)
-    loaded = load_model(model)
+    loaded = load_model(base_dir)
     net = loaded.model
     check_base_name(adapter, str(model), loaded.path, ignore=ignore_base_name)
     adapter, weights = align_to_model(adapter, weights, net)
@@ -169,6 +171,15 @@ def _check_flags(save_path: Path, dtype, gguf, gguf_type, force: bool) -> None:
             raise ConfigError(f"--gguf-type {gguf_type!r}: choose one of {', '.join(TYPES)}")
         if Path(gguf).expanduser().exists() and not force:
             raise ExportError(f"{gguf} already exists: choose another --gguf file or pass --force to replace it")
+
+
+def _check_not_inside(save_path: Path, inputs: dict[str, Path]) -> None:
+    """--save-path must not be (or contain) an input: replacing it, even with --force, would delete it."""
+    out = save_path.resolve()
+    for what, path in inputs.items():
+        if path.resolve() == out or out in path.resolve().parents:
+            raise ExportError(f"--save-path {save_path} would replace the {what} at {path}: "
+                              "write the fused model to a new directory")
 
 
 def _parity(net: nn.Module, tokens: mx.array, reference: mx.array, *, judge: bool) -> float:

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import shutil
 import warnings
 
 import mlx.core as mx
@@ -311,3 +312,14 @@ def test_whole_path_qlora_train_then_fuse_de_quantized_then_gguf(q4_base, tmp_pa
     np.testing.assert_allclose(logits(tmp_path / "fused"), expected, atol=5e-2)
     names = {t.name for t in GGUFReader(tmp_path / "model.gguf").tensors}
     assert {"token_embd.weight", "blk.0.attn_q.weight", "blk.1.attn_output.weight"} <= names
+
+
+def test_save_path_may_not_replace_the_base_or_the_adapter_even_with_force(tiny_llama, tmp_path):
+    base = tmp_path / "models" / "base"
+    shutil.copytree(tiny_llama, base)
+    adapter, _ = make_adapter(base, tmp_path / "ad")
+    before = sorted(p.name for p in base.iterdir())
+    for target, what in [(base, "base model"), (tmp_path / "models", "base model"), (tmp_path / "ad", "adapter")]:
+        with pytest.raises(ExportError, match=f"would replace the {what}"):
+            fuse(base, adapter, target, force=True)
+    assert sorted(p.name for p in base.iterdir()) == before and adapter.exists()
