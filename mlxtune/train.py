@@ -475,6 +475,18 @@ def save_checkpoint(model, optimizer, folder: Path, it: int, meta: dict, config,
     return save_adapter(model, folder / f"{it:07d}_adapters{suffix}", config, write_config=False)
 
 
+def _warm_start(model, adapter_file: Path) -> None:
+    from .lora import adapter_weights, read_adapter
+
+    _, weights = read_adapter(adapter_file)
+    expected = adapter_weights(model)
+    bad = sorted(set(weights) ^ set(expected)) or [k for k in weights if weights[k].shape != expected[k].shape]
+    if bad:
+        raise ConfigError(f"--resume: {adapter_file} does not fit this run's LoRA layers ({bad[0]}): use the "
+                          "rank, --lora-layers and --target-modules it was trained with")
+    model.load_weights(list(weights.items()), strict=False)
+
+
 def _set_path(tree, path: list[str], value) -> None:
     for k in path[:-1]:
         tree = tree[int(k)] if isinstance(tree, list) else tree[k]
@@ -582,12 +594,19 @@ def train(model: nn.Module, optimizer: optim.Optimizer, train_records, valid_rec
     fingerprint = _settings_fingerprint(args, sorted(lora_modules(model)), base_model)
     result = TrainResult(adapter_file=adapter_file, metrics_file=metrics_file, plot_file=plot_file if args.plot else None)
 
-    start = 0
+    start, found = 0, []
     if args.resume:
         found = find_checkpoints(folder)
-        if not found:
-            raise ConfigError(f"--resume: no checkpoint (NNNNNNN_adapters{suffix} + NNNNNNN_state.npz) in {folder}; "
-                              "train without --resume first")
+        if not found and adapter_file.exists():
+            # An adapter without optimizer state (e.g. mlx-lm's adapters.safetensors): start from its weights.
+            _warm_start(model, adapter_file)
+            if verbose:
+                print(f"note: {folder} has no checkpoint with optimizer state; starting from the weights in "
+                      f"{adapter_file} at iteration 0", flush=True)
+        elif not found:
+            raise ConfigError(f"--resume: no checkpoint (NNNNNNN_adapters{suffix} + NNNNNNN_state.npz) and no "
+                              f"{adapter_file.name} in {folder}; train without --resume first")
+    if args.resume and found:
         start, ckpt, state_file = found[-1]
         with np.load(state_file) as data:
             old = json.loads(str(data["meta"])).get("settings", {})
@@ -611,7 +630,7 @@ def train(model: nn.Module, optimizer: optim.Optimizer, train_records, valid_rec
                         (result.val_loss if "val_loss" in entry else result.train_loss).append(
                             (entry["iteration"], entry.get("val_loss", entry.get("train_loss"))))
         write_text_atomic(metrics_file, "".join(t + "\n" for t in kept))
-    else:
+    if not (args.resume and found):
         if metrics_file.exists():
             metrics_file.unlink()
         for _, a, s in find_checkpoints(folder):  # stale checkpoints of a replaced run (the user passed --force)

@@ -291,3 +291,20 @@ def test_bad_inputs_are_one_line_errors_and_overwrite_nothing(tiny_llama, chat_d
     assert {f.name: f.read_bytes() for f in out.parent.iterdir()} == before
     assert not any((tmp_path / f"x{i}.npz").exists() for i in range(1, 8))
 
+
+
+def test_resume_starts_from_an_mlx_lm_adapter(tiny_llama, chat_data, tmp_path):
+    src = mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=tmp_path / "src" / "adapters.npz", iters=6,
+                       batch_size=2, learning_rate=5e-3, save_every=0, **FAST)
+    folder = tmp_path / "mlxlm"
+    folder.mkdir()
+    mx.save_safetensors(str(folder / "adapters.safetensors"), {k: mx.array(v) for k, v in npz(src.adapter_file).items()})
+    keys = [f"self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": keys}}))
+    model, tok = load(tiny_llama, adapter_file=src.adapter_file)
+    expected = evaluate_loss(model, load_dataset(chat_data, tok, cache=False).valid, 4, 2048, num_batches=-1)
+    result = mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=folder / "adapters.safetensors", resume=True,
+                          iters=2, batch_size=2, save_every=0, **{**FAST, "steps_per_eval": 100, "val_batches": -1})
+    assert abs(result.val_loss[0][1] - expected) < 1e-5  # training started from the mlx-lm adapter's weights
+    assert set(mx.load(str(folder / "adapters.safetensors"))) == set(npz(src.adapter_file))
