@@ -310,3 +310,22 @@ def test_stray_tokenizer_model_is_ignored(bpe_dir, spm_json_dir, tmp_path):
     empty.mkdir()
     with pytest.raises(ExportError, match="neither tokenizer.model nor tokenizer.json"):
         read_tokenizer(empty)
+
+
+def test_llama_cpp_transformers4_spm_json(spm_json_dir, tmp_path):
+    """transformers-4 style SentencePiece tokenizer.json (Prepend + Replace normalizer, no pre-tokenizer)."""
+    d = shutil.copytree(spm_json_dir, tmp_path / "t4")
+    data = json.loads((d / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = None
+    data["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    (d / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    info = read_tokenizer(d)
+    assert info.model == "llama" and info.add_space_prefix
+    llm = vocab_only(d, tmp_path / "t4.gguf")
+    # the tokenizers library itself: transformers' LlamaTokenizer wrapper strips a leading space on top
+    from tokenizers import Tokenizer
+
+    fast = Tokenizer.from_file(str(d / "tokenizer.json"))
+    for text in TEXTS:
+        assert llama_ids(llm, text) == fast.encode(text, add_special_tokens=False).ids, text
