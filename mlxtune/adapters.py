@@ -224,13 +224,17 @@ def peft_config(config: AdapterConfig, base_model: str | None = None) -> dict:
 def export_peft(adapter_file: str | os.PathLike, out_dir: str | os.PathLike, *, base_model: str | None = None,
                 force: bool = False) -> Path:
     """Write `adapter_file` as a PEFT directory (adapter_model.safetensors + adapter_config.json)."""
-    config, weights = read_adapter(adapter_file)
+    source = find_adapter_file(adapter_file).resolve()
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.resolve() in source.parents:
+        raise AdapterError(f"{out_dir} holds the adapter being exported; replacing it would delete the adapter: "
+                           "write the PEFT adapter to a new directory")
+    config, weights = read_adapter(source)
     tensors = {}
     for module in config.modules:
         name = PEFT_PREFIX + hf_name(module)
         tensors[f"{name}.lora_A.weight"] = weights[f"{module}.lora_a"].astype(mx.float32).T  # (r, in)
         tensors[f"{name}.lora_B.weight"] = weights[f"{module}.lora_b"].astype(mx.float32).T  # (out, r)
-    out_dir = Path(out_dir).expanduser()
     with atomic_dir(out_dir, force=force) as tmp:
         mx.save_safetensors(str(tmp / PEFT_WEIGHTS), {k: mx.contiguous(v) for k, v in tensors.items()},
                             metadata={"format": "pt"})

@@ -173,6 +173,10 @@ def test_bad_peft_directories_are_clear_errors(peft_made, tmp_path):
     out = import_peft(peft_dir, tmp_path / "x" / "adapters.npz")
     with pytest.raises(AdapterError, match="already exists.*--force"):
         import_peft(peft_dir, out)
+    # exporting over the adapter's own directory would delete it, --force or not
+    with pytest.raises(AdapterError, match="holds the adapter being exported"):
+        export_peft(out, tmp_path / "x", force=True)
+    assert out.exists()
 
 
 def cli(*args) -> int:
