@@ -20,6 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, LlamaFileType
 from gguf import quants as gguf_quants
 
 QK_K = 256
+_BLOCKS_AT_ONCE = 512
 
 
 class FileType(str, Enum):
@@ -105,10 +106,12 @@ def encode(rows: np.ndarray, qtype: Q) -> np.ndarray:
     if qtype == Q.F16:
         return rows.astype(np.float16)
     n, cols = rows.shape
-    if qtype == Q.Q4_K:
-        return quantize_q4_k(rows.reshape(-1, QK_K)).reshape(n, -1)
-    if qtype == Q.Q6_K:
-        return quantize_q6_k(rows.reshape(-1, QK_K)).reshape(n, -1)
+    if qtype in (Q.Q4_K, Q.Q6_K):
+        fn = quantize_q4_k if qtype == Q.Q4_K else quantize_q6_k
+        blocks = rows.reshape(-1, QK_K)
+        # a few hundred blocks at a time keep the working arrays in cache (about 2x faster)
+        out = [fn(blocks[i:i + _BLOCKS_AT_ONCE]) for i in range(0, len(blocks), _BLOCKS_AT_ONCE)]
+        return np.concatenate(out).reshape(n, -1)
     return gguf_quants.quantize(rows, qtype)
 
 
@@ -144,9 +147,15 @@ def _affine_scales(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: 
     sum_x = np.einsum("ij,ij->i", w, x)
     sum_x2 = np.einsum("ij,ij->i", w, x * x)
 
+    q = np.empty_like(x)
+    wq = np.empty_like(x)
+
     def sums(iscale):
-        q = np.clip(_nearest(xm * iscale[:, None]), 0, nmax)
-        wq = w * q
+        # in place, into two reused buffers: this loop is where Q4_K spends its time
+        np.multiply(xm, iscale[:, None], out=q)
+        np.rint(q, out=q)
+        np.minimum(q, nmax, out=q)  # q >= 0 already: xm >= 0 and iscale > 0
+        np.multiply(w, q, out=wq)
         return wq.sum(axis=1), np.einsum("ij,ij->i", wq, q), np.einsum("ij,ij->i", wq, x)
 
     def error(scale, mn, sum_l, sum_l2, sum_xl):
@@ -231,9 +240,13 @@ def _symmetric_scales(x: np.ndarray, nmax: int) -> np.ndarray:
     w = x * x
     wx = w * x
 
+    q = np.empty_like(x)
+
     def sums(iscale):
-        q = np.clip(_nearest(x * iscale[:, None]), -nmax, nmax - 1)
-        return np.einsum("ij,ij->i", wx, q), np.einsum("ij,ij->i", w * q, q)
+        np.multiply(x, iscale[:, None], out=q)
+        np.rint(q, out=q)
+        np.clip(q, -nmax, nmax - 1, out=q)
+        return np.einsum("ij,ij->i", wx, q), np.einsum("ij,ij,ij->i", w, q, q)
 
     iscale = (-nmax / xmax).astype(np.float32)
     sum_lx, sum_l2 = sums(iscale)
