@@ -28,7 +28,8 @@ from . import templates
 from .errors import ConfigError, DataError
 from .files import atomic_dir, atomic_file
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump whenever the records a file turns into change (masking, text EOS, ...)
+CHUNK = 512  # records tokenized per batch call
 PAD_MULTIPLE = 8  # batch lengths are rounded up to this so the compiled train step sees few shapes
 SPLITS = ("train", "valid", "test")
 ROLES = ("system", "user", "assistant", "tool")
@@ -320,26 +321,41 @@ class _Options:
     keys: Keys
 
 
-def _text_ids(tokenizer, text: str) -> list[int]:
+def _text_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     hf = templates.hf_tokenizer(tokenizer)
-    ids = list(hf.encode(text))
+    try:  # with the tokenizer's own BOS: plain text is used as the model saw it in pre-training
+        batch = [list(ids) for ids in hf(texts)["input_ids"]] if texts else []
+    except (TypeError, NotImplementedError):
+        batch = [list(hf.encode(t)) for t in texts]
     eos = hf.eos_token_id
-    if eos is not None and (not ids or ids[-1] != eos):
-        ids.append(eos)  # so the model learns where a document ends
-    return ids
+    for ids in batch:
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)  # so the model learns where a document ends
+    return batch
 
 
-def record_to_ids(tokenizer, record: dict, fmt: Format, opts: _Options, where: str) -> Record:
+def records_from(tokenizer, raw: list[tuple[int, Any]], fmt: Format, opts: _Options, path: Path) -> list[Record]:
+    """Records of some (line, JSON) pairs of one file, all of format `fmt`; the first problem is raised."""
     if fmt == Format.TEXT:
-        ids = _text_ids(tokenizer, _string(record[opts.keys.text], f"\"{opts.keys.text}\"", where, record))
-        return Record(ids, [False] + [True] * (len(ids) - 1))
-    messages, tools = to_messages(record, fmt, where, opts.keys)
-    try:
-        ids, mask = templates.chat_to_ids(tokenizer, messages, tools=tools, template=opts.template,
-                                          train_on_inputs=opts.train_on_inputs)
-    except DataError as e:
-        raise type(e)(str(_fail(where, str(e), record))) from None
-    return Record(ids, mask)
+        return [Record(ids, [False] + [True] * (len(ids) - 1)) for ids in _text_ids(
+            tokenizer, [_string(rec[opts.keys.text], f"\"{opts.keys.text}\"", f"{path}:{line}", rec) for line, rec in raw])]
+    convs: list = []
+    for line, rec in raw:
+        try:
+            convs.append(to_messages(rec, fmt, f"{path}:{line}", opts.keys))
+        except DataError as e:
+            convs.append(e)
+    ok = [c for c in convs if not isinstance(c, DataError)]
+    done = iter(templates.chat_to_ids_many(tokenizer, ok, template=opts.template, train_on_inputs=opts.train_on_inputs))
+    out = []
+    for (line, rec), conv in zip(raw, convs):
+        result = conv if isinstance(conv, DataError) else next(done)
+        if isinstance(result, templates.TemplateMaskError):
+            raise templates.TemplateMaskError(str(_fail(f"{path}:{line}", str(result), rec)))
+        if isinstance(result, DataError):
+            raise result if str(result).startswith(f"{path}:") else _fail(f"{path}:{line}", str(result), rec)
+        out.append(Record(*result))
+    return out
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
@@ -405,8 +421,11 @@ def tokenize_file(path: str | os.PathLike, tokenizer, opts: _Options, cache_dir:
             return hit
     raw = read_records(path)
     fmt = detect_file_format(path, raw, opts.keys)
-    records = [record_to_ids(tokenizer, rec, fmt, opts, f"{path}:{line}")
-               for line, rec in tqdm(raw, desc=f"tokenizing {path.name}", leave=False, disable=len(raw) < 2000)]
+    records: list[Record] = []
+    with tqdm(total=len(raw), desc=f"tokenizing {path.name}", leave=False, disable=len(raw) < 2000) as bar:
+        for start in range(0, len(raw), CHUNK):
+            records += records_from(tokenizer, raw[start:start + CHUNK], fmt, opts, path)
+            bar.update(len(raw[start:start + CHUNK]))
     lines = [line for line, _ in raw]
     if cache_file is not None:
         _save_cache(cache_file, fmt, records, lines)

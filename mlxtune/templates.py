@@ -12,6 +12,7 @@ impossible (the template drops earlier answers) we say so (`TemplateMaskError`) 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, DataError
@@ -92,19 +93,39 @@ def prompt_ids(tokenizer, messages: list[dict], *, tools: list | None = None, te
     return encode(tokenizer, render(tokenizer, messages, tools=tools, template=template, add_generation_prompt=True))
 
 
-def chat_to_ids(tokenizer, messages: list[dict], *, tools: list | None = None, template: str | None = None,
-                train_on_inputs: bool = False, specials: set[int] | None = None) -> tuple[list[int], list[bool]]:
-    """Token ids of the whole conversation and the mask of the assistant tokens (every assistant turn).
+@dataclass
+class _Plan:
+    """A rendered conversation: its text and, per assistant turn, the texts that end before/after it."""
 
-    Each assistant turn trains its content and its end-of-turn token; with `train_on_inputs` every
-    token but the first is trained.
-    """
-    template = template_for(tokenizer, template)
+    messages: list[dict]
+    full_text: str
+    turns: list[tuple[int, str, str | None]]  # (message index, prompt text, prompt+turn text or None)
+    train_on_inputs: bool
+
+    def texts(self) -> list[str]:
+        return [self.full_text] + [t for _, before, after in self.turns for t in (before, after) if t is not None]
+
+
+def _plan(tokenizer, messages: list[dict], tools: list | None, template: str, train_on_inputs: bool) -> _Plan:
     full_text = render(tokenizer, messages, tools=tools, template=template)
-    full = encode(tokenizer, full_text)
-    if train_on_inputs:
+    turns = []
+    if not train_on_inputs:
+        for i, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            before = render(tokenizer, messages[:i], tools=tools, template=template, add_generation_prompt=True)
+            if not full_text.startswith(before):
+                raise _not_prefix(i)
+            after = render(tokenizer, messages[: i + 1], tools=tools, template=template)
+            turns.append((i, before, after if full_text.startswith(after) else None))
+    return _Plan(messages, full_text, turns, train_on_inputs)
+
+
+def _mask(tokenizer, plan: _Plan, encoded: dict[str, list[int]], specials: set[int]) -> tuple[list[int], list[bool]]:
+    full_text = plan.full_text
+    full = encoded[full_text]
+    if plan.train_on_inputs:
         return full, [False] + [True] * (len(full) - 1)
-    specials = special_ids(tokenizer) if specials is None else specials
     cache: dict = {}
 
     def offsets() -> list[tuple[int, int]]:
@@ -114,7 +135,7 @@ def chat_to_ids(tokenizer, messages: list[dict], *, tools: list | None = None, t
 
     def boundary(text: str, answer_side: bool) -> int:
         """Token index where the prefix `text` ends; a token spanning it goes to the answer side."""
-        ids = encode(tokenizer, text)
+        ids = encoded[text]
         if full[: len(ids)] == ids:
             return len(ids)
         # The text is a prefix but a token spans the boundary ("Assistant: " + "name" -> " name").
@@ -123,15 +144,10 @@ def chat_to_ids(tokenizer, messages: list[dict], *, tools: list | None = None, t
         return next((k for k, (b, _) in enumerate(offsets()) if b >= len(text)), len(full))
 
     mask = [False] * len(full)
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        before = render(tokenizer, messages[:i], tools=tools, template=template, add_generation_prompt=True)
-        after = render(tokenizer, messages[: i + 1], tools=tools, template=template)
-        if not full_text.startswith(before):
-            raise _not_prefix(i)
+    for i, before, after in plan.turns:
+        message = plan.messages[i]
         start = boundary(before, answer_side=True)
-        if full_text.startswith(after):
+        if after is not None:
             end = boundary(after, answer_side=False)
             # Stop after the turn's last special token (its end-of-turn) when only whitespace follows it.
             last = max((j for j in range(start, end) if full[j] in specials), default=None)
@@ -150,6 +166,54 @@ def chat_to_ids(tokenizer, messages: list[dict], *, tools: list | None = None, t
         for j in range(max(start, 1), end):
             mask[j] = True
     return full, mask
+
+
+def encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
+    """`encode` of many texts at once (a fast tokenizer spreads the batch over all cores)."""
+    hf = hf_tokenizer(tokenizer)
+    if not texts:
+        return []
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is not None and not getattr(hf, "split_special_tokens", False):
+        # The Rust tokenizer directly: what `hf.encode` runs, without its per-text Python overhead.
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return [encode(tokenizer, t) for t in texts]
+
+
+def chat_to_ids_many(tokenizer, conversations: list[tuple[list[dict], list | None]], *, template: str | None = None,
+                     train_on_inputs: bool = False, specials: set[int] | None = None) -> list:
+    """`chat_to_ids` of many (messages, tools) pairs: one result per pair, a DataError where it failed."""
+    template = template_for(tokenizer, template)
+    specials = special_ids(tokenizer) if specials is None else specials
+    plans: list = []
+    for messages, tools in conversations:
+        try:
+            plans.append(_plan(tokenizer, messages, tools, template, train_on_inputs))
+        except DataError as e:
+            plans.append(e)
+    texts = list(dict.fromkeys(t for p in plans if isinstance(p, _Plan) for t in p.texts()))
+    encoded = dict(zip(texts, encode_many(tokenizer, texts)))
+    out = []
+    for p in plans:
+        try:
+            out.append(p if isinstance(p, DataError) else _mask(tokenizer, p, encoded, specials))
+        except DataError as e:
+            out.append(e)
+    return out
+
+
+def chat_to_ids(tokenizer, messages: list[dict], *, tools: list | None = None, template: str | None = None,
+                train_on_inputs: bool = False, specials: set[int] | None = None) -> tuple[list[int], list[bool]]:
+    """Token ids of the whole conversation and the mask of the assistant tokens (every assistant turn).
+
+    Each assistant turn trains its content and its end-of-turn token; with `train_on_inputs` every
+    token but the first is trained. Raises DataError (TemplateMaskError) when that cannot be done.
+    """
+    [result] = chat_to_ids_many(tokenizer, [(messages, tools)], template=template, train_on_inputs=train_on_inputs,
+                                specials=specials)
+    if isinstance(result, DataError):
+        raise result
+    return result
 
 
 def _not_prefix(i: int) -> TemplateMaskError:

@@ -306,7 +306,7 @@ def test_tokenization_is_cached_and_invalidated_by_content(toks, tmp_path, monke
     def boom(*a, **k):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(templates, "chat_to_ids", boom)
+    monkeypatch.setattr(templates, "chat_to_ids_many", boom)
     again = load_dataset(path, tok, valid_split=0, cache=cache)  # served from the cache
     assert [(r.ids, r.mask) for r in again.train] == [(r.ids, r.mask) for r in first.train]
     assert again.formats == first.formats
