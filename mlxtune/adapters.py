@@ -30,6 +30,9 @@ PEFT_PREFIX = "base_model.model."
 # (Hugging Face prefix, mlx-lm prefix) where the two name the same module differently: transformers 5
 # puts a multimodal model's text stack under model.language_model, mlx-lm under language_model.model.
 PREFIXES = [("model.language_model.", "language_model.model.")]
+# Architectures whose mlx-lm module paths are not transformers' (e.g. mlx-lm's gpt2 has model.h.*, transformers
+# transformer.h.* with Conv1D layers): a PEFT adapter written with our names would not load there.
+UNMAPPED_ARCHS = {"gpt2", "gpt_neox", "olmo"}
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -221,6 +224,19 @@ def peft_config(config: AdapterConfig, base_model: str | None = None) -> dict:
     }
 
 
+def _check_peft_arch(base_model: str | None) -> None:
+    """Refuse architectures whose module names PEFT would not find (when the base is a local directory)."""
+    if not base_model or not (Path(base_model).expanduser() / "config.json").is_file():
+        return
+    try:
+        model_type = json.loads((Path(base_model).expanduser() / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError):
+        return
+    if model_type in UNMAPPED_ARCHS:
+        raise AdapterError(f"PEFT export does not support {model_type} models: mlx-lm and transformers name its "
+                           "layers differently; fuse the adapter instead (mlxtune fuse)")
+
+
 def export_peft(adapter_file: str | os.PathLike, out_dir: str | os.PathLike, *, base_model: str | None = None,
                 force: bool = False) -> Path:
     """Write `adapter_file` as a PEFT directory (adapter_model.safetensors + adapter_config.json)."""
@@ -230,6 +246,7 @@ def export_peft(adapter_file: str | os.PathLike, out_dir: str | os.PathLike, *, 
         raise AdapterError(f"{out_dir} holds the adapter being exported; replacing it would delete the adapter: "
                            "write the PEFT adapter to a new directory")
     config, weights = read_adapter(source)
+    _check_peft_arch(base_model or config.base_model)
     tensors = {}
     for module in config.modules:
         name = PEFT_PREFIX + hf_name(module)

@@ -177,6 +177,13 @@ def test_bad_peft_directories_are_clear_errors(peft_made, tmp_path):
     with pytest.raises(AdapterError, match="holds the adapter being exported"):
         export_peft(out, tmp_path / "x", force=True)
     assert out.exists()
+    # an architecture whose mlx-lm names differ from transformers' is refused, not exported wrongly
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(AdapterError, match="does not support gpt2"):
+        export_peft(out, tmp_path / "p_gpt2", base_model=str(gpt2))
+    assert not (tmp_path / "p_gpt2").exists()
 
 
 def cli(*args) -> int:
