@@ -144,6 +144,11 @@ def read_tokenizer(model_dir, config: dict | None = None, pre_tokenizer: str | N
     else:
         info = _from_spm_json(tok_json, tok_config)
 
+    if info.model == "llama" and info.add_space_prefix and tok_json and \
+            '"prepend_scheme": "first"' in json.dumps(tok_json.get("pre_tokenizer")):
+        info.notes.append("llama.cpp starts text that follows a special token with a space (SentencePiece's dummy "
+                          "prefix) where this tokenizer.json does not (prepend_scheme=first): such prompts tokenize "
+                          "slightly differently")
     _pad_to_vocab(info, _vocab_size(config), model_dir)
     _make_unique(info)
     _special_tokens(info, tok_config, config)
