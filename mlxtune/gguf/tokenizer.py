@@ -152,7 +152,7 @@ def read_tokenizer(model_dir, config: dict | None = None, pre_tokenizer: str | N
     _pad_to_vocab(info, _vocab_size(config), model_dir)
     _make_unique(info)
     _special_tokens(info, tok_config, config)
-    _add_flags(info, model_dir, tok_json, tok_config)
+    _add_flags(info, model_dir, tok_config)
     info.chat_template = read_chat_template(model_dir, tok_config)
     if info.model == "gpt2":
         _choose_pre(info, tok_json, pre_tokenizer, model_dir)
@@ -378,7 +378,7 @@ def _special_tokens(info: TokenizerInfo, tok_config: dict, config: dict) -> None
             break
 
 
-def _add_flags(info: TokenizerInfo, model_dir: Path, tok_json, tok_config: dict) -> None:
+def _add_flags(info: TokenizerInfo, model_dir: Path, tok_config: dict) -> None:
     """add_bos/add_eos as the Hugging Face tokenizer actually behaves (encode a word with and without specials)."""
     observed = _observe_specials(model_dir, info)
     if observed is not None:
