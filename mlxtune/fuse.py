@@ -441,8 +441,10 @@ def _check_reload(out: Path, model: nn.Module, tokens: mx.array) -> float:
 
 def model_card(result: FuseResult, adapter_file: Path, base_dir: Path) -> str:
     a = result.adapter
+    hub_id = not Path(result.base_model).expanduser().exists()  # the hub's base_model field wants an id
     lines = [
-        "---", "library_name: mlx", "tags: [mlx, mlxtune, lora, fused]", f"base_model: {result.base_model}", "---",
+        "---", "library_name: mlx", "tags: [mlx, mlxtune, lora, fused]",
+        *([f"base_model: {result.base_model}"] if hub_id else []), "---",
         "", "# Fused model", "",
         f"This model is `{result.base_model}` with the LoRA adapter `{adapter_file}` merged into its weights "
         "by `mlxtune fuse`.", "",

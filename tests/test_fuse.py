@@ -66,6 +66,11 @@ def test_fuse_float_base_matches_base_plus_adapter_and_loads_everywhere(tiny_lla
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 1 and set(index["weight_map"].values()) == {s.name for s in shards}
+    # mlx-lm's own loader too
+    import mlx_lm
+
+    lm, _ = mlx_lm.load(str(out))
+    np.testing.assert_allclose(np.array(lm(IDS)), expected, atol=1e-4)
     # transformers loads the same directory and agrees
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
