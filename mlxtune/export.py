@@ -267,6 +267,8 @@ def modelfile_text(info: GGUFChatInfo, from_ref: str, adapter_ref: str | None = 
         if system:
             notes.append("the chat template adds a default system prompt when none is given: written as SYSTEM")
     if system:
+        if '"""' in system:
+            raise ExportError('--system cannot contain """ (the Modelfile quotes it with triple quotes)')
         lines.append(f'SYSTEM """{system}"""')
     return "\n".join(lines) + "\n", family, stops, notes
 
