@@ -102,6 +102,7 @@ class GGUFChatInfo:
     chat_template: str | None
     eos: str | None
     eot: str | None
+    kind: str | None = None  # general.type: "model" or "adapter"
 
 
 @dataclass
@@ -140,7 +141,7 @@ def read_gguf_chat_info(gguf) -> GGUFChatInfo:
 
     return GGUFChatInfo(path=path, architecture=value("general.architecture"), name=value("general.name"),
                         chat_template=value("tokenizer.chat_template"), eos=token("tokenizer.ggml.eos_token_id"),
-                        eot=token("tokenizer.ggml.eot_token_id"))
+                        eot=token("tokenizer.ggml.eot_token_id"), kind=value("general.type"))
 
 
 def chat_family(template: str | None) -> str | None:
@@ -281,6 +282,9 @@ def export_ollama(gguf, name: str | None = None, out=None, *, adapter=None, syst
     (default: from the file name). Returns the Modelfile path and the `ollama create` command to run.
     """
     info = read_gguf_chat_info(gguf)
+    if info.kind == "adapter":
+        raise ExportError(f"--gguf {info.path} is a LoRA adapter: give the base model's GGUF with --gguf and "
+                          f"the adapter with --adapter")
     out = Path(out).expanduser() if out else info.path.parent
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file: give a directory for the Modelfile")
@@ -296,6 +300,12 @@ def export_ollama(gguf, name: str | None = None, out=None, *, adapter=None, syst
     adapter_ref = None
     if adapter:
         adapter_info = read_gguf_chat_info(adapter)
+        if adapter_info.kind != "adapter":
+            raise ExportError(f"--adapter {adapter_info.path} is not a LoRA adapter GGUF "
+                              "(write one with `mlxtune adapters export --to gguf`)")
+        if adapter_info.architecture != info.architecture:
+            raise ExportError(f"--adapter {adapter_info.path} is for a {adapter_info.architecture} model but "
+                              f"{info.path} is {info.architecture}: use the GGUF of the adapter's base model")
         adapter_ref = ref(adapter_info.path)
     text, family, stops, notes = modelfile_text(info, ref(info.path), adapter_ref, system)
     write_text_atomic(modelfile, text)

@@ -265,6 +265,18 @@ def test_adapter_modelfile(tmp_path):
     result = export_ollama(base, adapter=tmp_path / "lora.gguf")
     lines = result.modelfile.read_text().splitlines()
     assert lines[1:3] == ["FROM ./base.gguf", "ADAPTER ./lora.gguf"]
+    with pytest.raises(ExportError, match="is a LoRA adapter"):
+        export_ollama(tmp_path / "lora.gguf", out=tmp_path / "x")
+    with pytest.raises(ExportError, match="is not a LoRA adapter"):
+        export_ollama(base, adapter=base, out=tmp_path / "x")
+    qwen = gguf.GGUFWriter(str(tmp_path / "qwen-lora.gguf"), "qwen2")
+    qwen.add_type("adapter")
+    qwen.write_header_to_file()
+    qwen.write_kv_data_to_file()
+    qwen.write_tensors_to_file()
+    qwen.close()
+    with pytest.raises(ExportError, match="is for a qwen2 model"):
+        export_ollama(base, adapter=tmp_path / "qwen-lora.gguf", out=tmp_path / "x")
 
 
 def test_chat_family_detection():
