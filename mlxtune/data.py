@@ -522,6 +522,11 @@ def _load_untruncated(data, tokenizer, *, valid_split, test_split, seed, train_o
     return splits, formats
 
 
+def _keys(prompt_key=None, completion_key=None, text_key=None, messages_key=None) -> Keys:
+    return Keys(text=text_key or "text", prompt=prompt_key or "prompt", completion=completion_key or "completion",
+                messages=messages_key or "messages")
+
+
 def load_dataset(data, tokenizer, *, valid_split: float = 0.1, test_split: float = 0.0, seed: int = 0,
                  max_seq_length: int = 2048, train_on_inputs: bool = False, chat_template: str | None = None,
                  prompt_key: str | None = None, completion_key: str | None = None, text_key: str | None = None,
@@ -535,8 +540,7 @@ def load_dataset(data, tokenizer, *, valid_split: float = 0.1, test_split: float
     """
     if max_seq_length < 2:
         raise ConfigError(f"--max-seq-length {max_seq_length} must be at least 2")
-    keys = Keys(text=text_key or "text", prompt=prompt_key or "prompt", completion=completion_key or "completion",
-                messages=messages_key or "messages")
+    keys = _keys(prompt_key, completion_key, text_key, messages_key)
     splits, formats = _load_untruncated(data, tokenizer, valid_split=valid_split, test_split=test_split, seed=seed,
                                         train_on_inputs=train_on_inputs, chat_template=chat_template, keys=keys,
                                         cache=cache)
@@ -725,14 +729,15 @@ def _tokenizer_of(model_or_tokenizer):
 def inspect_dataset(model, data, *, n: int = 3, max_seq_length: int = 2048, valid_split: float = 0.1,
                     test_split: float = 0.0, seed: int = 0, train_on_inputs: bool = False,
                     chat_template: str | None = None, prompt_key: str | None = None,
-                    completion_key: str | None = None, batch_size: int = 4,
+                    completion_key: str | None = None, text_key: str | None = None,
+                    messages_key: str | None = None, batch_size: int = 4,
                     cache: bool | str | os.PathLike = True) -> DataReport:
     """Load `data` as training would (with the tokenizer of `model`, a path/hub id or a tokenizer) and report.
 
     `batch_size` is only used to estimate the padding of training batches, bucketed and packed.
     """
     tokenizer = _tokenizer_of(model)
-    keys = Keys(prompt=prompt_key or "prompt", completion=completion_key or "completion")
+    keys = _keys(prompt_key, completion_key, text_key, messages_key)
     splits, formats = _load_untruncated(data, tokenizer, valid_split=valid_split, test_split=test_split, seed=seed,
                                         train_on_inputs=train_on_inputs, chat_template=chat_template, keys=keys,
                                         cache=cache)
@@ -785,7 +790,8 @@ def _from_messages(messages: list[dict], tools: list | None, to: Format, where: 
 
 def convert_dataset(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, model=None,
                     chat_template: str | None = None, prompt_key: str | None = None,
-                    completion_key: str | None = None, force: bool = False) -> int:
+                    completion_key: str | None = None, text_key: str | None = None,
+                    messages_key: str | None = None, force: bool = False) -> int:
     """Rewrite a data file in another format (chat, completions or text); returns the record count.
 
     `--to text` renders conversations with the chat template of `model` (or `chat_template`, or ChatML).
@@ -800,7 +806,7 @@ def convert_dataset(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, 
     if dst.exists() and (dst.resolve() == src.resolve() or not force):
         raise DataError(f"{dst} already exists: choose another output file or pass --force to replace it"
                         if dst.resolve() != src.resolve() else f"{dst} is the input file: write to another file")
-    keys = Keys(prompt=prompt_key or "prompt", completion=completion_key or "completion")
+    keys = _keys(prompt_key, completion_key, text_key, messages_key)
     raw = read_records(src)
     fmt = detect_file_format(src, raw, keys)
     template = templates.read_chat_template(chat_template)
@@ -817,8 +823,8 @@ def convert_dataset(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, 
     out = []
     for line, record in raw:
         where = f"{src}:{line}"
-        if fmt == target:
-            out.append(record)
+        if fmt == Format.TEXT == target:
+            out.append({"text": _string(record[keys.text], f"\"{keys.text}\"", where, record)})
         elif fmt == Format.TEXT:
             raise _fail(where, f"plain text cannot become {target.value}: nothing says which part is the answer", record)
         else:

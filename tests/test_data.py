@@ -464,6 +464,9 @@ def test_convert_between_formats_keeps_what_is_trained(toks, tmp_path):
     assert data.convert_dataset(src, tmp_path / "comp.jsonl", "completions") == 3
     assert json.loads((tmp_path / "comp.jsonl").read_text().splitlines()[1]) == {"prompt": "Say hi 1",
                                                                                   "completion": "Hello"}
+    mapped = write_jsonl(tmp_path / "qa.jsonl", [{"q": "Say hi", "a": "Hello", "id": 7}])
+    data.convert_dataset(mapped, tmp_path / "qa-out.jsonl", "completions", prompt_key="q", completion_key="a")
+    assert json.loads((tmp_path / "qa-out.jsonl").read_text()) == {"prompt": "Say hi", "completion": "Hello"}
     data.convert_dataset(tmp_path / "comp.jsonl", tmp_path / "chat.jsonl", "chat")
     originals = load_train(src, tok)
     assert [(r.ids, r.mask) for r in load_train(tmp_path / "chat.jsonl", tok)] == [(r.ids, r.mask) for r in originals]

@@ -39,11 +39,13 @@ def _bar(count: int, most: int, width: int = 40) -> str:
               help="Jinja chat template file replacing the tokenizer's (default: its own, else ChatML).")
 @click.option("--prompt-key", default=None, help="Field holding the prompt (default: prompt).")
 @click.option("--completion-key", default=None, help="Field holding the answer (default: completion).")
+@click.option("--text-key", default=None, help="Field holding plain text (default: text).")
+@click.option("--messages-key", default=None, help="Field holding chat messages (default: messages).")
 @click.option("--batch-size", default=4, show_default=True, type=int,
               help="Batch size for the padding estimate (bucketed and --pack).")
 @click.option("--color/--no-color", default=None, help="Colour trained tokens (default: when stdout is a terminal).")
 def inspect_cmd(model, data, n, max_seq_length, valid_split, test_split, seed, train_on_inputs, chat_template,
-                prompt_key, completion_key, batch_size, color):
+                prompt_key, completion_key, text_key, messages_key, batch_size, color):
     """Show formats, counts, token lengths, truncation and examples with the trained tokens marked.
 
     Trained tokens are green in a terminal and [[in double brackets]] when the output is piped.
@@ -57,7 +59,8 @@ def inspect_cmd(model, data, n, max_seq_length, valid_split, test_split, seed, t
     report = inspect_dataset(model, list(data) if len(data) > 1 else data[0], n=n, max_seq_length=max_seq_length,
                              valid_split=valid_split, test_split=test_split, seed=seed,
                              train_on_inputs=train_on_inputs, chat_template=chat_template,
-                             prompt_key=prompt_key, completion_key=completion_key, batch_size=batch_size)
+                             prompt_key=prompt_key, completion_key=completion_key, text_key=text_key,
+                             messages_key=messages_key, batch_size=batch_size)
     for file, fmt in report.formats.items():
         click.echo(f"{file}: {fmt}")
     for split, lengths in report.lengths.items():
@@ -102,8 +105,10 @@ def _histogram(lengths: list[int], bins: int = 8):
 @click.option("--chat-template", default=None, type=click.Path(dir_okay=False), help="With --to text: template file.")
 @click.option("--prompt-key", default=None, help="Field holding the prompt in SRC (default: prompt).")
 @click.option("--completion-key", default=None, help="Field holding the answer in SRC (default: completion).")
+@click.option("--text-key", default=None, help="Field holding plain text in SRC (default: text).")
+@click.option("--messages-key", default=None, help="Field holding chat messages in SRC (default: messages).")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
-def convert_cmd(src, dst, to, model, chat_template, prompt_key, completion_key, force):
+def convert_cmd(src, dst, to, model, chat_template, prompt_key, completion_key, text_key, messages_key, force):
     """Rewrite SRC (any supported format) as DST in chat, completions or text format.
 
     \b
@@ -115,7 +120,7 @@ def convert_cmd(src, dst, to, model, chat_template, prompt_key, completion_key, 
     from ..data import convert_dataset
 
     n = convert_dataset(src, dst, to, model=model, chat_template=chat_template, prompt_key=prompt_key,
-                        completion_key=completion_key, force=force)
+                        completion_key=completion_key, text_key=text_key, messages_key=messages_key, force=force)
     click.echo(f"wrote {n} {to} records to {dst}")
 
 
