@@ -86,7 +86,8 @@ class LoRALinear(nn.Module):
         if has_bias:
             fused.bias = linear.bias
         if quantized and not dequantize:
-            fused = nn.QuantizedLinear.from_linear(fused, linear.group_size, linear.bits)
+            fused = nn.QuantizedLinear.from_linear(fused, linear.group_size, linear.bits,
+                                                   mode=getattr(linear, "mode", "affine"))
         return fused
 
 
