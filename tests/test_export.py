@@ -381,7 +381,7 @@ def _llama_cpp_logits(base_gguf, ids, lora=None):
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "qwen3", "gemma2", "mistral"])
 def test_lora_gguf_in_llama_cpp(arch, tmp_path, tmp_path_factory):
     import numpy as np
 
@@ -397,7 +397,7 @@ def test_lora_gguf_in_llama_cpp(arch, tmp_path, tmp_path_factory):
 
     reader = gguf.GGUFReader(str(lora))
     assert reader.fields["general.type"].contents() == "adapter"
-    assert reader.fields["general.architecture"].contents() == arch
+    assert reader.fields["general.architecture"].contents() == {"mistral": "llama"}.get(arch, arch)
     assert reader.fields["adapter.type"].contents() == "lora"
     assert reader.fields["adapter.lora.alpha"].contents() == pytest.approx(12.0)
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}  # numpy order
@@ -409,8 +409,10 @@ def test_lora_gguf_in_llama_cpp(arch, tmp_path, tmp_path_factory):
     want = _mlx_logits(base, adapter, ids)
     got = _llama_cpp_logits(base_gguf, ids, lora)
     without = _llama_cpp_logits(base_gguf, ids)
+    base_error = np.abs(without - _mlx_logits(base, None, ids)).max()  # llama.cpp vs MLX on the base alone
     assert np.abs(without - want).max() > 0.1  # the adapter matters...
-    assert np.abs(got - want).max() <= 2e-3  # ...and llama.cpp applies it exactly
+    # ...and llama.cpp applies it as exactly as it runs the base (gemma2's soft-capped logits: ~2e-3 already)
+    assert np.abs(got - want).max() <= max(2e-3, 2 * base_error)
 
 
 def test_lora_gguf_errors(tiny_llama, tmp_path):
