@@ -736,6 +736,8 @@ def inspect_dataset(model, data, *, n: int = 3, max_seq_length: int = 2048, vali
 
     `batch_size` is only used to estimate the padding of training batches, bucketed and packed.
     """
+    if max_seq_length < 2:
+        raise ConfigError(f"--max-seq-length {max_seq_length} must be at least 2")
     tokenizer = _tokenizer_of(model)
     keys = _keys(prompt_key, completion_key, text_key, messages_key)
     splits, formats = _load_untruncated(data, tokenizer, valid_split=valid_split, test_split=test_split, seed=seed,
