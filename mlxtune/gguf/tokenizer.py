@@ -529,7 +529,7 @@ def check_pre(info: TokenizerInfo, tok_json, name: str, strings=CHECK_STRINGS) -
 
 
 def _score(info: TokenizerInfo, name: str, reference: list[list[int]], strings=CHECK_STRINGS) -> tuple[int, int]:
-    bpe = SimulatedBPE(info.tokens, info.merges or [], KNOWN_PRE[name])
+    bpe = SimulatedBPE(info.tokens, info.merges or [], KNOWN_PRE[name], ignore_merges=name == "llama-bpe")
     return sum(bpe.encode(s) == ids for s, ids in zip(strings, reference)), len(strings)
 
 
@@ -549,9 +549,11 @@ def _byte_to_unicode() -> dict[int, str]:
 class SimulatedBPE:
     """llama.cpp's byte-level BPE in a few lines: split by each regex in turn, map bytes, merge by rank."""
 
-    def __init__(self, tokens: list[str], merges: list[str], exprs: list[str]):
+    def __init__(self, tokens: list[str], merges: list[str], exprs: list[str], ignore_merges: bool = False):
         import regex
 
+        # llama.cpp's llama-bpe takes a word that is itself a token whole (tokenizer.json's ignore_merges)
+        self.ignore_merges = ignore_merges
         self.ids = {t: i for i, t in enumerate(tokens)}
         self.ranks = {tuple(m.split(" ", 1)): r for r, m in enumerate(merges) if " " in m}
         self.exprs = [regex.compile(e) for e in exprs]
@@ -578,6 +580,8 @@ class SimulatedBPE:
         out = []
         for word in self.split(text):
             symbols = [self.byte_map[b] for b in word.encode("utf-8")]
+            if self.ignore_merges and "".join(symbols) in self.ids:
+                symbols = ["".join(symbols)]
             while len(symbols) > 1:
                 pairs = [(self.ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
                 pairs = [(r, i) for r, i in pairs if r is not None]
