@@ -213,12 +213,15 @@ def split_loss(model, tokenizer, file: Path, *, limit: int | None = None, batch_
 
 def evaluate(model=None, tokenizer=None, *, data=None, adapter_file=None, split: str = "test",
              max_tokens: int = 256, limit: int | None = None, batch_size: int = 32, loss: bool = True,
-             max_seq_length: int = 2048, chat_template: str | None = None, progress: bool = True) -> EvalResult:
+             max_seq_length: int = 2048, chat_template: str | None = None, early_stop: bool = True,
+             show: int = 0, progress: bool = True) -> EvalResult:
     """Score a model on a chat dataset split: exact match (greedy), test loss and perplexity.
 
     `model` is a loaded model (with `tokenizer`) or a path / hub id (then `adapter_file` may name a LoRA
     adapter); None uses the bundled default model. `data` is a folder with `<split>.jsonl` or one .jsonl
     file (None: the bundled tool-call data). `limit` scores only the first N rows.
+    `early_stop` cuts a reply once it cannot match (the score is the same; `predictions` are then cut
+    too); the first `show` mismatches are generated again in full so that they can be read.
     """
     from tqdm.auto import tqdm
 
@@ -242,11 +245,15 @@ def evaluate(model=None, tokenizer=None, *, data=None, adapter_file=None, split:
     prompts, answers = prompts_and_answers(tokenizer, rows, file, chat_template=chat_template)
     with tqdm(total=len(prompts), desc=f"eval {file.name}", unit="row", disable=not progress) as bar:
         predictions = greedy_batch(model, tokenizer, prompts, max_tokens=max_tokens, batch_size=batch_size,
-                                   answers=answers, progress=bar)
-    mismatches = []
-    for (line, _), pred, answer, prompt in zip(rows, predictions, answers, prompts):
-        if pred.strip() != answer.strip():
-            mismatches.append(Mismatch(line=line, prompt=tokenizer.decode(prompt), expected=answer, got=pred))
+                                   answers=answers if early_stop else None, progress=bar)
+    wrong = [i for i, (pred, answer) in enumerate(zip(predictions, answers)) if pred.strip() != answer.strip()]
+    if early_stop and show > 0 and wrong:
+        full = greedy_batch(model, tokenizer, [prompts[i] for i in wrong[:show]], max_tokens=max_tokens,
+                            batch_size=batch_size)
+        for i, text in zip(wrong, full):
+            predictions[i] = text
+    mismatches = [Mismatch(line=rows[i][0], prompt=tokenizer.decode(prompts[i]), expected=answers[i],
+                           got=predictions[i]) for i in wrong]
     correct = len(rows) - len(mismatches)
     loss_value = ppl = None
     if loss:

@@ -62,10 +62,15 @@ def test_exact_match_is_one_on_own_answers_and_zero_on_wrong(loaded, own_answers
         good.save(saved)  # never overwrite what the user has without --force
     good.save(saved, force=True)
     wrong = [f"<tool_call name=\"timer\" minutes=\"{i}\"/>" for i in range(len(QUESTIONS))]
-    bad = evaluate_no_loss(model, tok, write_split(tmp_path / "bad", wrong))
+    bad = evaluate_no_loss(model, tok, write_split(tmp_path / "bad", wrong), show=2)
     assert bad.exact_match == 0.0 and len(bad.mismatches) == len(QUESTIONS)
     m = bad.mismatches[0]
     assert m.line == 1 and m.expected == wrong[0] and QUESTIONS[0] in m.prompt
+    # The first `show` mismatches are the full replies; the rest stopped where they went wrong.
+    assert [m.got for m in bad.mismatches[:2]] == own_answers[:2]
+    assert all(m.got.endswith("...") and len(m.got) < len(a) + 3 for m, a in zip(bad.mismatches[2:], own_answers[2:]))
+    full = evaluate_no_loss(model, tok, tmp_path / "bad", early_stop=False)
+    assert full.exact_match == 0.0 and full.predictions == own_answers
     # Half right, half wrong: the score is a fraction, and --limit counts only the first rows.
     mixed = own_answers[:6] + wrong[6:]
     assert evaluate_no_loss(model, tok, write_split(tmp_path / "mixed", mixed)).exact_match == 0.5

@@ -19,12 +19,12 @@ from . import main
 @click.option("--limit", default=None, type=int, help="Score only the first N records.")
 @click.option("--batch-size", default=32, show_default=True, type=int,
               help="Prompts generated together (1 = one at a time).")
-@click.option("--show", default=0, show_default=True, type=int, help="Print the first N mismatches.")
+@click.option("--show", default=0, show_default=True, type=int, help="Print the first N mismatches (in full).")
 @click.option("--loss/--no-loss", default=True, show_default=True, help="Also compute test loss and perplexity.")
 @click.option("--max-seq-length", default=2048, show_default=True, type=int, help="Truncation length for the loss.")
 @click.option("--chat-template", default=None, help="Jinja chat template file overriding the tokenizer's.")
 @click.option("--output", "-o", default=None, type=click.Path(),
-              help="Write every reply as JSON lines (line, expected, got, match) to this file.")
+              help="Write every reply, in full, as JSON lines (line, expected, got, match) to this file.")
 @click.option("--force", is_flag=True, help="Replace an existing --output file.")
 def eval_cmd(model, adapter_file, data, split, max_tokens, limit, batch_size, show, loss, max_seq_length,
              chat_template, output, force):
@@ -59,11 +59,13 @@ def eval_cmd(model, adapter_file, data, split, max_tokens, limit, batch_size, sh
         click.echo(f"Using the bundled data {DEFAULT_DATA}", err=True)
         data = str(DEFAULT_DATA)
     result = evaluate(model, data=data, adapter_file=adapter_file, split=split, max_tokens=max_tokens, limit=limit,
-                      batch_size=batch_size, loss=loss, max_seq_length=max_seq_length, chat_template=chat_template)
+                      batch_size=batch_size, loss=loss, max_seq_length=max_seq_length, chat_template=chat_template,
+                      early_stop=not output, show=show)
     for m in result.mismatches[:max(show, 0)]:
         click.echo(f"--- {result.file}:{m.line}")
         click.echo(f"expected: {m.expected.strip()}")
-        click.echo(f"got:      {m.got.strip()}")
+        got = m.got.strip()
+        click.echo(f"got:      {got if len(got) <= 500 else got[:500] + ' ...'}")
     click.echo(f"Exact match: {result.exact_match:.1%} ({result.correct}/{result.n}) on {result.file}")
     if result.test_loss is not None:
         click.echo(f"Test loss {result.test_loss:.3f}, Test ppl {result.perplexity:.3f}")
