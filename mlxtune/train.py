@@ -235,11 +235,14 @@ def model_parts(model: nn.Module) -> ModelParts:
                 same = False
             if not same:
                 parts.body = parts.head = None
-        # Packing check: two examples in one row must score as they do alone.
-        seg = mx.array([[1, 1, 1, 1, 1, 2, 2, 2]])
-        row = mx.concatenate([ids[0, :5], ids[1, :3]])[None]
-        packed = _logits(model, parts, row, seg)
-        alone = mx.concatenate([_logits(model, parts, ids[:1, :5], None), _logits(model, parts, ids[1:, :3], None)], 1)
+        # Packing check: two rows, each holding two examples, must score as the examples do alone.
+        # (Two rows with different layouts catch attention code that broadcasts a per-row mask wrongly.)
+        a, b = ids[:1, :5], ids[1:, :3]
+        seg = mx.array([[1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 2, 2, 2, 2, 2]])
+        rows = mx.concatenate([mx.concatenate([a, b], 1), mx.concatenate([b, a], 1)])
+        packed = _logits(model, parts, rows, seg)
+        la, lb = _logits(model, parts, a, None), _logits(model, parts, b, None)
+        alone = mx.concatenate([mx.concatenate([la, lb], 1), mx.concatenate([lb, la], 1)])
         parts.packing = bool(mx.allclose(packed, alone, rtol=1e-3, atol=1e-3).item())
     except Exception:  # an architecture whose attention rejects a per-row mask: train unpacked
         parts.packing = False
