@@ -23,8 +23,11 @@ from mlxtune.blas import find_openblas
 from mlxtune.cli import _register, main, run
 
 
-def subprocess_cli(*args, env=None, stdin=None):
+def subprocess_cli(*args, env=None, stdin=None, reexec=False):
+    """`python -m mlxtune ARGS`; without `reexec`, OpenBLAS is preloaded directly (no second start)."""
     base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MLXTUNE_BLAS_REEXEC", "MLXTUNE_DEBUG")}
+    if not reexec and find_openblas():
+        base["LD_PRELOAD"] = find_openblas()
     return subprocess.run([sys.executable, "-m", "mlxtune", *args], capture_output=True, text=True, timeout=120,
                           env={**base, **(env or {})}, input=stdin)
 
@@ -151,14 +154,14 @@ def test_debug_shows_traceback(tmp_path):
 
 
 def test_doctor_reports_openblas_reexec_and_opt_out():
-    r = subprocess_cli("doctor")
+    r = subprocess_cli("doctor", reexec=True)
     assert r.returncode == 0, r.stderr
     blas = next(line for line in r.stdout.splitlines() if line.startswith("BLAS:"))
     if sys.platform.startswith("linux") and find_openblas():
         assert "OpenBLAS" in blas and "openblas" in blas  # the library really is mapped into the process
     for key in ("Backend:", "MLX:", "mlx-lm:", "Memory:", "torch:", "Python:", "Platform:"):
         assert key in r.stdout
-    r = subprocess_cli("doctor", "--json", env={"MLXTUNE_NO_OPENBLAS": "1"})
+    r = subprocess_cli("doctor", "--json", env={"MLXTUNE_NO_OPENBLAS": "1"}, reexec=True)
     report = json.loads(r.stdout)
     if sys.platform.startswith("linux"):
         assert report["blas"].startswith("reference BLAS")
