@@ -166,3 +166,23 @@ def test_cli_eval_prints_score_and_mismatches(tiny_llama, own_answers, tmp_path)
     assert [r["match"] for r in rows] == [True] * 3 + [False] * (len(QUESTIONS) - 3)
     assert [r["got"] for r in rows[:3]] == own_answers[:3] and rows[3] == {**rows[3], "line": 4,
                                                                             "expected": "wrong answer"}
+
+
+def test_adapter_file_is_applied(tiny_llama, own_answers, tmp_path):
+    from mlxtune.lora import apply_lora, save_adapter
+
+    model, tok = load(tiny_llama)
+    config = apply_lora(model, lora_layers=2, rank=4, alpha=32.0)
+    mx.random.seed(2)
+    for _, layer in model.named_modules():
+        if hasattr(layer, "lora_b"):
+            layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.5
+    adapter = save_adapter(model, tmp_path / "a" / "adapters.npz", config)
+    tuned = [mlxtune.generate(model, tok, q, system=SYSTEM, max_tokens=MAX_TOKENS) for q in QUESTIONS]
+    assert tuned != own_answers
+    folder = write_split(tmp_path / "d", tuned)
+    result = mlxtune.evaluate(str(tiny_llama), data=folder, adapter_file=str(adapter.parent), max_tokens=MAX_TOKENS,
+                              loss=False, progress=False)
+    assert result.exact_match == 1.0
+    base = mlxtune.evaluate(str(tiny_llama), data=folder, max_tokens=MAX_TOKENS, loss=False, progress=False)
+    assert base.exact_match < 1.0
