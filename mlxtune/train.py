@@ -87,6 +87,7 @@ class TrainingArgs:
     test_batches: int = field(default=-1, metadata={"help": "Test batches for --test (-1 = the whole set)."})
     plot: bool = field(default=True, metadata={"help": "Write loss.png beside the adapter."})
     chat_template: str | None = field(default=None, metadata={"help": "A Jinja chat template file to use instead of the tokenizer's."})
+    report_to: str = field(default="none", metadata={"help": "none, or wandb to also log the reports to Weights & Biases (needs `pip install wandb`)."})
 
     def validate(self) -> "TrainingArgs":
         def need(ok: bool, flag: str, what: str, value):
@@ -108,6 +109,7 @@ class TrainingArgs:
         need(self.steps_per_report > 0, "steps_per_report", "must be positive", self.steps_per_report)
         need(self.steps_per_eval >= 0, "steps_per_eval", "must be 0 or more", self.steps_per_eval)
         need(self.save_every >= 0, "save_every", "must be 0 (only the final adapter) or more", self.save_every)
+        need(self.report_to in ("none", "wandb"), "report_to", "must be none or wandb", self.report_to)
         need(self.lora_layers == -1 or self.lora_layers > 0, "lora_layers", "must be a positive number of blocks or -1 for all", self.lora_layers)
         suffix = Path(self.adapter_file).suffix
         need(suffix in (".npz", ".safetensors"), "adapter_file", "must end in .npz or .safetensors", self.adapter_file)
@@ -899,12 +901,25 @@ def lora(model: Any = None, data: Any = None, *, tokenizer: Any = None, config: 
     if args.iters > 0 and len(splits.train) < needed:
         raise ConfigError(f"--batch-size {args.batch_size}{f' x --grad-accumulation {args.grad_accumulation}' if args.grad_accumulation > 1 else ''} "
                           f"needs at least {needed} training examples but {data_arg} has {len(splits.train)}: lower --batch-size or add data")
+    callbacks = list(callbacks)
+    if args.report_to == "wandb":
+        callbacks.append(_wandb_callback(args))
     optimizer = make_optimizer(args)
     result = train(model, optimizer, splits.train, splits.valid, args, adapter_config=adapter_config,
-                   callbacks=list(callbacks), verbose=verbose, base_model=base_model)
+                   callbacks=callbacks, verbose=verbose, base_model=base_model)
     if args.test:
         _run_test(model, splits.test, args, result, say)
     return result
+
+
+def _wandb_callback(args: TrainingArgs) -> Callable:
+    # Opt-in only: nothing leaves the machine unless the user asks for it with --report-to wandb.
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("--report-to wandb needs the wandb package: pip install wandb (or drop --report-to)") from None
+    wandb.init(project="mlxtune", config=dataclasses.asdict(args))
+    return lambda report: wandb.log(report, step=report["iteration"])
 
 
 def _run_test(model, records, args: TrainingArgs, result: TrainResult, say) -> None:

@@ -5,6 +5,7 @@ callbacks, and every bad input as a one-line error that leaves existing files al
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -283,13 +284,15 @@ def test_bad_inputs_are_one_line_errors_and_overwrite_nothing(tiny_llama, chat_d
         (["lora", "--model", tiny_llama, "--adapter-file", tmp_path / "x6.npz"], "no --data"),
         (base + ["--optimizer", "lion", "--adapter-file", tmp_path / "x7.npz"], "--optimizer must be one of adamw, adam, sgd"),
     ]
+    if importlib.util.find_spec("wandb") is None:
+        cases.append((base + ["--report-to", "wandb", "--adapter-file", tmp_path / "x8.npz"], "pip install wandb"))
     for args, message in cases:
         code, stdout, err = cli(args, monkeypatch, capsys)
         assert code == 1, (args, err)
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
         assert re.search(message, err), (message, err)
     assert {f.name: f.read_bytes() for f in out.parent.iterdir()} == before
-    assert not any((tmp_path / f"x{i}.npz").exists() for i in range(1, 8))
+    assert not any((tmp_path / f"x{i}.npz").exists() for i in range(1, 9))
 
 
 
