@@ -344,3 +344,21 @@ def test_loss_is_exact_across_architectures(arch, tmp_path_factory):
         s, c = s + loss.item() * n.item(), c + n.item()
     assert c == count
     assert abs(s / c - total / count) < 1e-4
+
+
+def test_no_model_no_data_trains_the_bundled_demo(tiny_llama, chat_data, tmp_path, monkeypatch, capsys):
+    import mlxtune.defaults as defaults
+
+    settings = tmp_path / "default-lora.yaml"
+    settings.write_text("iters: 50\nlora_layers: -1\ntarget_modules: all-linear\nbatch_size: 2\nsteps_per_eval: 0\n")
+    monkeypatch.setattr(defaults, "DEFAULT_MODEL", Path(tiny_llama))
+    monkeypatch.setattr(defaults, "DEFAULT_DATA", Path(chat_data))
+    monkeypatch.setattr(defaults, "DEFAULT_LORA_CONFIG", settings)
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = cli(["lora", "--iters", 2, "--steps-per-report", 1], monkeypatch, capsys)
+    assert code == 0, err
+    first = stdout.splitlines()[0]
+    assert "bundled demo" in first and "--model mlx-community/" in first
+    assert re.findall(r"Iter (\d+): Train loss", stdout) == ["1", "2"]  # the flag beat the file's iters: 50
+    config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert "mlp.down_proj" in " ".join(config["modules"])  # the file's all-linear was used
