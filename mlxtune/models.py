@@ -63,11 +63,12 @@ def resolve_model_path(path_or_id: str | os.PathLike, revision: str | None = Non
         local = snapshot_download(text, revision=revision, allow_patterns=["*.safetensors", *TOKENIZER_PATTERNS])
     except LocalEntryNotFoundError:
         raise ModelLoadError(
-            f"model {text} is not in the local Hugging Face cache and the hub cannot be reached "
+            f"model {text} is not a local directory, not in the local Hugging Face cache, and the hub cannot be reached "
             "(offline or HF_HUB_OFFLINE=1): download it once with network access, or pass a local directory"
         ) from None
     except RepositoryNotFoundError:
-        raise ModelLoadError(f"model {text} was not found on the Hugging Face hub (check the id, or log in)") from None
+        raise ModelLoadError(f"model {text} is not a local directory and was not found on the Hugging Face hub "
+                             "(check the path or id, or log in)") from None
     except Exception as e:  # network errors come in many types
         raise ModelLoadError(f"could not fetch {text} from the Hugging Face hub: {type(e).__name__}: {e}") from None
     return Path(local)

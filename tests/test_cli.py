@@ -127,7 +127,8 @@ def test_bad_model_is_one_line_error(case, needles, broken_models, tmp_path, mon
 def test_uncached_hub_id_offline_is_one_line_error(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
     r = subprocess_cli("generate", "--model", "some-org/some-model", "--prompt", "hi", env=env)
-    assert_one_line_error(r.returncode, r.stderr, "some-org/some-model", "offline", "not in the local")
+    assert_one_line_error(r.returncode, r.stderr, "some-org/some-model", "offline", "not in the local",
+                          "not a local directory")
 
 
 def test_usage_errors_exit_2(monkeypatch, capsys):
