@@ -133,7 +133,6 @@ def direct_loss(model, tok, data_file):
 
 
 def test_loss_and_perplexity_equal_direct_computation(loaded, own_answers, tmp_path):
-    pytest.importorskip("mlxtune.train", reason="evaluate_loss lives in mlxtune/train.py")
     model, tok = loaded
     folder = write_split(tmp_path / "d", own_answers)
     result = mlxtune.evaluate(model, tok, data=folder, max_tokens=MAX_TOKENS, progress=False, batch_size=4)
