@@ -1,15 +1,17 @@
 """Training throughput and memory: mlxtune vs mlx-lm's LoRA trainer on the same model, data and knobs.
 
     python benchmarks/train_throughput.py                # tiny llama and a ~100M llama
-    python benchmarks/train_throughput.py --sizes tiny --iters 60
+    python benchmarks/train_throughput.py --sizes tiny --examples 200 --batch-size 4
 
 Both trainers see the same chat data with varied example lengths (loss on the assistant tokens only),
 the same LoRA layers (q, k, v, o of every block, rank 8, alpha 16), Adam at the same constant learning
-rate and no gradient clipping. mlx-lm runs `--iters` steps; mlxtune then trains until it has consumed the
-same number of real (non-padding) tokens, unpacked and packed. Each run is a separate process so peak
-memory is its own. The final validation loss of every adapter is measured by one function
-(mlxtune.train.evaluate_loss) on the same records. Throughput is real tokens per second of training
-time, measured between the first and the last report so that one-off compilation is left out.
+rate and no gradient clipping, for the same whole number of epochs: mlx-lm and unpacked mlxtune take
+the same number of steps of `--batch-size` examples, so both see every example equally often (the same
+real tokens); packed mlxtune uses rows that hold about `--batch-size` examples and stops when the same
+tokens are consumed. Each run is a separate process so peak memory is its own. The final validation
+loss of every adapter is measured by one function (mlxtune.train.evaluate_loss) on the same records.
+Throughput is real tokens per second of training time, measured between the first and the last report
+so that one-off compilation at the first step is left out.
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ def worker_mlxtune(a) -> dict:
 
     def until_target(report):
         clock.mark(report["trained_tokens"])
-        return report["trained_tokens"] >= a.target_tokens
+        return report["trained_tokens"] >= a.target_tokens or report["iteration"] >= a.iters
 
     mx.reset_peak_memory()
     result = train(model, make_optimizer(args), splits.train, [], args, adapter_config=config,
@@ -205,7 +207,8 @@ def bench(size: str, work: Path, a) -> list[dict]:
     ref["name"] = "mlx-lm"
     rows.append(ref)
     for pack in (False, True):
-        r = spawn("--worker", "mlxtune", *common, "--target-tokens", ref["real_tokens"], "--out",
+        r = spawn("--worker", "mlxtune", *common, "--target-tokens", ref["real_tokens"],
+                  "--iters", a.iters if not pack else 10**6, "--out",
                   work / f"{size}-mlxtune-{'packed' if pack else 'unpacked'}", *(["--pack"] if pack else []))
         r["name"] = f"mlxtune ({'packed' if pack else 'unpacked'})"
         rows.append(r)
@@ -231,13 +234,13 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="tiny,100m", help="comma list of: " + ", ".join(SIZES))
-    p.add_argument("--iters", type=int, default=None, help="mlx-lm steps (default: 100 tiny, 12 for 100m)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default: 8 tiny, 4 for 100m)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--report", type=int, default=None)
     p.add_argument("--max-seq-length", type=int, default=512)
-    p.add_argument("--examples", type=int, default=400)
-    p.add_argument("--max-words", type=int, default=120, help="longest user turn in words (lengths are log-uniform)")
+    p.add_argument("--examples", type=int, default=None, help="training examples = one epoch (default: 400 tiny, 40 for 100m)")
+    p.add_argument("--epochs", type=int, default=2, help="passes over the data (later epochs reuse compiled shapes)")
+    p.add_argument("--max-words", type=int, default=100, help="longest user turn in words (lengths are log-uniform)")
     p.add_argument("--work", default=None, help="keep models/data/adapters here (default: a temp dir)")
     # worker-only arguments
     p.add_argument("--worker", choices=("mlxlm", "mlxtune", "eval"), help=argparse.SUPPRESS)
@@ -246,6 +249,7 @@ def main() -> None:
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--adapter", help=argparse.SUPPRESS)
     p.add_argument("--target-tokens", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--iters", type=int, help=argparse.SUPPRESS)
     p.add_argument("--pack", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -257,16 +261,19 @@ def main() -> None:
         work = Path(a.work or tmp)
         for size in a.sizes.split(","):
             sa = argparse.Namespace(**vars(a))
-            sa.iters = a.iters or (100 if size == "tiny" else 12)
-            sa.report = a.report or (10 if size == "tiny" else 2)
+            sa.batch_size = a.batch_size or (8 if size == "tiny" else 4)
+            sa.examples = a.examples or (400 if size == "tiny" else 40)
+            sa.examples -= sa.examples % sa.batch_size
+            sa.iters = a.epochs * sa.examples // sa.batch_size
+            sa.report = a.report or 1
             t = time.time()
             rows += bench(size, work, sa)
             print(f"{size}: done in {time.time() - t:.0f}s", file=sys.stderr)
     import mlx.core as mx
 
     print(f"Machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, mlx {mx.__version__} "
-          f"({'GPU' if mx.default_device() == mx.gpu else 'CPU'}); batch {a.batch_size}, lr {a.lr}, "
-          f"max_seq_length {a.max_seq_length}, {a.examples} chat examples")
+          f"({'GPU' if mx.default_device() == mx.gpu else 'CPU'}); lr {a.lr}, max_seq_length {a.max_seq_length}, "
+          f"{a.epochs} epochs of chat examples (user turns up to {a.max_words} words)")
     print(table(rows))
 
 

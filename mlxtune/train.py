@@ -70,8 +70,9 @@ class TrainingArgs:
         "help": "Micro-batches per optimizer step; equals a batch of batch-size x N."})
     grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute block activations in the backward pass: less memory, ~30% slower."})
     max_seq_length: int = field(default=2048, metadata={"help": "Longer examples are truncated to this many tokens."})
-    pack: bool = field(default=True, metadata={
-        "help": "Pack several short examples into one row (block-diagonal attention, same loss as unpacked)."})
+    pack: bool = field(default=False, metadata={
+        "help": "Pack several examples into each row (block-diagonal attention, same loss as unpacked); "
+                "--batch-size then counts rows, each as long as the longest example."})
     train_on_inputs: bool = field(default=False, metadata={"help": "Also learn the prompt/user tokens, not only the completions."})
     valid_split: float = field(default=0.1, metadata={"help": "Fraction of a single-file dataset held out for validation."})
     test_split: float = field(default=0.0, metadata={"help": "Fraction of a single-file dataset held out for --test."})
