@@ -132,8 +132,9 @@ def _nearest(x: np.ndarray) -> np.ndarray:
 def _affine_scales(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[np.ndarray, np.ndarray]:
     """ggml's make_qkx2_quants for each row of `x` (n, 32): the best (scale, -min) with x ~ scale*q + min.
 
-    Weighted least squares over a sweep of trial scales. The error of a trial is computed from the same
-    running sums as its fit, so the 32 values are visited once per trial.
+    Weighted least squares over a sweep of trial scales, all rows at once. The error of each trial is
+    summed directly from its residuals, as ggml does: expanding it from the fit's running sums cancels
+    catastrophically in float32 and picks a different trial for most blocks.
     """
     x = x.astype(np.float32, copy=False)
     w = np.sqrt(np.mean(x * x, axis=1, keepdims=True)) + np.abs(x)
@@ -142,43 +143,48 @@ def _affine_scales(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: 
     span = xmax - xmin
     flat = span == 0
     span = np.where(flat, 1, span).astype(np.float32)
-    xm = x - xmin[:, None]
     sum_w = w.sum(axis=1)
     sum_x = np.einsum("ij,ij->i", w, x)
-    sum_x2 = np.einsum("ij,ij->i", w, x * x)
-
     q = np.empty_like(x)
     wq = np.empty_like(x)
+    r = np.empty_like(x)
 
-    def sums(iscale):
-        # in place, into two reused buffers: this loop is where Q4_K spends its time
-        np.multiply(xm, iscale[:, None], out=q)
+    def trial(iscale, mn):
+        # in place, into reused buffers: this loop is where Q4_K spends its time
+        np.subtract(x, mn[:, None], out=q)
+        np.multiply(q, iscale[:, None], out=q)
         np.rint(q, out=q)
-        np.minimum(q, nmax, out=q)  # q >= 0 already: xm >= 0 and iscale > 0
+        np.clip(q, 0, nmax, out=q)
         np.multiply(w, q, out=wq)
         return wq.sum(axis=1), np.einsum("ij,ij->i", wq, q), np.einsum("ij,ij->i", wq, x)
 
-    def error(scale, mn, sum_l, sum_l2, sum_xl):
-        # sum w*(scale*q + mn - x)^2 expanded
-        return (scale * scale * sum_l2 + 2 * scale * mn * sum_l - 2 * scale * sum_xl
-                + mn * mn * sum_w - 2 * mn * sum_x + sum_x2)
+    def error(scale, mn):
+        np.multiply(q, scale[:, None], out=r)
+        np.add(r, mn[:, None], out=r)
+        np.subtract(r, x, out=r)
+        np.multiply(r, w, out=wq)
+        return np.einsum("ij,ij->i", wq, r)
 
     iscale = (nmax / span).astype(np.float32)
     scale = (1 / iscale).astype(np.float32)
     mn = xmin.copy()
-    best = error(scale, mn, *sums(iscale))
+    trial(iscale, mn)
+    best = error(scale, mn)
     for step in range(nstep + 1):
-        iscale = ((rmin + rdelta * step + nmax) / span).astype(np.float32)
-        sum_l, sum_l2, sum_xl = sums(iscale)
+        # like ggml, each trial starts from the best min found so far (a sequential sweep per row)
+        span = xmax - mn
+        span = np.where(flat | (span <= 0), 1, span).astype(np.float32)
+        iscale = ((np.float32(rmin) + np.float32(rdelta) * np.float32(step) + np.float32(nmax)) / span).astype(np.float32)
+        sum_l, sum_l2, sum_xl = trial(iscale, mn)
         det = sum_w * sum_l2 - sum_l * sum_l
         ok = det > 0
         safe = np.where(ok, det, 1)
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe
         pos = this_min > 0
-        this_scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, 1), this_scale)
-        this_min = np.where(pos, 0, this_min)
-        err = error(this_scale, this_min, sum_l, sum_l2, sum_xl)
+        this_scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, 1), this_scale).astype(np.float32)
+        this_min = np.where(pos, 0, this_min).astype(np.float32)
+        err = error(this_scale, this_min)
         better = ok & (err < best)
         best = np.where(better, err, best)
         scale = np.where(better, this_scale, scale)
