@@ -882,6 +882,7 @@ def lora(model: Any = None, data: Any = None, *, tokenizer: Any = None, config: 
     splits = load_dataset(data_arg, tokenizer, valid_split=args.valid_split, test_split=args.test_split, seed=args.seed,
                           max_seq_length=args.max_seq_length, train_on_inputs=args.train_on_inputs,
                           chat_template=args.chat_template, cache=True)
+    say(f"Data: {splits.summary()}")
 
     if test_only:
         adapter_config = load_adapter(model, adapter_file)

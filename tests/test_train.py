@@ -177,7 +177,7 @@ def test_grad_checkpoint_gives_the_same_adapter(tiny_llama, chat_data, tmp_path)
         np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
 
 
-RESUME = dict(iters=12, batch_size=2, learning_rate=2e-3, lr_schedule="cosine", warmup=2, dropout=0.1, seed=3,
+RESUME = dict(iters=12, batch_size=2, learning_rate=2e-3, lr_schedule="cosine", warmup=2, dropout=0.1, seed=3, pack=True,
               save_every=4, steps_per_report=2, steps_per_eval=0, verbose=False)
 
 
