@@ -53,8 +53,32 @@ def ggml_gelu():
         nn.gelu, nn.gelu_approx = saved
 
 
+@contextlib.contextmanager
+def ggml_f16_matmul():
+    """Make MLX's Linear layers round their input to f16, as ggml's CPU matmul does for F16 weights.
+
+    ggml converts the activations to the weight's dot-product type (f16) before multiplying; with
+    logits spread over tens of units that alone moves them by a few 1e-3. Embedding rows are exact.
+    """
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    linear, as_linear = nn.Linear.__call__, nn.Embedding.as_linear
+    r16 = lambda x: x.astype(mx.float16).astype(mx.float32)  # noqa: E731
+    nn.Linear.__call__ = lambda self, x: linear(self, r16(x))
+    nn.Embedding.as_linear = lambda self, x: as_linear(self, r16(x))
+    try:
+        yield
+    finally:
+        nn.Linear.__call__, nn.Embedding.as_linear = linear, as_linear
+
+
 def mlx_logits(model_dir, seqs, *, f16_weights: bool = False, gguf_gelu: bool = False) -> np.ndarray:
-    """MLX logits (B, L, V) in float32; optionally with matrices rounded to f16 as an F16 file stores them."""
+    """MLX logits (B, L, V) in float32.
+
+    f16_weights: matrices rounded to f16 as an F16 file stores them, and matmul inputs rounded like
+    ggml's. gguf_gelu: GELU rounded like ggml's (see `ggml_gelu`).
+    """
     import mlx.core as mx
     from mlx.utils import tree_map
 
@@ -64,7 +88,11 @@ def mlx_logits(model_dir, seqs, *, f16_weights: bool = False, gguf_gelu: bool = 
     if f16_weights:
         model.update(tree_map(lambda v: v.astype(mx.float16).astype(mx.float32) if v.ndim == 2 else v,
                               model.parameters()))
-    with ggml_gelu() if gguf_gelu else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if gguf_gelu:
+            stack.enter_context(ggml_gelu())
+        if f16_weights:
+            stack.enter_context(ggml_f16_matmul())
         out = model(mx.array(np.atleast_2d(seqs)))
         return np.array(out.astype(mx.float32))
 
@@ -88,16 +116,23 @@ def perplexity(logits: np.ndarray, seqs: np.ndarray) -> float:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_float_files_give_the_mlx_logits(arch, tmp_path_factory, tmp_path):
+    """F32: llama.cpp's logits equal MLX's to 2e-3 (in practice ~1e-5). F16: equal to an MLX model holding
+    the same f16 weights and rounding matmul inputs like ggml; exact at most positions, but an activation
+    sitting on an f16 rounding boundary can round the other way in one of them (a few 1e-3 at one position).
+    """
     model = cached_hf_model(tmp_path_factory, arch)
     gemma = arch.startswith("gemma")
     ref32 = mlx_logits(model, TEST_IDS, gguf_gelu=gemma)[0]
+    got32 = llamacpp.logits(to_gguf(model, tmp_path / f"{arch}-f32.gguf", "f32", **QUIET), TEST_IDS)
+    diff32 = float(np.abs(got32 - ref32).max())
+    assert diff32 <= 2e-3, f"{arch} f32: max |llama.cpp - MLX| = {diff32:.2e}"
+    assert (got32.argmax(-1) == ref32.argmax(-1)).all()
+
     ref16 = mlx_logits(model, TEST_IDS, f16_weights=True, gguf_gelu=gemma)[0]
-    for kind, ref in (("f32", ref32), ("f16", ref16)):
-        out = to_gguf(model, tmp_path / f"{arch}-{kind}.gguf", kind, **QUIET)
-        got = llamacpp.logits(out, TEST_IDS)
-        diff = float(np.abs(got - ref).max())
-        assert diff <= 2e-3, f"{arch} {kind}: max |llama.cpp - MLX| = {diff:.2e}"
-        assert (got.argmax(-1) == ref.argmax(-1)).all()
+    got16 = llamacpp.logits(to_gguf(model, tmp_path / f"{arch}-f16.gguf", "f16", **QUIET), TEST_IDS)
+    per_position = np.abs(got16 - ref16).max(-1)
+    assert np.median(per_position) <= 1e-4 and per_position.max() <= 6e-3, f"{arch} f16: {per_position}"
+    assert (got16.argmax(-1) == ref16.argmax(-1)).all()
 
 
 def test_llama3_rope_freqs_and_tensor_layout(tmp_path_factory, tmp_path):
