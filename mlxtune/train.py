@@ -626,8 +626,9 @@ def train(model: nn.Module, optimizer: optim.Optimizer, train_records, valid_rec
         diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]
         if diff:
             k = diff[0]
+            hint = " (a decaying --lr-schedule is tied to --iters; train longer with --lr-schedule constant)" if k == "iters" else ""
             raise ConfigError(f"--resume: the checkpoint {ckpt} was trained with {k}={old.get(k)!r} but this run has "
-                              f"{k}={fingerprint[k]!r}: use the same settings, or pass a new --adapter-file")
+                              f"{k}={fingerprint[k]!r}: use the same settings, or pass a new --adapter-file{hint}")
         meta = load_checkpoint(model, optimizer, ckpt, state_file)
         result.trained_tokens = int(meta.get("trained_tokens", 0))
         if start >= args.iters:

@@ -363,3 +363,20 @@ def test_no_model_no_data_trains_the_bundled_demo(tiny_llama, chat_data, tmp_pat
     assert re.findall(r"Iter (\d+): Train loss", stdout) == ["1", "2"]  # the flag beat the file's iters: 50
     config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
     assert "mlp.down_proj" in " ".join(config["modules"])  # the file's all-linear was used
+
+
+def test_loss_png_is_a_valid_image_with_both_curves(tmp_path):
+    import struct
+    import zlib
+
+    from mlxtune.plot import BLUE, ORANGE, write_loss_png
+
+    data = write_loss_png(tmp_path / "loss.png", [(10, 3.0), (20, 2.5), (30, 2.2)], [(0, 3.2), (30, 2.4)]).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    idat = data[data.index(b"IDAT") + 4: data.index(b"IEND") - 8]
+    rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + width * 3)
+    assert (rows[:, 0] == 0).all()
+    pixels = rows[:, 1:].reshape(height, width, 3)
+    for color in (BLUE, ORANGE):
+        assert (pixels == color).all(-1).sum() > 100, color
