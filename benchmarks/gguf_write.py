@@ -112,10 +112,12 @@ def main() -> None:
     ap.add_argument("--sdist", type=Path, default=None, help="unpacked llama-cpp-python sdist (default: download)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama-quantize threads")
     ap.add_argument("--only", nargs="*", default=["f16", "q8_0", "q4_k_m"])
+    ap.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"], help="fewer for a quick smoke run")
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    model = build_checkpoint(work / "model")
+    CONFIG["num_hidden_layers"] = args.layers
+    model = build_checkpoint(work / f"model-{args.layers}")
     converter = find_converter(args.sdist, work)
     env = {**os.environ, "LD_PRELOAD": os.environ.get("LD_PRELOAD", "")}
     py = sys.executable
