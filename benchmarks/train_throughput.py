@@ -155,9 +155,9 @@ def worker_mlxtune(a) -> dict:
     mx.random.seed(0)
     config = apply_lora(model, lora_layers=-1, rank=8, alpha=16.0)
     batch = a.batch_size
-    if a.pack:  # rows as long as the longest example: choose rows so a step holds about batch_size examples
+    if a.pack:  # rows of up to max_seq_length tokens: choose rows so a step holds about batch_size examples
         lengths = [len(r.ids) for r in splits.train]
-        batch = max(1, round(a.batch_size * (sum(lengths) / len(lengths)) / max(lengths)))
+        batch = max(1, round(a.batch_size * (sum(lengths) / len(lengths)) / a.max_seq_length))
     args = training_args(iters=10**6, batch_size=batch, learning_rate=a.lr, optimizer="adam", max_grad_norm=0,
                          pack=a.pack, steps_per_report=a.report, steps_per_eval=0, save_every=0, plot=False,
                          max_seq_length=a.max_seq_length, adapter_file=str(Path(a.out) / "adapters.npz"))

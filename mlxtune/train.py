@@ -71,8 +71,8 @@ class TrainingArgs:
     grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute block activations in the backward pass: less memory, ~30% slower."})
     max_seq_length: int = field(default=2048, metadata={"help": "Longer examples are truncated to this many tokens."})
     pack: bool = field(default=False, metadata={
-        "help": "Pack several examples into each row (block-diagonal attention, same loss as unpacked); "
-                "--batch-size then counts rows, each as long as the longest example."})
+        "help": "Pack several examples into each row of up to --max-seq-length tokens (block-diagonal "
+                "attention, same loss as unpacked); --batch-size then counts rows."})
     train_on_inputs: bool = field(default=False, metadata={"help": "Also learn the prompt/user tokens, not only the completions."})
     valid_split: float = field(default=0.1, metadata={"help": "Fraction of a single-file dataset held out for validation."})
     test_split: float = field(default=0.0, metadata={"help": "Fraction of a single-file dataset held out for --test."})
@@ -730,12 +730,9 @@ def train(model: nn.Module, optimizer: optim.Optimizer, train_records, valid_rec
 
     from tqdm.auto import tqdm
 
-    # Packed rows are only as long as the longest example: attention cost grows with the square of the
-    # row length, and a row of max_seq_length mostly masked out would be far slower than unpacked batches.
-    row_length = args.max_seq_length
-    if pack:
-        row_length = min(args.max_seq_length, max(len(r.ids) for r in train_records))
-    batches = iterate_batches(train_records, args.batch_size * accum, max_seq_length=row_length,
+    # Packed rows are up to max_seq_length long (attention cost grows with its square: keep it near the
+    # longest example rather than at the 2048 default when packing short examples).
+    batches = iterate_batches(train_records, args.batch_size * accum, max_seq_length=args.max_seq_length,
                               seed=args.seed, start_step=start, loop=True, shuffle=True, pack=pack)
     window_loss, window_tokens, window_real, window_steps, window_time = 0.0, 0.0, 0, 0, 0.0
     it = start
