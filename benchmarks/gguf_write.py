@@ -2,7 +2,7 @@
 
     python benchmarks/gguf_write.py [--work /tmp/gguf-bench] [--sdist DIR] [--threads 2]
 
-Builds a random ~470M-parameter llama checkpoint (bf16 safetensors, SentencePiece tokenizer, so that the
+Builds a random ~440M-parameter llama checkpoint (bf16 safetensors, SentencePiece tokenizer, so that the
 reference converter accepts it without a known-tokenizer hash), then times, each in a fresh process:
   f16 and q8_0: `mlxtune gguf` vs `convert_hf_to_gguf.py` (from the llama-cpp-python source distribution)
   q4_k_m:       `mlxtune gguf` (from the HF checkpoint) vs llama-quantize (llama_model_quantize, from the
@@ -48,7 +48,7 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 
 
 def build_checkpoint(out: Path) -> Path:
-    """Random bf16 llama of ~470M parameters with a SentencePiece tokenizer (cached in `out`)."""
+    """Random bf16 llama of ~440M parameters with a SentencePiece tokenizer (cached in `out`)."""
     if (out / "config.json").exists():
         return out
     import torch

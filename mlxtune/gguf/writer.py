@@ -82,7 +82,9 @@ def _index_safetensors(model_dir: Path) -> dict[str, _Stored]:
 
 def _to_float32(a: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
-        return (a.astype(np.uint32) << 16).view(np.float32)
+        wide = a.astype(np.uint32)
+        np.left_shift(wide, 16, out=wide)  # bf16 is the top half of a float32
+        return wide.view(np.float32)
     return a.astype(np.float32, copy=False)
 
 
@@ -269,7 +271,8 @@ class _Streamed:
     def _encode(self, span) -> np.ndarray:
         a, b = span
         rows = self.plan.read(a, b)
-        if not np.isfinite(rows).all():
+        # one summing pass: any NaN or infinity makes the sum non-finite
+        if not np.isfinite(np.add.reduce(rows, axis=None, dtype=np.float64)):
             raise ExportError(f"tensor {self.plan.source} has NaN or infinite values: the model is broken, fix it before exporting")
         out = encode(rows, self.plan.qtype)
         return out.reshape(-1) if len(self.plan.shape) == 1 else out
