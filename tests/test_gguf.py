@@ -431,3 +431,21 @@ def test_cli(tmp_path_factory, tmp_path, capsys, monkeypatch):
     assert cli("--model", model, "--outfile", out, "--force", "--no-verify", "--type", "bf16") == 0
     assert "verified" not in capsys.readouterr().err
     assert gguf.GGUFReader(out).fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_BF16
+
+
+def test_gemma3_multimodal_checkpoint_writes_its_language_model(tmp_path_factory, tmp_path):
+    """A Gemma 3 vision-language directory (text_config, language_model.* tensors, a vision tower)."""
+    from safetensors.numpy import load_file, save_file
+
+    text = cached_hf_model(tmp_path_factory, "gemma3")
+    mm = tmp_path / "mm"
+    shutil.copytree(text, mm)
+    weights = {f"language_model.{k}": v for k, v in load_file(mm / "model.safetensors").items()}
+    weights["vision_tower.vision_model.embeddings.patch_embedding.weight"] = np.zeros((8, 3, 2, 2), np.float32)
+    save_file(weights, mm / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((mm / "config.json").read_text())
+    (mm / "config.json").write_text(json.dumps({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+                                                "text_config": cfg, "vision_config": {"hidden_size": 8}}))
+    out = to_gguf(mm, tmp_path / "mm.gguf", "f32", **QUIET)
+    ref = mlx_logits(text, TEST_IDS, gguf_gelu=True)[0]
+    assert np.abs(llamacpp.logits(out, TEST_IDS) - ref).max() <= 2e-3
