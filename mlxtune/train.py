@@ -836,7 +836,8 @@ def lora(model: Any = None, data: Any = None, *, tokenizer: Any = None, config: 
          callbacks: Iterable[Callable] = (), verbose: bool = True, **kwargs) -> TrainResult:
     """Fine-tune `model` on `data` with LoRA (QLoRA when the model is quantized); returns a TrainResult.
 
-    `model` is a path or hub id, or an already loaded mlx-lm model (then pass `tokenizer` too). Keyword
+    `model` is a path or hub id, or an already loaded mlx-lm model (then pass `tokenizer` too; it is
+    trained in place and carries the adapter afterwards, ready for `mlxtune.generate`). Keyword
     arguments are TrainingArgs names (`iters=200, batch_size=8, lora_layers=8, ...`); `config` is a YAML
     file of the same names, which the keywords override. With neither model nor data, the bundled demo
     runs. Each callback gets every report dict (train and val) and may return True to stop training.
