@@ -449,3 +449,19 @@ def test_gemma3_multimodal_checkpoint_writes_its_language_model(tmp_path_factory
     out = to_gguf(mm, tmp_path / "mm.gguf", "f32", **QUIET)
     ref = mlx_logits(text, TEST_IDS, gguf_gelu=True)[0]
     assert np.abs(llamacpp.logits(out, TEST_IDS) - ref).max() <= 2e-3
+
+
+@pytest.mark.parametrize("arch", ["phi3", "qwen2"])
+def test_q4_k_m_recipe_matches_llama_quantize_on_fused_and_tied_models(arch, tmp_path_factory, tmp_path):
+    """phi3's fused attn_qkv / gate|up and qwen2's tied embedding (token_embd takes the output's Q6_K)."""
+    model = cached_hf_model(tmp_path_factory, arch, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                            num_attention_heads=4, num_key_value_heads=2)
+    ours = to_gguf(model, tmp_path / "ours.gguf", "q4_k_m", **QUIET)
+    theirs = llamacpp.quantize(to_gguf(model, tmp_path / "f32.gguf", "f32", **QUIET), tmp_path / "theirs.gguf",
+                               gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(ours).tensors}
+    assert types == {t.name: t.tensor_type for t in gguf.GGUFReader(theirs).tensors}
+    if arch == "qwen2":
+        assert "output.weight" not in types and types["token_embd.weight"] == Q.Q6_K
+    else:
+        assert types["blk.0.attn_qkv.weight"] == Q.Q6_K and types["blk.1.attn_qkv.weight"] == Q.Q4_K
