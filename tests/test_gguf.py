@@ -419,6 +419,7 @@ def test_cli(tmp_path_factory, tmp_path, capsys, monkeypatch):
     model = cached_hf_model(tmp_path_factory, "qwen2")
     out = tmp_path / "m.gguf"
     assert cli("--model", model, "--outfile", out, "--type", "q8_0") == 0
+    assert out.stat().st_mode & 0o044  # readable like any model file, not private like a temp file
     captured = capsys.readouterr()
     assert f"wrote {out}" in captured.out and "verified" in captured.err
     ids = llamacpp.tokenize(out, "<|im_start|>user\nHello, how are you?<|im_end|>")

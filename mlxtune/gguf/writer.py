@@ -360,6 +360,10 @@ def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer
             bar.close()
         finally:
             w.close()
+        # the temp file is created private (0600); a model file is normally readable like any other
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
     return planned
 
 
