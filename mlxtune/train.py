@@ -905,6 +905,12 @@ def lora(model: Any = None, data: Any = None, *, tokenizer: Any = None, config: 
     callbacks = list(callbacks)
     if args.report_to == "wandb":
         callbacks.append(_wandb_callback(args))
+    if args.iters > 0:
+        from .data import padding_fraction
+
+        pad = padding_fraction(splits.train, needed, max_seq_length=args.max_seq_length, seed=args.seed, pack=args.pack)
+        say(f"Batches: {100 * pad:.0f}% padding ({'packed rows' if args.pack else 'length-bucketed'}; "
+            f"{'--no-pack' if args.pack else '--pack'} to compare)")
     optimizer = make_optimizer(args)
     result = train(model, optimizer, splits.train, splits.valid, args, adapter_config=adapter_config,
                    callbacks=callbacks, verbose=verbose, base_model=base_model)
