@@ -337,7 +337,7 @@ def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer
             w.add_type(gguf.GGUFType.MODEL)
             w.add_file_type(ftype.llama_file_type)
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            archmod.add_metadata(w, arch, cfg)
+            archmod.add_metadata(w, arch, {**cfg, "vocab_size": embd.rows})
             # the token list is padded to the embedding's rows, which is what llama.cpp checks
             _add_tokenizer(w, model_dir, {**config, **cfg, "vocab_size": embd.rows}, pre_tokenizer, log)
             tokens = _kv_value(w, gguf.Keys.Tokenizer.LIST)
