@@ -14,6 +14,12 @@ from pathlib import Path
 from .errors import MlxtuneError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, suffix: str = ""):
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
@@ -24,6 +30,8 @@ def atomic_file(path: str | os.PathLike, suffix: str = ""):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
     os.close(fd)
+    # mkstemp makes 0600 files; outputs should get the permissions a plain open() would give.
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -51,6 +59,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False, flag: str = "--forc
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 directories
     except OSError as e:
         raise MlxtuneError(f"cannot write to {path.parent}: {e.strerror}") from None
     try:
