@@ -88,6 +88,10 @@ class TrainingArgs:
     test_batches: int = field(default=-1, metadata={"help": "Test batches for --test (-1 = the whole set)."})
     plot: bool = field(default=True, metadata={"help": "Write loss.png beside the adapter."})
     chat_template: str | None = field(default=None, metadata={"help": "A Jinja chat template file to use instead of the tokenizer's."})
+    prompt_key: str | None = field(default=None, metadata={"help": "Field holding the prompt, when your records name it differently."})
+    completion_key: str | None = field(default=None, metadata={"help": "Field holding the completion/answer."})
+    text_key: str | None = field(default=None, metadata={"help": "Field holding plain text records."})
+    messages_key: str | None = field(default=None, metadata={"help": "Field holding a chat's message list."})
     report_to: str = field(default="none", metadata={"help": "none, or wandb to also log the reports to Weights & Biases (needs `pip install wandb`)."})
 
     def validate(self) -> "TrainingArgs":
@@ -880,7 +884,9 @@ def lora(model: Any = None, data: Any = None, *, tokenizer: Any = None, config: 
 
     splits = load_dataset(data_arg, tokenizer, valid_split=args.valid_split, test_split=args.test_split, seed=args.seed,
                           max_seq_length=args.max_seq_length, train_on_inputs=args.train_on_inputs,
-                          chat_template=args.chat_template, cache=True)
+                          chat_template=args.chat_template, prompt_key=args.prompt_key,
+                          completion_key=args.completion_key, text_key=args.text_key,
+                          messages_key=args.messages_key, cache=True)
     say(f"Data: {splits.summary()}")
 
     if test_only:

@@ -380,3 +380,14 @@ def test_loss_png_is_a_valid_image_with_both_curves(tmp_path):
     pixels = rows[:, 1:].reshape(height, width, 3)
     for color in (BLUE, ORANGE):
         assert (pixels == color).all(-1).sum() > 100, color
+
+
+def test_field_names_can_be_mapped(tiny_llama, tmp_path):
+    rows = [{"q": f"say {w}", "a": w} for w in WORDS]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = mlxtune.lora(str(tiny_llama), str(tmp_path / "qa.jsonl"), adapter_file=tmp_path / "m" / "adapters.npz",
+                          iters=2, batch_size=2, prompt_key="q", completion_key="a", **FAST)
+    assert result.adapter_file.exists()
+    with pytest.raises(Exception, match="qa.jsonl:1"):  # without the mapping no format matches
+        mlxtune.lora(str(tiny_llama), str(tmp_path / "qa.jsonl"), adapter_file=tmp_path / "n" / "adapters.npz",
+                     iters=2, batch_size=2, **FAST)
