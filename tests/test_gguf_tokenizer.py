@@ -330,3 +330,40 @@ def test_llama_cpp_transformers4_spm_json(spm_json_dir, tmp_path):
     fast = Tokenizer.from_file(str(d / "tokenizer.json"))
     for text in TEXTS:
         assert llama_ids(llm, text) == fast.encode(text, add_special_tokens=False).ids, text
+
+
+@pytest.mark.parametrize("flags,template", [
+    ({}, True), ({}, False), ({"add_bos_token": True}, False), ({"add_bos_token": False}, True),
+    ({"add_eos_token": True}, True), ({"add_bos_token": True, "add_eos_token": True}, False)])
+def test_add_bos_eos_like_transformers(bpe_dir, tmp_path, flags, template):
+    """add_bos/add_eos are read without transformers; they must match what transformers actually does
+    with tokenizer_config.json flags and tokenizer.json's post-processor (present or absent)."""
+    d = shutil.copytree(bpe_dir, tmp_path / "t")
+    data = json.loads((d / "tokenizer.json").read_text())
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    seq = {"Sequence": {"id": "A", "type_id": 0}}
+    data["post_processor"] = {"type": "TemplateProcessing", "single": [bos, seq], "pair": [bos, seq],
+                              "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}} if template else None
+    (d / "tokenizer.json").write_text(json.dumps(data))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("add_bos_token", None), cfg.pop("add_eos_token", None)
+    cfg.update(flags, bos_token="<s>", eos_token="</s>")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(d))
+    ids, plain = hf("a")["input_ids"], hf("a", add_special_tokens=False)["input_ids"]
+    info = read_tokenizer(d)
+    assert (info.add_bos, info.add_eos) == (ids[0] == 1 and plain[0] != 1, ids[-1] == 2 and plain[-1] != 2)
+
+
+def test_writing_does_not_import_transformers(tiny_llama, tmp_path):
+    """transformers (and torch with it) would add ~300 MB and seconds to every export."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mlxtune.gguf import to_gguf; "
+            f"to_gguf({str(tiny_llama)!r}, {str(tmp_path / 'm.gguf')!r}, 'q8_0', progress=False, log=lambda m: None); "
+            "print(sorted(m for m in ('transformers', 'torch', 'mlx_lm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -379,35 +379,39 @@ def _special_tokens(info: TokenizerInfo, tok_config: dict, config: dict) -> None
 
 
 def _add_flags(info: TokenizerInfo, model_dir: Path, tok_config: dict) -> None:
-    """add_bos/add_eos as the Hugging Face tokenizer actually behaves (encode a word with and without specials)."""
+    """add_bos/add_eos as the Hugging Face tokenizer behaves (what transformers 5 does, without importing it)."""
     observed = _observe_specials(model_dir, info)
     if observed is not None:
         info.add_bos, info.add_eos = observed
         return
-    # Without a loadable HF tokenizer: trust the config, else llama.cpp's defaults (BOS for SentencePiece).
+    # Only tokenizer.model: trust the config, else llama.cpp's defaults (BOS for SentencePiece).
     info.add_bos = bool(tok_config.get("add_bos_token", info.model == "llama" and info.bos_id is not None))
     info.add_eos = bool(tok_config.get("add_eos_token", False))
 
 
 def _observe_specials(model_dir: Path, info: TokenizerInfo):
+    """(add_bos, add_eos) from tokenizer.json, read with the `tokenizers` library, or None without one.
+
+    transformers would cost ~300 MB and seconds to import (it pulls in torch), so we follow its rule
+    instead (transformers 5): with a tokenizer.json, tokenizer_config.json's add_bos_token/add_eos_token
+    are dropped and tokenizer.json's post-processor decides; we observe it by encoding one word.
+    """
+    path = model_dir / "tokenizer.json"
+    if not path.exists():
+        return None
     try:
-        hf = load_hf_tokenizer(model_dir)
-        with_special = list(hf("a", add_special_tokens=True)["input_ids"])
-        plain = list(hf("a", add_special_tokens=False)["input_ids"])
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(path))
     except Exception:
         return None
+    with_special = tok.encode("a", add_special_tokens=True).ids
+    plain = tok.encode("a", add_special_tokens=False).ids
     if not plain or len(with_special) < len(plain):
         return None
     add_bos = info.bos_id is not None and with_special[:1] == [info.bos_id] and plain[:1] != [info.bos_id]
     add_eos = info.eos_id is not None and with_special[-1:] == [info.eos_id] and plain[-1:] != [info.eos_id]
     return add_bos, add_eos
-
-
-def load_hf_tokenizer(model_dir):
-    """The Hugging Face tokenizer of `model_dir` (transformers), the reference for every comparison."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 def read_chat_template(model_dir, tok_config: dict | None = None):
