@@ -9,7 +9,9 @@ reference converter accepts it without a known-tokenizer hash), then times, each
                 converter's f16 file, as people run it)
 and prints wall time, peak resident memory and the ratio. Targets: <= 0.5x the converter's time,
 peak RSS < 300 MB, q4_k_m within 2x llama-quantize. The one thing to know: every run is a separate
-process whose peak RSS is read from the kernel (ru_maxrss), so nothing measured shares memory.
+process whose peak RSS is read from the kernel (ru_maxrss), so nothing measured shares memory; before
+each run the page cache is flushed to disk (sync), so no tool pays for the previous tool's ~1 GB of
+pending writes; each cell is the median of --repeat runs.
 """
 
 from __future__ import annotations
@@ -98,12 +100,20 @@ def find_converter(sdist: Path | None, work: Path) -> Path:
     return found[0]
 
 
+REPEAT = 3
+
+
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    r = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, env=env)
-    if r.returncode:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr}")
-    wall, rss = json.loads(r.stdout)
-    return wall, rss
+    """Median wall time and largest peak RSS over REPEAT fresh processes."""
+    runs = []
+    for _ in range(REPEAT):
+        os.sync()  # the previous run's dirty pages would otherwise be written back during this one
+        r = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, env=env)
+        if r.returncode:
+            raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr}")
+        runs.append(json.loads(r.stdout))
+    walls = sorted(w for w, _ in runs)
+    return walls[len(walls) // 2], max(rss for _, rss in runs)
 
 
 def main() -> None:
@@ -113,7 +123,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama-quantize threads")
     ap.add_argument("--only", nargs="*", default=["f16", "q8_0", "q4_k_m"])
     ap.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"], help="fewer for a quick smoke run")
+    ap.add_argument("--repeat", type=int, default=REPEAT, help="runs per cell (the median is reported)")
     args = ap.parse_args()
+    globals()["REPEAT"] = args.repeat
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     CONFIG["num_hidden_layers"] = args.layers
@@ -136,7 +148,8 @@ def main() -> None:
     if "q4_k_m" in args.only:
         f16 = work / "ref-f16.gguf"
         if not f16.exists():
-            measure([py, str(converter), str(model), "--outfile", str(f16), "--outtype", "f16"], env)
+            subprocess.run([py, str(converter), str(model), "--outfile", str(f16), "--outtype", "f16"], env=env,
+                           check=True, capture_output=True)
         import gguf
 
         theirs = measure([py, "-c", _QUANTIZE, str(f16), str(work / "ref-q4_k_m.gguf"),
@@ -145,7 +158,7 @@ def main() -> None:
         rows.append(("q4_k_m", "mlxtune gguf (from HF)", *ours("q4_k_m")))
 
     print(f"\nmodel: {model} ({(model / 'model.safetensors').stat().st_size / 2**30:.2f} GiB bf16), "
-          f"{os.cpu_count()} CPU cores")
+          f"{os.cpu_count()} CPU cores, median of {REPEAT} runs, load average {os.getloadavg()[0]:.1f}")
     print(f"| type | tool | wall (s) | peak RSS (MiB) | time vs reference |")
     print(f"|---|---|---:|---:|---:|")
     ref_time = {}
