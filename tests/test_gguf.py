@@ -159,26 +159,61 @@ def test_tied_and_gemma_outputs(tmp_path_factory, tmp_path):
 # ---------------------------------------------------------------- quantized files
 
 
+WINDOW = 64  # tokens per text window (llamacpp.load's context is 128)
+
+
+def _text_windows(model_dir: Path, count: int) -> np.ndarray:
+    """The bundled tool-call chat data, tokenized by the model's tokenizer, as (count, WINDOW) windows."""
+    from tokenizers import Tokenizer
+
+    from mlxtune.defaults import DEFAULT_DATA
+
+    lines = (DEFAULT_DATA / "train.jsonl").read_text(encoding="utf-8").splitlines()[:400]
+    text = "\n".join(m["content"] for line in lines for m in json.loads(line)["messages"])
+    ids = np.array(Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text).ids)
+    assert len(ids) >= count * WINDOW
+    return ids[: count * WINDOW].reshape(count, WINDOW)
+
+
 @pytest.fixture(scope="module")
 def wide_llama(tmp_path_factory):
-    """8 blocks with 256-wide rows so that the K-quants apply (and the Q4_K_M layer pattern shows)."""
-    return cached_hf_model(tmp_path_factory, "llama", hidden_size=256, intermediate_size=512,
+    """8 blocks with 256-wide rows so that the K-quants apply (and the Q4_K_M layer pattern shows), with
+    the output head fitted to text (ridge regression of the next token on the last hidden state).
+
+    A fully random model has nearly flat next-token distributions whose top-1 flips under any noise
+    (llama.cpp's own Q4_K_M keeps only ~0.83 of them); a trained model is peaked where the text is
+    predictable. Fitting the head in closed form gets that in a second: every block stays random and
+    quantized, so a broken encoder still moves the top-1 choices, but agreement now measures what it
+    measures on real models.
+    """
+    import mlx.core as mx
+    from safetensors.numpy import load_file, save_file
+
+    from mlxtune.models import load
+
+    base = cached_hf_model(tmp_path_factory, "llama", hidden_size=256, intermediate_size=512,
                            num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2)
+    out = tmp_path_factory.mktemp("wide_llama") / "model"
+    shutil.copytree(base, out)
+    train = _text_windows(out, 258)[:250]
+    model, _ = load(out)
+    hidden = np.concatenate([np.array(model.model(mx.array(train[i:i + 50]))) for i in range(0, len(train), 50)])
+    x = hidden[:, :-1].reshape(-1, hidden.shape[-1]).astype(np.float64)
+    y = train[:, 1:].reshape(-1)
+    target = np.zeros((len(y), model.args.vocab_size))
+    target[np.arange(len(y)), y] = 10.0
+    # a strong ridge penalty keeps the head smooth, as training with weight decay would
+    head = np.linalg.solve(x.T @ x + 100 * len(y) / 1000 * np.eye(x.shape[1]), x.T @ target)
+    weights = load_file(out / "model.safetensors")
+    weights["lm_head.weight"] = np.ascontiguousarray(head.T, dtype=np.float32)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 @pytest.fixture(scope="module")
 def eval_seqs(wide_llama):
-    """Text the model itself would write (greedy from random 4-token prompts), so perplexity means something."""
-    import mlx.core as mx
-
-    from mlxtune.models import load
-
-    model, _ = load(wide_llama)
-    seqs = mx.array(np.random.default_rng(0).integers(6, 400, size=(4, 4)))
-    for _ in range(36):
-        nxt = model(seqs)[:, -1].argmax(-1)
-        seqs = mx.concatenate([seqs, nxt[:, None]], axis=1)
-    return np.array(seqs)
+    """Held-out text windows (not used to fit the head), 8 x 64 tokens."""
+    return _text_windows(wide_llama, 258)[250:]
 
 
 @pytest.fixture(scope="module")
@@ -186,34 +221,40 @@ def quantized(wide_llama, tmp_path_factory):
     """Our files for each quantized type, and llama-quantize's Q4_K_M / Q6_K made from our F32 file."""
     work = tmp_path_factory.mktemp("quantized")
     files = {kind: to_gguf(wide_llama, work / f"{kind}.gguf", kind, **QUIET)
-             for kind in ("f32", "q8_0", "q6_k", "q4_k_m", "q4_0")}
+             for kind in ("f32", "f16", "q8_0", "q6_k", "q4_k_m", "q4_0")}
     for kind, ftype in (("q4_k_m", gguf.LlamaFileType.MOSTLY_Q4_K_M), ("q6_k", gguf.LlamaFileType.MOSTLY_Q6_K)):
         files[f"llama-quantize {kind}"] = llamacpp.quantize(files["f32"], work / f"ref-{kind}.gguf", ftype)
     return files
 
 
 def test_quantized_files_keep_the_top1_choices(wide_llama, eval_seqs, quantized):
-    """Top-1 agreement with MLX and perplexity, ours next to llama-quantize's on the same model.
+    """Top-1 agreement with the float MLX model and perplexity on held-out text, next to llama-quantize's.
 
-    This random 8-block model is touchier than a trained one (llama.cpp's own Q4_K_M keeps ~0.83
-    of its top-1 choices here), so Q4_K_M is held to llama-quantize's quality rather than to a fixed 0.90.
+    Issue 7's targets: q8_0 >= 0.98, q4_k_m >= 0.90 (measured here 1.000 and 0.965 over 504 positions;
+    llama-quantize's own Q4_K_M also 0.965). F16 against the *float* MLX model: logits span about +-10 here, and ggml rounds
+    both the weights and the matmul inputs to f16, which alone moves them by ~2.5e-3 at worst (median
+    ~1e-3 per position); the exact check of the F16 bytes is test_float_files_give_the_mlx_logits.
     """
     ref = mlx_logits(wide_llama, eval_seqs)
     ppl_ref = perplexity(ref, eval_seqs)
-    agree, ppl = {}, {}
+    agree, ppl, diff = {}, {}, {}
     for kind, path in quantized.items():
         got = gguf_logits(path, eval_seqs)
         agree[kind] = float((got.argmax(-1) == ref.argmax(-1)).mean())
         ppl[kind] = perplexity(got, eval_seqs)
-        print(f"{kind}: top-1 agreement {agree[kind]:.3f}, perplexity {ppl[kind]:.3f} (MLX {ppl_ref:.3f})")
-    assert agree["f32"] == 1.0 and abs(ppl["f32"] / ppl_ref - 1) < 1e-4
+        diff[kind] = np.abs(got - ref).max(-1)  # per position
+        print(f"{kind}: top-1 agreement {agree[kind]:.3f}, perplexity {ppl[kind]:.3f} (MLX {ppl_ref:.3f}), "
+              f"max |logit diff| {diff[kind].max():.2e} (median position {np.median(diff[kind]):.1e})")
+    assert agree["f32"] == 1.0 and diff["f32"].max() <= 2e-4
+    assert agree["f16"] == 1.0 and diff["f16"].max() <= 4e-3 and np.median(diff["f16"]) <= 1.5e-3
     assert agree["q8_0"] >= 0.98 and abs(ppl["q8_0"] / ppl_ref - 1) < 0.01
-    assert agree["q6_k"] >= 0.95 and abs(ppl["q6_k"] / ppl_ref - 1) < 0.02
-    assert agree["q4_k_m"] >= 0.80 and agree["q4_0"] >= 0.75
+    assert agree["q6_k"] >= 0.97 and abs(ppl["q6_k"] / ppl_ref - 1) < 0.01
+    assert agree["q4_k_m"] >= 0.90 and abs(ppl["q4_k_m"] / ppl_ref - 1) < 0.03
+    assert agree["q4_0"] >= 0.88
     for kind in ("q4_k_m", "q6_k"):
         theirs = f"llama-quantize {kind}"
-        assert agree[kind] >= agree[theirs] - 0.03
-        assert ppl[kind] <= ppl[theirs] * 1.02
+        assert agree[kind] >= agree[theirs] - 0.02
+        assert ppl[kind] <= ppl[theirs] * 1.01
 
 
 def test_q4_k_m_recipe_and_blocks_match_llama_quantize(quantized):
