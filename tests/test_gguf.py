@@ -119,6 +119,9 @@ def test_float_files_give_the_mlx_logits(arch, tmp_path_factory, tmp_path):
     """F32: llama.cpp's logits equal MLX's to 2e-3 (in practice ~1e-5). F16: equal to an MLX model holding
     the same f16 weights and rounding matmul inputs like ggml; exact at most positions, but an activation
     sitting on an f16 rounding boundary can round the other way in one of them (a few 1e-3 at one position).
+    Against the float MLX model F16 differs by 6e-3..8e-3 on these models, whose logits span +-16..37:
+    that is ggml's f16 rounding of weights and matmul inputs, not the writer (issue 7's 2e-3 for F16
+    cannot hold at that scale; see test_quantized_files_keep_the_top1_choices for +-10 logits: 2.5e-3).
     """
     model = cached_hf_model(tmp_path_factory, arch)
     gemma = arch.startswith("gemma")
@@ -131,7 +134,8 @@ def test_float_files_give_the_mlx_logits(arch, tmp_path_factory, tmp_path):
     ref16 = mlx_logits(model, TEST_IDS, f16_weights=True, gguf_gelu=gemma)[0]
     got16 = llamacpp.logits(to_gguf(model, tmp_path / f"{arch}-f16.gguf", "f16", **QUIET), TEST_IDS)
     per_position = np.abs(got16 - ref16).max(-1)
-    assert np.median(per_position) <= 1e-4 and per_position.max() <= 6e-3, f"{arch} f16: {per_position}"
+    # measured: median position 3e-6..6e-6 on every arch; the worst position 5e-6 (llama, qwen2) to 4.3e-3 (phi3)
+    assert np.median(per_position) <= 2e-5 and per_position.max() <= 6e-3, f"{arch} f16: {per_position}"
     assert (got16.argmax(-1) == ref16.argmax(-1)).all()
 
 
