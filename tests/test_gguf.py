@@ -511,3 +511,37 @@ def test_q4_k_m_recipe_matches_llama_quantize_on_fused_and_tied_models(arch, tmp
         assert "output.weight" not in types and types["token_embd.weight"] == Q.Q6_K
     else:
         assert types["blk.0.attn_qkv.weight"] == Q.Q6_K and types["blk.1.attn_qkv.weight"] == Q.Q4_K
+
+
+def test_bf16_to_f16_bits_exact_on_every_pattern():
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    with np.errstate(over="ignore"):
+        want = (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float16)
+    got = quants.bf16_to_f16(bits.copy()).view(np.float16)
+    nan = np.isnan(want)
+    assert np.array_equal(got[~nan].view(np.uint16), want[~nan].view(np.uint16)) and np.isnan(got[nan]).all()
+
+
+def test_bf16_checkpoint_f16_file_equals_the_float32_path(tmp_path_factory, tmp_path, monkeypatch):
+    """bf16 weights go to F16 by moving bits; the file must be byte for byte what widening gives (q/k
+    permutation across chunk borders included), and a NaN is still refused."""
+    import torch
+    from safetensors.torch import load_file as load_torch, save_file as save_torch
+
+    from mlxtune.gguf import writer
+
+    bf = cached_hf_model(tmp_path_factory, "llama", dtype="bfloat16")
+    wide = shutil.copytree(bf, tmp_path / "f32" / bf.name)
+    assert load_torch(bf / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    save_torch({k: v.float() for k, v in load_torch(bf / "model.safetensors").items()}, wide / "model.safetensors")
+    monkeypatch.setattr(writer, "CHUNK_VALUES", 1000)
+    fast = to_gguf(bf, tmp_path / "fast.gguf", "f16", **QUIET)
+    slow = to_gguf(wide, tmp_path / "slow.gguf", "f16", **QUIET)
+    assert fast.read_bytes() == slow.read_bytes()
+
+    broken = shutil.copytree(bf, tmp_path / "nan" / bf.name)
+    tensors = load_torch(broken / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = torch.nan
+    save_torch(tensors, broken / "model.safetensors")
+    with pytest.raises(ExportError, match="up_proj.weight has NaN"):
+        to_gguf(broken, tmp_path / "nan.gguf", "f16", **QUIET)

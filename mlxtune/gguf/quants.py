@@ -115,6 +115,26 @@ def encode(rows: np.ndarray, qtype: Q) -> np.ndarray:
     return gguf_quants.quantize(rows, qtype)
 
 
+def bf16_to_f16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float16 bit patterns, exactly what float32 -> float16 gives.
+
+    Every bf16 value whose exponent fits f16's normal range converts by moving bits (bf16's 7 mantissa
+    bits fit in f16's 10): ~2x faster than widening to float32 and casting, which the few others
+    (zeros, f16 subnormals, overflow, inf/nan) still do. Checked on all 65536 patterns in the tests.
+    """
+    exp = (bits >> 7) & 0xFF
+    out = bits & 0x7FFF
+    out -= np.uint16(112 << 7)  # rebias the exponent 127 -> 15, mantissa and all, in 16-bit arithmetic
+    out <<= 3
+    out |= bits & 0x8000
+    odd = np.flatnonzero((exp < 113) | (exp > 142))
+    if len(odd):
+        wide = bits.reshape(-1)[odd].astype(np.uint32) << 16
+        with np.errstate(over="ignore"):  # out of f16 range -> inf, as the float32 cast does
+            out.reshape(-1)[odd] = wide.view(np.float32).astype(np.float16).view(np.uint16)
+    return out
+
+
 def _f16(x: np.ndarray) -> np.ndarray:
     """Round to float16 and back, as ggml stores `d` and reads it again."""
     return x.astype(np.float16).astype(np.float32)

@@ -26,7 +26,7 @@ from gguf import GGMLQuantizationType as Q
 from ..errors import ExportError, ModelLoadError
 from ..files import atomic_file
 from . import arch as archmod
-from .quants import FileType, encode, row_bytes, tensor_type
+from .quants import FileType, bf16_to_f16, encode, row_bytes, tensor_type
 
 CHUNK_VALUES = 1 << 20  # values converted at a time (4 MiB as float32)
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "F64": np.float64}
@@ -111,6 +111,7 @@ class Planned:
     read: Callable[[int, int], np.ndarray]  # float32 rows [a, b)
     row_align: int = 1              # chunks start at multiples of this (q/k permutation works per head)
     source: str = ""
+    read_bf16: Callable[[int, int], np.ndarray] | None = None  # stored bf16 bits, for the direct F16 path
 
     @property
     def rows(self) -> int:
@@ -198,8 +199,14 @@ def plan_tensors(index: dict[str, _Stored], arch: archmod.Arch, cfg: dict, confi
             read = _permuted(read, perm, len(shape) == 1)
         if arch.norm_offset and hf.endswith("norm.weight"):
             read = _offset(read, arch.norm_offset)
-        planned.append(Planned(gname, tuple(shape), tensor_type(gname, tuple(shape), ftype, n_layers, tied),
-                               read, align, name))
+        qtype = tensor_type(gname, tuple(shape), ftype, n_layers, tied)
+        raw = None
+        if qtype == Q.F16 and index[name].dtype == "BF16" and len(shape) == 2:
+            # bf16 -> f16 straight from the stored bits (same bytes, half the work); 2-D weights get no norm offset
+            raw = index[name].read_rows
+            if arch.permute_qk and re.search(r"\.(q_proj|k_proj)\.weight$", hf):
+                raw = _permuted(raw, perm, False)
+        planned.append(Planned(gname, tuple(shape), qtype, read, align, name, raw))
     for gname, values in archmod.extra_tensors(arch, cfg).items():
         planned.append(Planned(gname, values.shape, Q.F32, lambda a, b, v=values: v[None, :], 1, "(generated)"))
     _check_complete(planned, arch, cfg)
@@ -270,6 +277,11 @@ class _Streamed:
 
     def _encode(self, span) -> np.ndarray:
         a, b = span
+        if self.plan.read_bf16 is not None:
+            bits = self.plan.read_bf16(a, b)
+            if ((bits & 0x7F80) == 0x7F80).any():  # exponent all ones: infinity or NaN
+                raise ExportError(f"tensor {self.plan.source} has NaN or infinite values: the model is broken, fix it before exporting")
+            return bf16_to_f16(bits).view(np.float16)
         rows = self.plan.read(a, b)
         # one summing pass: any NaN or infinity makes the sum non-finite
         if not np.isfinite(np.add.reduce(rows, axis=None, dtype=np.float64)):
