@@ -41,7 +41,7 @@ def load(path: str | os.PathLike, n_ctx: int = 128):
 
     with _quiet():
         return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                     type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False, n_threads=2,
+                     type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False, n_threads=1, n_threads_batch=1,
                      n_gpu_layers=0, verbose=False, seed=0)
 
 
