@@ -29,13 +29,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 IM_END = 5
 DOC_END = 2  # </s> closes a plain-text document in the pretraining stream
+# The space marker is a piece of its own, so no piece starts with it: "Dana" is the same tokens after a
+# space (a request) and after a quote (a JSON value), and copying a value is copying tokens.
+WORD_BOUNDARY = "\u2581"
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 MODEL_CONFIG = dict(
     model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=128, intermediate_size=384,
-    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0,
+    num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
     max_position_embeddings=512, tie_word_embeddings=True, hidden_act="silu", bos_token_id=1,
     eos_token_id=IM_END, pad_token_id=3, torch_dtype="float32",
 )
@@ -67,7 +70,7 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int) -> None:
         sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
         character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
         remove_extra_whitespaces=False, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        user_defined_symbols=SPECIALS[4:] + ["\n"], num_threads=1, max_sentencepiece_length=16, minloglevel=2)
+        user_defined_symbols=SPECIALS[4:] + ["\n", WORD_BOUNDARY], num_threads=1, max_sentencepiece_length=16, minloglevel=2)
     (out / "tokenizer.model").write_bytes(buf.getvalue())
     special = {"special": True, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
     config = {
@@ -110,8 +113,6 @@ def pretrain(out: Path, stream, vocab_size: int, steps: int, batch_size: int, se
     model_cls, args_cls = _get_classes(config)
     mx.random.seed(seed)
     model = model_cls(args_cls.from_dict(config))
-    # Small embeddings: they double as the output layer (tied), so N(0, 1) would start with huge logits.
-    model.model.embed_tokens.weight = 0.02 * mx.random.normal(model.model.embed_tokens.weight.shape)
     mx.eval(model.parameters())
     warmup = max(1, steps // 20)
     schedule = optim.join_schedules([optim.linear_schedule(lr / 100, lr, warmup),
@@ -178,11 +179,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "data", help="folder that gets tiny-chat/ and toolcall/")
     p.add_argument("--docs", type=int, default=60000, help="documents in the generated corpus")
-    p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=1000, help="pretraining steps")
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=1200, help="pretraining steps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--snapshot-every", type=int, default=0, help="also save the model every N steps (for tuning)")
     p.add_argument("--data-only", action="store_true", help="only rewrite the dataset")

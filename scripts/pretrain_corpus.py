@@ -93,7 +93,7 @@ def json_record(rng):
 
 
 def echo(rng):
-    phrase = words(rng, rng.randint(1, 6)) if rng.random() < 0.6 else pick(rng, PHRASES)
+    phrase = words(rng, rng.randint(2, 10)) if rng.random() < 0.7 else pick(rng, PHRASES)
     ask = pick(rng, ["Repeat after me: {p}", "Say this back to me: {p}", "Please repeat {p}", "Echo: {p}",
                      "Can you say {p}?"])
     return [(ask.format(p=phrase), phrase)]
@@ -134,7 +134,7 @@ def small_talk(rng):
     return [(pick(rng, asks), pick(rng, answers))]
 
 
-KINDS = [(confirm_request, 5), (json_record, 3), (echo, 2), (context_qa, 2), (schedule_qa, 1), (introduce, 1),
+KINDS = [(confirm_request, 5), (json_record, 3), (echo, 6), (context_qa, 2), (schedule_qa, 1), (introduce, 1),
          (small_talk, 1)]
 
 
