@@ -365,7 +365,11 @@ def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer
                        desc=f"gguf {ftype.value}", disable=not progress)
             n_workers = workers or min(4, os.cpu_count() or 1)
             for p in planned:
-                w.add_tensor(p.name, _Streamed(p, bar, n_workers), raw_dtype=p.qtype)
+                # Threads only for the compute-bound K-quant sweeps: the float casts and gguf's Q8_0/Q4_0
+                # are a few memory-bound passes, and a worker thread made q8_0 ~1.6x slower on a busy
+                # 2-core machine (GIL hand-offs with the writing thread) without helping a quiet one.
+                n = n_workers if workers or p.qtype in (Q.Q4_K, Q.Q6_K) else 1
+                w.add_tensor(p.name, _Streamed(p, bar, n), raw_dtype=p.qtype)
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_tensors_to_file(progress=False)
