@@ -6,7 +6,7 @@ with a plain full-parameter MLX loop, and write the tool-call dataset (scripts/t
 Outputs: data/tiny-chat/ (HF layout) and data/toolcall/{train,valid,test}.jsonl. The one thing to know:
 the corpus teaches chatting and copying values, never the `<tool_call .../>` format, so the base model
 scores ~0 on the task and LoRA has something to learn. On Linux run it with OpenBLAS preloaded
-(LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0); ~20 minutes on 2 CPU cores.
+(LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0); ~12 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def token_stream(texts: list[str], model_file: Path):
 
 
 def pretrain(out: Path, stream, vocab_size: int, steps: int, batch_size: int, seq_len: int, lr: float,
-             seed: int, progress: bool = True, snapshot_every: int = 0) -> list[float]:
+             seed: int, progress: bool = True, snapshot_every: int = 0,
+             snapshot_to: Path | None = None) -> list[float]:
     """Full-parameter next-token training on random windows of the token stream (AdamW, cosine LR)."""
     from functools import partial
 
@@ -145,7 +146,7 @@ def pretrain(out: Path, stream, vocab_size: int, steps: int, batch_size: int, se
         if (it + 1) % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.3f}")
         if snapshot_every and (it + 1) % snapshot_every == 0 and it + 1 < steps:
-            save_model(out.with_name(f"{out.name}-step{it + 1}"), model, config, tokenizer_from=out)
+            save_model(Path(f"{snapshot_to or out}-step{it + 1}"), model, config, tokenizer_from=out)
     save_model(out, model, config)
     return losses
 
@@ -185,7 +186,7 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--snapshot-every", type=int, default=0, help="also save the model every N steps (for tuning)")
+    p.add_argument("--snapshot-every", type=int, default=0, help="also save the model every N steps as tiny-chat-stepN (for tuning)")
     p.add_argument("--data-only", action="store_true", help="only rewrite the dataset")
     args = p.parse_args(argv)
 
@@ -202,7 +203,7 @@ def main(argv=None) -> None:
         stream, vocab = token_stream(texts, tmp / "tokenizer.model")
         print(f"corpus: {len(texts)} documents, {len(stream)} tokens; vocabulary {vocab}", flush=True)
         losses = pretrain(tmp, stream, vocab, args.steps, args.batch_size, args.seq_len, args.lr, args.seed,
-                          snapshot_every=args.snapshot_every)
+                          snapshot_every=args.snapshot_every, snapshot_to=args.out / "tiny-chat")
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": 1, "eos_token_id": IM_END, "pad_token_id": 3}, indent=2) + "\n")
     print(f"final loss {sum(losses[-50:]) / 50:.3f}; built in {time.time() - t0:.0f} s", flush=True)

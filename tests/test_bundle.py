@@ -150,8 +150,9 @@ def test_script_pretrains_a_loadable_model_from_nothing(tmp_path):
     build_default.train_tokenizer(texts, out, vocab_size=400)
     stream, vocab = build_default.token_stream(texts, out / "tokenizer.model")
     losses = build_default.pretrain(out, stream, vocab, steps=4, batch_size=2, seq_len=32, lr=3e-3, seed=0,
-                                    progress=False)
+                                    progress=False, snapshot_every=2, snapshot_to=tmp_path / "snap")
     assert len(losses) == 4 and all(loss == loss for loss in losses)
+    assert load_model(tmp_path / "snap-step2").config["vocab_size"] == 400  # a tuning snapshot, tokenizer included
     loaded = load_model(out)
     assert loaded.config["vocab_size"] == vocab == 400
     assert loaded.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])[0] == 4
