@@ -257,8 +257,10 @@ def test_quantized_files_keep_the_top1_choices(wide_llama, eval_seqs, quantized)
     assert agree["q4_0"] >= 0.88
     for kind in ("q4_k_m", "q6_k"):
         theirs = f"llama-quantize {kind}"
-        assert agree[kind] >= agree[theirs] - 0.02
+        assert agree[kind] >= agree[theirs] - 0.01
         assert ppl[kind] <= ppl[theirs] * 1.01
+        # logit error like ggml's encoder (a 6-bit scale one step off still keeps 0.945 top-1 here)
+        assert np.median(diff[kind]) <= 1.1 * np.median(diff[theirs])
 
 
 def test_q4_k_m_recipe_and_blocks_match_llama_quantize(quantized):
