@@ -376,7 +376,7 @@ def _llama_cpp_logits(base_gguf, ids, lora=None):
     from llama_cpp import Llama
 
     llm = Llama(str(base_gguf), lora_path=str(lora) if lora else None, n_ctx=64, n_batch=64, n_ubatch=64,
-                logits_all=True, type_k=0, type_v=0, flash_attn=False, n_threads=2, verbose=False, seed=0)
+                logits_all=True, type_k=0, type_v=0, flash_attn=False, n_threads=1, n_threads_batch=1, verbose=False, seed=0)
     llm.eval(list(ids))
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
