@@ -169,6 +169,26 @@ def load_tokenizer(path: Path, config: dict | None = None):
         raise ModelLoadError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from None
 
 
+def use_tanh_gelu_for_gemma(model, config: dict) -> None:
+    """Give Gemma 1 the tanh-approximated GELU that transformers and llama.cpp use.
+
+    transformers runs Gemma 1 with gelu_pytorch_tanh whatever its config says; mlx-lm's gemma uses the
+    exact GELU, which moves logits by ~1e-4. Swapping the MLP's class keeps mlx-lm's model file as it is.
+    """
+    if config.get("model_type") != "gemma":
+        return
+    import mlx.nn as nn
+    from mlx_lm.models import gemma
+
+    class TanhGeluMLP(gemma.MLP):
+        def __call__(self, x):
+            return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+    for layer in getattr(model, "layers", []):
+        if type(layer.mlp) is gemma.MLP:
+            layer.mlp.__class__ = TanhGeluMLP
+
+
 def load_model(path_or_id: str | os.PathLike, *, adapter_file: str | os.PathLike | None = None,
                lazy: bool = False, revision: str | None = None) -> LoadedModel:
     """Load model, tokenizer and normalized config; optionally apply a LoRA adapter (not fused)."""
@@ -195,6 +215,7 @@ def load_model(path_or_id: str | os.PathLike, *, adapter_file: str | os.PathLike
         model, config = _mlx_load_model(path, lazy=lazy, model_config=config)
     except ValueError as e:
         raise ModelLoadError(f"the weights in {path} do not match its config.json: {e}") from None
+    use_tanh_gelu_for_gemma(model, config)
     tokenizer = load_tokenizer(path, config)
     if adapter_file is not None:
         from .lora import load_adapter

@@ -21,7 +21,9 @@ from hf_models import ARCHS, TEST_IDS, cached_hf_logits, cached_hf_model
 from mlxtune.convert import convert, dequantize_model_dir
 from mlxtune.errors import ConfigError, MlxtuneError, ModelLoadError
 
-FLOAT32_TOL = {"gemma": 5e-4}  # see test_models.py: mlx-lm's gemma uses exact GELU
+# These logits come from plain mlx_lm.load, whose gemma uses exact GELU where transformers uses the tanh
+# approximation (~1.2e-4 here); mlxtune.load swaps in tanh GELU and meets 1e-4 (tests/test_models.py).
+FLOAT32_TOL = {"gemma": 5e-4}
 UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 QUANT_BOUNDS = {4: dict(top1=0.7, kl=0.2), 8: dict(top1=0.95, kl=1e-3)}  # (group size 32 / 64 below)
 
