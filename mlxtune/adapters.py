@@ -22,8 +22,8 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import AdapterError
-from .files import atomic_dir, atomic_file, write_text_atomic
-from .lora import CONFIG_NAME, AdapterConfig, find_adapter_file, read_adapter
+from .files import atomic_dir
+from .lora import CONFIG_NAME, AdapterConfig, find_adapter_file, read_adapter, write_adapter_files
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -190,14 +190,7 @@ def import_peft(peft_dir: str | os.PathLike, out_file: str | os.PathLike, *, for
     config, weights = read_peft(peft_dir)
     config.format, config.mlxtune_version = "mlxtune-lora", __version__
     arrays = {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}
-    if out_file.suffix == ".safetensors":
-        with atomic_file(out_file) as tmp:
-            mx.save_safetensors(str(tmp), {k: mx.array(v) for k, v in arrays.items()})
-    else:
-        with atomic_file(out_file, suffix=".npz") as tmp:
-            np.savez(tmp, **arrays)
-    write_text_atomic(cfg_out, json.dumps(config.to_json(), indent=2) + "\n")
-    return out_file
+    return write_adapter_files(out_file, arrays, config)
 
 
 # --- mlxtune -> PEFT --------------------------------------------------------------------------------------

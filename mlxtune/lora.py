@@ -195,7 +195,6 @@ def apply_lora(model: nn.Module, *, lora_layers: int | None = 16, rank: int = 8,
     targets = resolve_targets(target_modules)
     chosen: list[str] = []
     if modules is not None:
-        wanted = set(modules)
         named = dict(model.named_modules())
         missing = [m for m in modules if m not in named or not _is_linear(named[m])]
         if missing:
@@ -206,7 +205,6 @@ def apply_lora(model: nn.Module, *, lora_layers: int | None = 16, rank: int = 8,
         chosen = list(modules)
         layer_ids = sorted({int(p[len(block_prefix):].split(".")[0]) for p in chosen if p.startswith(block_prefix)})
         n_layers = len(layer_ids)
-        del wanted
     else:
         layer_ids = select_layers(len(blocks), lora_layers, explicit_layers)
         n_layers = len(layer_ids)
@@ -298,13 +296,18 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, config: AdapterConfi
     bad = [k for k, v in weights.items() if not np.isfinite(v).all()]
     if bad:
         raise AdapterError(f"refusing to save a non-finite adapter ({bad[0]} has NaN/inf); the previous file is kept")
+    return write_adapter_files(path, weights, config if write_config else None)
+
+
+def write_adapter_files(path: Path, weights: dict[str, np.ndarray], config: AdapterConfig | None) -> Path:
+    """The adapter tensors (.npz, or .safetensors by suffix) and, if given, adapter_config.json beside them."""
     if path.suffix == ".safetensors":
         with atomic_file(path) as tmp:
             mx.save_safetensors(str(tmp), {k: mx.array(v) for k, v in weights.items()})
     else:
         with atomic_file(path, suffix=".npz") as tmp:
             np.savez(tmp, **weights)
-    if write_config:
+    if config is not None:
         write_text_atomic(path.parent / CONFIG_NAME, json.dumps(config.to_json(), indent=2) + "\n")
     return path
 
