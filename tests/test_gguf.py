@@ -524,6 +524,33 @@ def test_bf16_to_f16_bits_exact_on_every_pattern():
     assert np.array_equal(got[~nan].view(np.uint16), want[~nan].view(np.uint16)) and np.isnan(got[nan]).all()
 
 
+def test_q8_0_encoder_bytes_equal_gguf_and_catches_non_finite():
+    """Our faster Q8_0 encoder must write exactly gguf's bytes: rounding ties (x.5 after scaling), zero
+    and -0.0 blocks, tiny/huge scales, every finite bf16 pattern; NaN/inf must be reported."""
+    from gguf import quants as gguf_quants
+
+    rng = np.random.default_rng(0)
+    cases = [(rng.standard_normal((48, 1024)) * s).astype(np.float32) for s in (1e-30, 1e-6, 1, 100, 1e30)]
+    ties = (rng.integers(-254, 255, (48, 1024)) / 2).astype(np.float32)
+    ties[:, ::32] = 127  # d = 1 exactly, so every x.5 stays a tie
+    ties[3:5] = 0
+    ties[6, 64:96] = -0.0
+    cases.append(ties)
+    pats = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
+    pats = pats[np.isfinite(pats)]
+    pats = pats[: len(pats) // 1024 * 1024].reshape(-1, 1024)
+    cases += [pats, pats[:, rng.permutation(1024)]]
+    for x in cases:
+        with np.errstate(all="ignore"):
+            want = gguf_quants.quantize(x, Q.Q8_0)
+        got, finite = quants.quantize_q8_0_checked(x)
+        assert finite and got.shape == want.shape and got.tobytes() == want.tobytes()
+    for bad in (np.nan, np.inf, -np.inf):
+        x = cases[2].copy()
+        x[40, 999] = bad
+        assert not quants.quantize_q8_0_checked(x)[1]
+
+
 def test_bf16_checkpoint_f16_file_equals_the_float32_path(tmp_path_factory, tmp_path, monkeypatch):
     """bf16 weights go to F16 by moving bits; the file must be byte for byte what widening gives (q/k
     permutation across chunk borders included), and a NaN is still refused."""

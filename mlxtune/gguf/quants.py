@@ -21,6 +21,7 @@ from gguf import quants as gguf_quants
 
 QK_K = 256
 _BLOCKS_AT_ONCE = 512
+Q8_BLOCKS_AT_ONCE = 1024  # 32K values: the Q8_0 temporaries stay in cache
 
 
 class FileType(str, Enum):
@@ -112,7 +113,53 @@ def encode(rows: np.ndarray, qtype: Q) -> np.ndarray:
         # a few hundred blocks at a time keep the working arrays in cache (about 2x faster)
         out = [fn(blocks[i:i + _BLOCKS_AT_ONCE]) for i in range(0, len(blocks), _BLOCKS_AT_ONCE)]
         return np.concatenate(out).reshape(n, -1)
+    if qtype == Q.Q8_0:
+        return quantize_q8_0(rows)
     return gguf_quants.quantize(rows, qtype)
+
+
+def quantize_q8_0(rows: np.ndarray) -> np.ndarray:
+    """float32 rows (n, cols) -> Q8_0 bytes (n, cols // 32 * 34), byte for byte what gguf's encoder gives."""
+    return quantize_q8_0_checked(rows)[0]
+
+
+def quantize_q8_0_checked(rows: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Q8_0 bytes of float32 `rows` and whether every value was finite (NaN/inf make a block's d so).
+
+    The same float32 arithmetic as gguf.quants.Q8_0 (d = absmax / 127, x * (1 / d), rounding half away
+    from zero with floors), but in cache-sized slices with fewer temporaries and a faster absmax: ~1.7x
+    faster, and the finiteness check comes free instead of costing a separate summing pass.
+    """
+    n, cols = rows.shape
+    blocks = rows.reshape(-1, 32)
+    out = np.empty((len(blocks), 34), dtype=np.uint8)
+    finite = True
+    for i in range(0, len(blocks), Q8_BLOCKS_AT_ONCE):
+        finite &= _q8_0_into(blocks[i:i + Q8_BLOCKS_AT_ONCE], out[i:i + Q8_BLOCKS_AT_ONCE])
+    return out.reshape(n, -1), finite
+
+
+def _q8_0_into(blocks: np.ndarray, out: np.ndarray) -> bool:
+    # max |x| by halving the block five times: numpy's reduction along a 32-wide axis is ~4x slower
+    m = np.abs(blocks)
+    while m.shape[1] > 1:
+        h = m.shape[1] // 2
+        m = np.maximum(m[:, :h], m[:, h:])
+    d = m[:, 0] / np.float32(127)
+    # NaN/inf blocks (reported by the caller) and overflowing f16 d must not warn
+    with np.errstate(all="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+        x = blocks * inv[:, None]
+        a = np.abs(x)
+        f = np.floor(a)
+        a -= f
+        a *= 2
+        np.floor(a, out=a)
+        a += f
+        np.copysign(a, x, out=a)
+        out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        out[:, 2:] = a.astype(np.int8).view(np.uint8)
+    return bool(np.isfinite(d).all())
 
 
 def bf16_to_f16(bits: np.ndarray) -> np.ndarray:

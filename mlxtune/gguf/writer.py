@@ -26,7 +26,7 @@ from gguf import GGMLQuantizationType as Q
 from ..errors import ExportError, ModelLoadError
 from ..files import atomic_file
 from . import arch as archmod
-from .quants import FileType, bf16_to_f16, encode, row_bytes, tensor_type
+from .quants import FileType, bf16_to_f16, encode, quantize_q8_0_checked, row_bytes, tensor_type
 
 CHUNK_VALUES = 1 << 20  # values converted at a time (4 MiB as float32)
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "F64": np.float64}
@@ -283,6 +283,11 @@ class _Streamed:
                 raise ExportError(f"tensor {self.plan.source} has NaN or infinite values: the model is broken, fix it before exporting")
             return bf16_to_f16(bits).view(np.float16)
         rows = self.plan.read(a, b)
+        if self.plan.qtype == Q.Q8_0:
+            out, finite = quantize_q8_0_checked(np.ascontiguousarray(rows, dtype=np.float32))
+            if not finite:
+                raise ExportError(f"tensor {self.plan.source} has NaN or infinite values: the model is broken, fix it before exporting")
+            return out.reshape(-1) if len(self.plan.shape) == 1 else out
         # one summing pass: any NaN or infinity makes the sum non-finite
         if not np.isfinite(np.add.reduce(rows, axis=None, dtype=np.float64)):
             raise ExportError(f"tensor {self.plan.source} has NaN or infinite values: the model is broken, fix it before exporting")
