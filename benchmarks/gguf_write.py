@@ -103,10 +103,15 @@ def find_converter(sdist: Path | None, work: Path) -> Path:
 REPEAT = 3
 
 
+FRESH = False
+
+
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """Median wall time and largest peak RSS over REPEAT fresh processes."""
     runs = []
     for _ in range(REPEAT):
+        if FRESH and "--outfile" in cmd:  # the output path follows --outfile; replacing a file costs ext4 a forced writeback
+            Path(cmd[cmd.index("--outfile") + 1]).unlink(missing_ok=True)
         os.sync()  # the previous run's dirty pages would otherwise be written back during this one
         r = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, env=env)
         if r.returncode:
@@ -124,8 +129,11 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=["f16", "q8_0", "q4_k_m"])
     ap.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"], help="fewer for a quick smoke run")
     ap.add_argument("--repeat", type=int, default=REPEAT, help="runs per cell (the median is reported)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="delete each tool's output before each run (default: both replace their previous file)")
     args = ap.parse_args()
     globals()["REPEAT"] = args.repeat
+    globals()["FRESH"] = args.fresh
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     CONFIG["num_hidden_layers"] = args.layers
@@ -158,7 +166,7 @@ def main() -> None:
         rows.append(("q4_k_m", "mlxtune gguf (from HF)", *ours("q4_k_m")))
 
     print(f"\nmodel: {model} ({(model / 'model.safetensors').stat().st_size / 2**30:.2f} GiB bf16), "
-          f"{os.cpu_count()} CPU cores, median of {REPEAT} runs, load average {os.getloadavg()[0]:.1f}")
+          f"{os.cpu_count()} CPU cores, median of {REPEAT} runs, {'new output files' if FRESH else 'replacing the previous output'}, load average {os.getloadavg()[0]:.1f}")
     print(f"| type | tool | wall (s) | peak RSS (MiB) | time vs reference |")
     print(f"|---|---|---:|---:|---:|")
     ref_time = {}
