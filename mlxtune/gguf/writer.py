@@ -370,7 +370,7 @@ def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer
                        desc=f"gguf {ftype.value}", disable=not progress)
             n_workers = workers or min(4, os.cpu_count() or 1)
             for p in planned:
-                # Threads only for the compute-bound K-quant sweeps: the float casts and gguf's Q8_0/Q4_0
+                # Threads only for the compute-bound K-quant sweeps: the float casts, Q8_0 and gguf's Q4_0
                 # are a few memory-bound passes, and a worker thread made q8_0 ~1.6x slower on a busy
                 # 2-core machine (GIL hand-offs with the writing thread) without helping a quiet one.
                 n = n_workers if workers or p.qtype in (Q.Q4_K, Q.Q6_K) else 1
