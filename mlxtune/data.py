@@ -544,19 +544,7 @@ def load_dataset(data, tokenizer, *, valid_split: float = 0.1, test_split: float
     splits, formats = _load_untruncated(data, tokenizer, valid_split=valid_split, test_split=test_split, seed=seed,
                                         train_on_inputs=train_on_inputs, chat_template=chat_template, keys=keys,
                                         cache=cache)
-    truncated = dropped = 0
-    bos = _bos_id(tokenizer)
-    out: dict[str, list[Record]] = {}
-    for name, records in splits.items():
-        kept = []
-        for r in records:
-            t = truncate(r, max_seq_length, bos)
-            if t is None:
-                dropped += 1
-            else:
-                truncated += t is not r
-                kept.append(t)
-        out[name] = kept
+    out, truncated, dropped = _truncate_splits(splits, max_seq_length, _bos_id(tokenizer))
     return DataSplits(out["train"], out["valid"], out["test"], truncated=truncated, dropped=dropped, formats=formats)
 
 
@@ -726,6 +714,24 @@ def _tokenizer_of(model_or_tokenizer):
     return load_tokenizer(path, config)
 
 
+def _truncate_splits(splits: dict[str, list[Record]], max_seq_length: int,
+                     bos: int | None) -> tuple[dict[str, list[Record]], int, int]:
+    """Truncate every record; return the kept records per split and the truncated and dropped counts."""
+    out: dict[str, list[Record]] = {}
+    truncated = dropped = 0
+    for name, records in splits.items():
+        kept = []
+        for r in records:
+            t = truncate(r, max_seq_length, bos)
+            if t is None:
+                dropped += 1
+            else:
+                truncated += t is not r
+                kept.append(t)
+        out[name] = kept
+    return out, truncated, dropped
+
+
 def inspect_dataset(model, data, *, n: int = 3, max_seq_length: int = 2048, valid_split: float = 0.1,
                     test_split: float = 0.0, seed: int = 0, train_on_inputs: bool = False,
                     chat_template: str | None = None, prompt_key: str | None = None,
@@ -743,18 +749,8 @@ def inspect_dataset(model, data, *, n: int = 3, max_seq_length: int = 2048, vali
     splits, formats = _load_untruncated(data, tokenizer, valid_split=valid_split, test_split=test_split, seed=seed,
                                         train_on_inputs=train_on_inputs, chat_template=chat_template, keys=keys,
                                         cache=cache)
-    truncated = dropped = 0
-    bos = _bos_id(tokenizer)
-    train = []
-    for name, records in splits.items():
-        for r in records:
-            t = truncate(r, max_seq_length, bos)
-            if t is None:
-                dropped += 1
-            else:
-                truncated += t is not r
-                if name == "train":
-                    train.append(t)
+    kept, truncated, dropped = _truncate_splits(splits, max_seq_length, _bos_id(tokenizer))
+    train = kept["train"]
     lengths = {name: [len(r.ids) for r in records] for name, records in splits.items()}
     padding = {}
     if train:
