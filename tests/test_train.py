@@ -53,6 +53,18 @@ def chat_data(tmp_path_factory):
     return out
 
 
+def _reference_loss(model, records) -> tuple[float, float]:
+    """(summed loss, target count): the full model(inputs) logits, one example at a time, masked CE."""
+    total = count = 0.0
+    for r in records:
+        ids = mx.array(r.ids)[None]
+        logits = model(ids[:, :-1]).astype(mx.float32)
+        mask = mx.array(np.array(r.mask[1:], np.float32))[None]
+        total += (nn.losses.cross_entropy(logits, ids[:, 1:]) * mask).sum().item()
+        count += mask.sum().item()
+    return total, count
+
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MLXTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "mlxtune-cache"))
@@ -153,13 +165,7 @@ def test_packed_rows_and_gathered_head_give_the_plain_loss(tiny_llama, chat_data
     parts = model_parts(model)
     assert parts.body is not None and parts.packing
     # Reference: the full model(inputs) logits, one example at a time, cross-entropy on masked targets.
-    total = count = 0.0
-    for r in records:
-        ids = mx.array(r.ids)[None]
-        logits = model(ids[:, :-1]).astype(mx.float32)
-        mask = mx.array(np.array(r.mask[1:], np.float32))[None]
-        total += (nn.losses.cross_entropy(logits, ids[:, 1:]) * mask).sum().item()
-        count += mask.sum().item()
+    total, count = _reference_loss(model, records)
     packed = next(iterate_batches(records, 2, max_seq_length=256, seed=0, loop=False, shuffle=False, pack=True))
     assert packed.segments is not None and int(np.array(packed.segments).max()) > 1  # rows really hold several examples
     loss, n = loss_fn(model, packed)
@@ -331,13 +337,7 @@ def test_loss_is_exact_across_architectures(arch, tmp_path_factory):
     for n in (9, 5, 12, 7):
         ids = rng.integers(6, 500, n).tolist()
         records.append(Record(ids=ids, mask=[False] * (n // 2) + [True] * (n - n // 2)))
-    total = count = 0.0
-    for r in records:
-        ids = mx.array(r.ids)[None]
-        logits = model(ids[:, :-1]).astype(mx.float32)
-        mask = mx.array(np.array(r.mask[1:], np.float32))[None]
-        total += (nn.losses.cross_entropy(logits, ids[:, 1:]) * mask).sum().item()
-        count += mask.sum().item()
+    total, count = _reference_loss(model, records)
     s = c = 0.0
     for batch in iterate_batches(records, 2, max_seq_length=64, seed=0, loop=False, shuffle=False, pack=parts.packing):
         assert (batch.segments is not None) == parts.packing
