@@ -139,8 +139,8 @@ def normalize_config(config: dict) -> dict:
     return config
 
 
-def check_safetensors_header(file: Path) -> dict:
-    """Parse a safetensors header cheaply; a truncated or foreign file is a clear error."""
+def read_safetensors_header(file: Path) -> tuple[dict, int]:
+    """(header, byte offset where tensor data starts); a truncated or foreign file is a clear error."""
     import struct
 
     try:
@@ -148,11 +148,16 @@ def check_safetensors_header(file: Path) -> dict:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > 100_000_000 or n > file.stat().st_size:
                 raise ValueError("header length is larger than the file")
-            return json.loads(f.read(n))
+            return json.loads(f.read(n)), 8 + n
     except (OSError, ValueError, struct.error) as e:
         raise ModelLoadError(
             f"cannot read {file}: not a valid safetensors file ({e}); download or convert it again"
         ) from None
+
+
+def check_safetensors_header(file: Path) -> dict:
+    """Parse a safetensors header cheaply (see read_safetensors_header)."""
+    return read_safetensors_header(file)[0]
 
 
 def load_tokenizer(path: Path, config: dict | None = None):

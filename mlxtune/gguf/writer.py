@@ -10,10 +10,8 @@ towards the process's resident memory until the whole file is unmapped.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from gguf import GGMLQuantizationType as Q
 
 from ..errors import ExportError, ModelLoadError
 from ..files import atomic_file
+from ..models import read_safetensors_header
 from . import arch as archmod
 from .quants import FileType, bf16_to_f16, encode, quantize_q8_0_checked, row_bytes, tensor_type
 
@@ -64,19 +63,14 @@ def _index_safetensors(model_dir: Path) -> dict[str, _Stored]:
         raise ModelLoadError(f"{model_dir} has no *.safetensors weights (PyTorch .bin checkpoints: run mlxtune convert first)")
     index: dict[str, _Stored] = {}
     for file in files:
-        try:
-            with open(file, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-        except (OSError, ValueError, struct.error) as e:
-            raise ModelLoadError(f"cannot read {file}: not a valid safetensors file ({e})") from None
+        header, data_start = read_safetensors_header(file)
         for name, info in header.items():
             if name == "__metadata__":
                 continue
             if info["dtype"] not in _DTYPES:
                 raise ExportError(f"tensor {name} in {file} has dtype {info['dtype']}, which mlxtune gguf cannot read")
             begin, _ = info["data_offsets"]
-            index[name] = _Stored(file, info["dtype"], tuple(info["shape"]), 8 + n + begin)
+            index[name] = _Stored(file, info["dtype"], tuple(info["shape"]), data_start + begin)
     return index
 
 
