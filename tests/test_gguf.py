@@ -73,9 +73,13 @@ def ggml_f16_matmul():
         nn.Linear.__call__, nn.Embedding.as_linear = linear, as_linear
 
 
-def mlx_logits(model_dir, seqs, *, f16_weights: bool = False, gguf_gelu: bool = False) -> np.ndarray:
-    """MLX logits (B, L, V) in float32.
+def mlx_logits(model_dir, seqs, *, f16_weights: bool = False, gguf_gelu: bool = False,
+               float32: bool = True) -> np.ndarray:
+    """MLX logits (B, L, V) as float32 arrays.
 
+    float32: compute in float32 whatever the checkpoint's dtype. `load` keeps a float16 checkpoint in
+    float16 and MLX then computes in float16 too (~1e-2 off the float32 result on these models);
+    widening the weights is exact, so float32 gives the checkpoint's model without rounding.
     f16_weights: matrices rounded to f16 as an F16 file stores them, and matmul inputs rounded like
     ggml's. gguf_gelu: GELU rounded like ggml's (see `ggml_gelu`).
     """
@@ -85,6 +89,8 @@ def mlx_logits(model_dir, seqs, *, f16_weights: bool = False, gguf_gelu: bool = 
     from mlxtune.models import load
 
     model, _ = load(model_dir)
+    if float32:
+        model.set_dtype(mx.float32)
     if f16_weights:
         model.update(tree_map(lambda v: v.astype(mx.float16).astype(mx.float32) if v.ndim == 2 else v,
                               model.parameters()))
@@ -116,15 +122,25 @@ def perplexity(logits: np.ndarray, seqs: np.ndarray) -> float:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_float_files_give_the_mlx_logits(arch, tmp_path_factory, tmp_path):
-    """F32: llama.cpp's logits equal MLX's to 2e-3 (in practice ~1e-5). F16: equal to an MLX model holding
-    the same f16 weights and rounding matmul inputs like ggml; exact at most positions, but an activation
-    sitting on an f16 rounding boundary can round the other way in one of them (a few 1e-3 at one position).
-    Against the float MLX model F16 differs by 6e-3..8e-3 on these models, whose logits span +-16..37:
-    that is ggml's f16 rounding of weights and matmul inputs, not the writer (issue 7's 2e-3 for F16
-    cannot hold at that scale; see test_quantized_files_keep_the_top1_choices for +-10 logits: 2.5e-3).
+    """F32 files give the MLX model's logits to 2e-3 (in practice ~1e-5), from float32 and float16
+    checkpoints alike.
+
+    F16 files, checked twice:
+    - the bytes: from a float32 checkpoint, llama.cpp equals an MLX model holding the same f16 weights
+      and rounding matmul inputs like ggml (exact at most positions; an activation sitting on an f16
+      rounding boundary can round the other way and move one position by a few 1e-3).
+    - the issue's comparison, done the way it can hold best: a float16 checkpoint (as real checkpoints
+      and fused models are stored), whose F16 file holds exactly the checkpoint's weights (checked
+      tensor by tensor against the F32 file), against the MLX model loaded from that same checkpoint and
+      computed in float32. What is left is ggml's rounding of every matmul input to f16, which llama.cpp
+      does for any F16 file: 3.6e-3..5.5e-3 on these models, not issue 7's 2e-3. It does not reach
+      2e-3 at a realistic logit scale either (1.8e-3..3.4e-3 with logits of std 2, a trained model has
+      2.6; the bundled trained model itself: 9e-2, from its large MLP activations), see
+      docs/benchmarks.md "GGUF accuracy". So the test asserts the measured bound, and that llama.cpp's
+      F16 is closer to the float model than MLX running the same checkpoint in float16.
     """
-    model = cached_hf_model(tmp_path_factory, arch)
     gemma = arch.startswith("gemma")
+    model = cached_hf_model(tmp_path_factory, arch)
     ref32 = mlx_logits(model, TEST_IDS, gguf_gelu=gemma)[0]
     got32 = llamacpp.logits(to_gguf(model, tmp_path / f"{arch}-f32.gguf", "f32", **QUIET), TEST_IDS)
     diff32 = float(np.abs(got32 - ref32).max())
@@ -137,6 +153,22 @@ def test_float_files_give_the_mlx_logits(arch, tmp_path_factory, tmp_path):
     # measured: median position 3e-6..6e-6 on every arch; the worst position 5e-6 (llama, qwen2) to 4.3e-3 (phi3)
     assert np.median(per_position) <= 2e-5 and per_position.max() <= 6e-3, f"{arch} f16: {per_position}"
     assert (got16.argmax(-1) == ref16.argmax(-1)).all()
+
+    half = cached_hf_model(tmp_path_factory, arch, dtype="float16")
+    files = {kind: to_gguf(half, tmp_path / f"{arch}-half-{kind}.gguf", kind, **QUIET) for kind in ("f32", "f16")}
+    exact = {t.name: np.array(t.data) for t in gguf.GGUFReader(files["f32"]).tensors}
+    for t in gguf.GGUFReader(files["f16"]).tensors:
+        assert np.array_equal(np.array(t.data).astype(np.float32), exact[t.name]), f"{arch}: {t.name} changed"
+    ref = mlx_logits(half, TEST_IDS, gguf_gelu=gemma)[0]
+    got = {kind: llamacpp.logits(path, TEST_IDS) for kind, path in files.items()}
+    diff = {kind: float(np.abs(g - ref).max()) for kind, g in got.items()}
+    # for scale: MLX's own float16 inference of the checkpoint (the model as `load` gives it)
+    diff["mlx float16"] = float(np.abs(mlx_logits(half, TEST_IDS, gguf_gelu=gemma, float32=False)[0] - ref).max())
+    print(f"{arch} float16 checkpoint, max |logit diff| vs MLX float32: " + ", ".join(f"{k} {v:.1e}" for k, v in diff.items()))
+    assert diff["f32"] <= 2e-3
+    # measured 3.6e-3 (gemma) .. 5.5e-3 (gemma3); MLX float16: 4.9e-3 (gemma) .. 1.3e-2
+    assert diff["f16"] <= 6e-3 and diff["f16"] < diff["mlx float16"], f"{arch}: {diff}"
+    assert (got["f16"].argmax(-1) == ref.argmax(-1)).all()
 
 
 def test_llama3_rope_freqs_and_tensor_layout(tmp_path_factory, tmp_path):
