@@ -6,7 +6,7 @@ with a plain full-parameter MLX loop, and write the tool-call dataset (scripts/t
 Outputs: data/tiny-chat/ (HF layout) and data/toolcall/{train,valid,test}.jsonl. The one thing to know:
 the corpus teaches chatting and copying values, never the `<tool_call .../>` format, so the base model
 scores ~0 on the task and LoRA has something to learn. On Linux run it with OpenBLAS preloaded
-(LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0); ~12 minutes on 2 CPU cores.
+(LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0); ~25 minutes on 2 quiet CPU cores.
 """
 
 from __future__ import annotations
@@ -181,10 +181,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "data", help="folder that gets tiny-chat/ and toolcall/")
     p.add_argument("--docs", type=int, default=60000, help="documents in the generated corpus")
     p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=1200, help="pretraining steps")
+    p.add_argument("--steps", type=int, default=4000, help="pretraining steps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--snapshot-every", type=int, default=0, help="also save the model every N steps as tiny-chat-stepN (for tuning)")
     p.add_argument("--data-only", action="store_true", help="only rewrite the dataset")
