@@ -1,8 +1,9 @@
 """The bundled default: data/tiny-chat (model + SentencePiece tokenizer) and data/toolcall (the task).
 
 Checks that the bundle loads through mlxtune, stays small, renders its chat template, that the dataset
-needs its input (every argument value is copied from the request), that the base model fails the task
-but can copy (what makes it learnable), and that scripts/build_default.py regenerates the committed dataset and can pretrain a model from nothing.
+needs its input (every argument value is copied from the request), that the base model fails the task but
+can copy (what makes it learnable), and that scripts/build_default.py regenerates the committed dataset
+and can pretrain a model from nothing.
 """
 
 from __future__ import annotations
