@@ -67,11 +67,14 @@ class DataSplits:
     truncated: int = 0  # examples shortened to max_seq_length
     dropped: int = 0  # examples with no trained token (after truncation), left out
     formats: dict[str, str] = field(default_factory=dict)  # file -> detected format name
+    held_out: int = 0  # valid examples taken from a directory's train.jsonl because it has no valid.jsonl
 
     def summary(self) -> str:
         """One line for the start of training: sizes, formats and the truncation counts."""
         files = ", ".join(f"{Path(f).name}: {fmt}" for f, fmt in self.formats.items())
         text = f"{len(self.train)} train, {len(self.valid)} valid, {len(self.test)} test examples ({files})"
+        if self.held_out:
+            text += f"; no valid.jsonl, so {self.held_out} valid examples were held out of train (--valid-split)"
         if self.truncated:
             text += f"; {self.truncated} examples truncated"
         if self.dropped:
@@ -478,7 +481,8 @@ def _bos_id(tokenizer) -> int | None:
 
 
 def _resolve_inputs(data) -> list[tuple[Path, str | None]]:
-    """(file, split or None for "split me") for each input path."""
+    """(file, split) for each input path: split None means "split me" (a lone file), and "train+valid" a
+    directory's train file when the directory has no valid file (validation is held out of it)."""
     items = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     if not items:
         raise ConfigError("--data: no data files given")
@@ -491,6 +495,8 @@ def _resolve_inputs(data) -> list[tuple[Path, str | None]]:
             if found["train"] is None:
                 raise DataError(f"{p} has no train.jsonl: a data directory needs train.jsonl "
                                 "(and optionally valid.jsonl, test.jsonl)")
+            if found["valid"] is None:
+                found["train+valid"] = found.pop("train")
             out += [(f, s) for s, f in found.items() if f is not None]
         elif p.is_file():
             if p.suffix not in (".jsonl", ".json"):
@@ -502,7 +508,7 @@ def _resolve_inputs(data) -> list[tuple[Path, str | None]]:
 
 
 def _load_untruncated(data, tokenizer, *, valid_split, test_split, seed, train_on_inputs, chat_template,
-                      keys: Keys, cache) -> tuple[dict[str, list[Record]], dict[str, str]]:
+                      keys: Keys, cache) -> tuple[dict[str, list[Record]], dict[str, str], int]:
     template = templates.template_for(tokenizer, templates.read_chat_template(chat_template))
     opts = _Options(template=template, train_on_inputs=train_on_inputs, keys=keys)
     cache_dir = None
@@ -511,15 +517,21 @@ def _load_untruncated(data, tokenizer, *, valid_split, test_split, seed, train_o
     fingerprint = _tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
     splits: dict[str, list[Record]] = {s: [] for s in SPLITS}
     formats = {}
+    held_out = 0
     for file, split in _resolve_inputs(data):
         fmt, records, _ = tokenize_file(file, tokenizer, opts, cache_dir, fingerprint)
         formats[str(file)] = fmt.value
-        if split is not None:
+        if split in SPLITS:
             splits[split] += records
-        else:
-            for name, idx in split_indices(len(records), valid_split, test_split, seed).items():
-                splits[name] += [records[i] for i in idx]
-    return splits, formats
+            continue
+        # A lone file is split three ways; a directory's train file without a valid file gives up only
+        # validation examples, so training still reports a validation loss.
+        parts = split_indices(len(records), valid_split, test_split if split is None else 0.0, seed)
+        for name, idx in parts.items():
+            splits[name] += [records[i] for i in idx]
+        if split is not None:
+            held_out += len(parts["valid"])
+    return splits, formats, held_out
 
 
 def _keys(prompt_key=None, completion_key=None, text_key=None, messages_key=None) -> Keys:
@@ -533,19 +545,21 @@ def load_dataset(data, tokenizer, *, valid_split: float = 0.1, test_split: float
                  messages_key: str | None = None, cache: bool | str | os.PathLike = True) -> DataSplits:
     """Read, check, tokenize, split and truncate a dataset.
 
-    `data`: a directory with train/valid/test.jsonl, one .jsonl/.json file (split with valid_split,
-    test_split and seed), or a list of such paths to mix. `tokenizer`: mlx-lm TokenizerWrapper or a
+    `data`: a directory with train/valid/test.jsonl (without valid.jsonl, valid_split of train is held
+    out for validation), one .jsonl/.json file (split with valid_split, test_split and seed), or a list of
+    such paths to mix. `tokenizer`: mlx-lm TokenizerWrapper or a
     Hugging Face tokenizer. `chat_template`: template text or a file, overriding the tokenizer's.
     `cache`: True (~/.cache/mlxtune/data, or $MLXTUNE_CACHE/data), False, or a directory.
     """
     if max_seq_length < 2:
         raise ConfigError(f"--max-seq-length {max_seq_length} must be at least 2")
     keys = _keys(prompt_key, completion_key, text_key, messages_key)
-    splits, formats = _load_untruncated(data, tokenizer, valid_split=valid_split, test_split=test_split, seed=seed,
-                                        train_on_inputs=train_on_inputs, chat_template=chat_template, keys=keys,
-                                        cache=cache)
+    splits, formats, held_out = _load_untruncated(data, tokenizer, valid_split=valid_split, test_split=test_split,
+                                                  seed=seed, train_on_inputs=train_on_inputs,
+                                                  chat_template=chat_template, keys=keys, cache=cache)
     out, truncated, dropped = _truncate_splits(splits, max_seq_length, _bos_id(tokenizer))
-    return DataSplits(out["train"], out["valid"], out["test"], truncated=truncated, dropped=dropped, formats=formats)
+    return DataSplits(out["train"], out["valid"], out["test"], truncated=truncated, dropped=dropped, formats=formats,
+                      held_out=held_out)
 
 
 # ------------------------------------------------------------------------------------------------ batching
@@ -746,9 +760,9 @@ def inspect_dataset(model, data, *, n: int = 3, max_seq_length: int = 2048, vali
         raise ConfigError(f"--max-seq-length {max_seq_length} must be at least 2")
     tokenizer = _tokenizer_of(model)
     keys = _keys(prompt_key, completion_key, text_key, messages_key)
-    splits, formats = _load_untruncated(data, tokenizer, valid_split=valid_split, test_split=test_split, seed=seed,
-                                        train_on_inputs=train_on_inputs, chat_template=chat_template, keys=keys,
-                                        cache=cache)
+    splits, formats, _ = _load_untruncated(data, tokenizer, valid_split=valid_split, test_split=test_split,
+                                           seed=seed, train_on_inputs=train_on_inputs, chat_template=chat_template,
+                                           keys=keys, cache=cache)
     kept, truncated, dropped = _truncate_splits(splits, max_seq_length, _bos_id(tokenizer))
     train = kept["train"]
     lengths = {name: [len(r.ids) for r in records] for name, records in splits.items()}

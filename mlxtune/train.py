@@ -74,7 +74,7 @@ class TrainingArgs:
         "help": "Pack several examples into each row of up to --max-seq-length tokens (block-diagonal "
                 "attention, same loss as unpacked); --batch-size then counts rows."})
     train_on_inputs: bool = field(default=False, metadata={"help": "Also learn the prompt/user tokens, not only the completions."})
-    valid_split: float = field(default=0.1, metadata={"help": "Fraction of a single-file dataset held out for validation."})
+    valid_split: float = field(default=0.1, metadata={"help": "Fraction held out for validation from a single-file dataset, or from train.jsonl when a data directory has no valid.jsonl."})
     test_split: float = field(default=0.0, metadata={"help": "Fraction of a single-file dataset held out for --test."})
     seed: int = field(default=0, metadata={"help": "Seed for LoRA init, data order and dropout."})
     steps_per_report: int = field(default=10, metadata={"help": "Steps between training-loss reports."})

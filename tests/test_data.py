@@ -288,6 +288,23 @@ def test_single_file_split_is_seeded_and_matches_data_split(toks, tmp_path):
         data.split_dataset(path, out=tmp_path / "parts")
 
 
+def test_folder_without_valid_file_holds_validation_out_of_train(toks, tmp_path):
+    tok = toks["chatml"]
+    folder = tmp_path / "d"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"text": f"Numbers: {i} {i + 1}"} for i in range(20)])
+    write_jsonl(folder / "test.jsonl", [{"text": f"Test: {i}"} for i in range(3)])
+    s = load_dataset(folder, tok, valid_split=0.25, seed=3, cache=False)
+    assert (len(s.train), len(s.valid), len(s.test), s.held_out) == (15, 5, 3, 5)
+    assert sorted(_key(r) for r in s.train + s.valid) == sorted(_key(r) for r in load_train(folder / "train.jsonl", tok))
+    assert "no valid.jsonl, so 5 valid examples were held out of train" in s.summary()
+    assert len(load_dataset(folder, tok, valid_split=0.0, cache=False).train) == 20
+    # A folder that has valid.jsonl keeps every train example.
+    write_jsonl(folder / "valid.jsonl", [{"text": "Valid: 1"}])
+    s = load_dataset(folder, tok, valid_split=0.25, seed=3, cache=False)
+    assert (len(s.train), len(s.valid), s.held_out) == (20, 1, 0) and "held out" not in s.summary()
+
+
 def test_list_of_files_mixes_formats(toks, tmp_path):
     t = write_jsonl(tmp_path / "t.jsonl", [{"text": f"Numbers: {i}"} for i in range(10)])
     c = write_jsonl(tmp_path / "c.jsonl", [chat(f"q {i}", "Hello") for i in range(10)])
