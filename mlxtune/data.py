@@ -547,8 +547,8 @@ def load_dataset(data, tokenizer, *, valid_split: float = 0.1, test_split: float
 
     `data`: a directory with train/valid/test.jsonl (without valid.jsonl, valid_split of train is held
     out for validation), one .jsonl/.json file (split with valid_split, test_split and seed), or a list of
-    such paths to mix. `tokenizer`: mlx-lm TokenizerWrapper or a
-    Hugging Face tokenizer. `chat_template`: template text or a file, overriding the tokenizer's.
+    such paths to mix. `tokenizer`: mlx-lm TokenizerWrapper or a Hugging Face tokenizer.
+    `chat_template`: template text or a file, overriding the tokenizer's.
     `cache`: True (~/.cache/mlxtune/data, or $MLXTUNE_CACHE/data), False, or a directory.
     """
     if max_seq_length < 2:
