@@ -12,9 +12,7 @@ test scale and with smaller embeddings/head (smaller logits), and the bundled tr
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -87,22 +85,11 @@ def trained_row(work: Path) -> dict:
     return r
 
 
-@contextlib.contextmanager
-def _no_stdout():
-    # the tokenizer trainer behind tests/tiny.py writes progress lines straight to fd 1
-    sys.stdout.flush()
-    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(devnull)
-
-
 def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp, _no_stdout():
+    import llamacpp
+
+    # the tokenizer trainer behind tests/tiny.py writes progress lines straight to fd 1
+    with tempfile.TemporaryDirectory() as tmp, llamacpp.quiet(1):
         work = Path(tmp)
         rows = random_rows(work)
         trained = trained_row(work)

@@ -5,7 +5,7 @@ thing to know: weights are re-randomised after construction (norm weights and bi
 mlxtune drops, a norm offset it gets wrong or a RoPE base it ignores shows up as a logit difference far
 above float32 noise. Logits have a std of about 4 over the vocabulary (embeddings and head at std 0.5,
 `edge_std`); tied models reach +-37 because the input token's own logit (its embedding dotted with
-itself) dominates; the bundled trained model has std 2.6 and +-24 (docs/benchmarks.md, "GGUF
+itself) dominates; the bundled trained model has std 1.9 and +-20 (docs/benchmarks.md, "GGUF
 accuracy"). Configs keep the non-default RoPE bases and scalings below so that a silently ignored
 `rope_parameters` entry is caught.
 """

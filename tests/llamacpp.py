@@ -19,18 +19,22 @@ GGML_TYPE_F32 = 0
 
 
 @contextlib.contextmanager
-def _quiet():
-    # llama.cpp logs straight to fd 2 while loading; keep test output readable
+def quiet(fd: int = 2):
+    """Send file descriptor `fd` to /dev/null for a while.
+
+    llama.cpp logs straight to fd 2 while loading (and SentencePiece's trainer to fd 1), past Python's
+    sys.stderr/sys.stdout, so only redirecting the descriptor keeps test and benchmark output readable.
+    """
     import sys
 
-    sys.stderr.flush()
-    saved = os.dup(2)
+    (sys.stdout if fd == 1 else sys.stderr).flush()
+    saved = os.dup(fd)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, 2)
+        os.dup2(devnull, fd)
         yield
     finally:
-        os.dup2(saved, 2)
+        os.dup2(saved, fd)
         os.close(saved)
         os.close(devnull)
 
@@ -39,7 +43,7 @@ def load(path: str | os.PathLike, n_ctx: int = 128):
     """A llama_cpp.Llama for `path` with full-precision KV cache and logits for every position."""
     from llama_cpp import Llama
 
-    with _quiet():
+    with quiet():
         return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
                      type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False, n_threads=1, n_threads_batch=1,
                      n_gpu_layers=0, verbose=False, seed=0)
@@ -49,7 +53,7 @@ def logits(path_or_llm, ids) -> np.ndarray:
     """llama.cpp's logits (len(ids), n_vocab) for one token sequence."""
     llm = load(path_or_llm) if isinstance(path_or_llm, (str, os.PathLike)) else path_or_llm
     llm.reset()
-    with _quiet():
+    with quiet():
         llm.eval(list(int(i) for i in ids))
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
@@ -67,7 +71,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: int, threads
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads
-    with _quiet():
+    with quiet():
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize failed ({rc}) on {src}")
