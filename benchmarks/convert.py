@@ -135,7 +135,7 @@ def fidelity() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from hf_models import ARCHS, TEST_IDS, hf_logits, make_hf_model
 
-    from mlxtune.convert import convert
+    from mlxtune.conversion import convert
 
     ids = np.random.default_rng(0).integers(6, 400, size=(2, 24))
 

@@ -9,7 +9,7 @@ rate and no gradient clipping, for the same whole number of epochs: mlx-lm and u
 the same number of steps of `--batch-size` examples, so both see every example equally often (the same
 real tokens); packed mlxtune uses rows that hold about `--batch-size` examples and stops when the same
 tokens are consumed. Each run is a separate process so peak memory is its own. The final validation
-loss of every adapter is measured by one function (mlxtune.train.evaluate_loss) on the same records.
+loss of every adapter is measured by one function (mlxtune.loss.evaluate_loss) on the same records.
 Throughput is real tokens per second of training time, measured between the first and the last report
 so that one-off compilation at the first step is left out.
 """
@@ -144,23 +144,17 @@ def worker_mlxlm(a) -> dict:
 def worker_mlxtune(a) -> dict:
     import mlx.core as mx
 
+    import mlxtune
     from mlxtune.data import load_dataset
-    from mlxtune.lora import apply_lora
     from mlxtune.models import load_model
-    from mlxtune.train import make_optimizer, train, training_args
 
     loaded = load_model(a.model)
     model, tok = loaded.model, loaded.tokenizer
-    splits = load_dataset(a.data, tok, cache=False, max_seq_length=a.max_seq_length)
-    mx.random.seed(0)
-    config = apply_lora(model, lora_layers=-1, rank=8, alpha=16.0)
     batch = a.batch_size
     if a.pack:  # rows of up to max_seq_length tokens: choose rows so a step holds about batch_size examples
+        splits = load_dataset(a.data, tok, cache=False, max_seq_length=a.max_seq_length)
         lengths = [len(r.ids) for r in splits.train]
         batch = max(1, round(a.batch_size * (sum(lengths) / len(lengths)) / a.max_seq_length))
-    args = training_args(iters=10**6, batch_size=batch, learning_rate=a.lr, optimizer="adam", max_grad_norm=0,
-                         pack=a.pack, steps_per_report=a.report, steps_per_eval=0, save_every=0, plot=False,
-                         max_seq_length=a.max_seq_length, adapter_file=str(Path(a.out) / "adapters.npz"))
     clock = _Clock()
 
     def until_target(report):
@@ -168,8 +162,11 @@ def worker_mlxtune(a) -> dict:
         return report["trained_tokens"] >= a.target_tokens or report["iteration"] >= a.iters
 
     mx.reset_peak_memory()
-    result = train(model, make_optimizer(args), splits.train, [], args, adapter_config=config,
-                   callbacks=[until_target], verbose=False)
+    result = mlxtune.lora(model, a.data, tokenizer=tok, lora_layers=-1, rank=8, alpha=16.0, seed=0, iters=10**6,
+                          batch_size=batch, learning_rate=a.lr, optimizer="adam", max_grad_norm=0, pack=a.pack,
+                          steps_per_report=a.report, steps_per_eval=0, save_every=0, plot=False,
+                          max_seq_length=a.max_seq_length, adapter_file=str(Path(a.out) / "adapters.npz"),
+                          force=True, callbacks=[until_target], verbose=False)
     seconds, tokens = clock.steady()
     return {"seconds": seconds, "tokens": tokens, "real_tokens": result.trained_tokens, "peak": mx.get_peak_memory(),
             "adapter": str(result.adapter_file), "iters": result.iterations, "rows_per_batch": batch}
@@ -177,12 +174,12 @@ def worker_mlxtune(a) -> dict:
 
 def worker_eval(a) -> dict:
     from mlxtune.data import load_dataset
-    from mlxtune.models import load_model
-    from mlxtune.train import evaluate_loss
+    from mlxtune.loss import evaluate_loss
+    from mlxtune.models import load
 
-    loaded = load_model(a.model, adapter_file=a.adapter)
-    splits = load_dataset(a.data, loaded.tokenizer, cache=False, max_seq_length=a.max_seq_length)
-    return {"val_loss": evaluate_loss(loaded.model, splits.valid, 8, a.max_seq_length)}
+    model, tok = load(a.model, adapter_file=a.adapter)
+    splits = load_dataset(a.data, tok, cache=False, max_seq_length=a.max_seq_length)
+    return {"val_loss": evaluate_loss(model, splits.valid, 8, a.max_seq_length)}
 
 
 # ----------------------------------------------------------------------------------------- driver

@@ -1,7 +1,9 @@
 """mlxtune: fine-tune LLMs with MLX and hand the result to LM Studio, Ollama and llama.cpp.
 
-The public API is a handful of functions, one per CLI verb; they are imported on first use so that
-`import mlxtune` stays fast and a missing optional piece never breaks the others.
+The public API is a handful of functions, one per CLI verb. They are imported on first use so that
+`import mlxtune` stays fast and a missing optional piece never breaks the others. No module is named
+like a public function (the function `fuse` lives in `fusion`, `lora` in `train`, ...), so
+`mlxtune.fuse` is always the function, whatever has been imported.
 """
 
 __version__ = "0.1.0"
@@ -10,12 +12,12 @@ __version__ = "0.1.0"
 _API = {
     "load": "models",
     "load_model": "models",
-    "generate": "generate",
-    "chat": "generate",
-    "evaluate": "evaluate",
+    "generate": "generation",
+    "chat": "generation",
+    "evaluate": "evaluation",
     "lora": "train",
-    "convert": "convert",
-    "fuse": "fuse",
+    "convert": "conversion",
+    "fuse": "fusion",
     "to_gguf": "gguf",
     "export_ollama": "export",
     "export_lmstudio": "export",
@@ -35,18 +37,3 @@ def __getattr__(name):
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value
-
-
-class _Package(type(__import__("sys"))):
-    # Importing a submodule sets it as an attribute of the package. For modules named like a public
-    # function (generate, evaluate, convert, fuse, and lora.py vs train.lora) that would turn
-    # `mlxtune.generate` into a module after any `from mlxtune.generate import ...`; keep the function
-    # reachable instead (as mlx_lm does). `from mlxtune.generate import x` is unaffected.
-    def __setattr__(self, name, value):
-        if name in _API and type(value) is type(self).__mro__[1]:
-            self.__dict__.pop(name, None)
-            return
-        super().__setattr__(name, value)
-
-
-__import__("sys").modules[__name__].__class__ = _Package

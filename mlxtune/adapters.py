@@ -1,11 +1,16 @@
-"""Adapter interop: Hugging Face PEFT directories in and out, and a summary of any adapter file.
+"""Adapter files, every format: mlxtune's adapters.npz, mlx-lm's adapters.safetensors and PEFT directories.
 
-mlxtune (and mlx-lm) adapters store `<module>.lora_a` (in, r) and `<module>.lora_b` (r, out) with
-scale = alpha / r. PEFT stores `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight`
-(out, r) with scale = lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA), per-module ranks and alphas
-allowed. The one thing to know: module paths are mlx-lm's, which equal the Hugging Face names except for
-the prefixes in `PREFIXES`; per-module ranks are zero-padded to the largest rank and per-module scales are
-folded into lora_b, so any PEFT LoRA becomes one exact mlxtune adapter.
+An adapter is a set of LoRA tensors keyed by module path (`model.layers.3.self_attn.q_proj.lora_a`,
+(in, r), and `.lora_b`, (r, out), scale = alpha / r) plus an `adapter_config.json` with everything needed to
+re-apply them. mlxtune writes `adapters.npz` (the MLX LoRA example's layout) and, beside it, the same tensors
+as `adapters.safetensors`, so mlx-lm's own tools load the folder too; the config carries both mlxtune's
+keys and mlx-lm's.
+
+PEFT stores `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r) with scale =
+lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA), per-module ranks and alphas allowed. The one thing to
+know: module paths are mlx-lm's, which equal the Hugging Face names except for the prefixes in `PREFIXES`;
+per-module ranks are zero-padded to the largest rank and per-module scales are folded into lora_b, so any
+PEFT LoRA becomes one exact mlxtune adapter.
 """
 
 from __future__ import annotations
@@ -15,16 +20,21 @@ import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
+from . import __version__
 from .errors import AdapterError
-from .files import atomic_dir
-from .lora import CONFIG_NAME, AdapterConfig, find_adapter_file, read_adapter, write_adapter_files
+from .files import atomic_dir, atomic_file, write_text_atomic
+from .layers import LoRALinear, adapter_weights, apply_lora, base_dtype, lora_modules
 
+FORMAT_VERSION = 1
+ADAPTER_NAMES = ("adapters.npz", "adapters.safetensors", "adapter_model.safetensors")
+CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # (Hugging Face prefix, mlx-lm prefix) where the two name the same module differently: transformers 5
@@ -35,6 +45,191 @@ PREFIXES = [("model.language_model.", "language_model.model.")]
 UNMAPPED_ARCHS = {"gpt2", "gpt_neox", "olmo"}
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass
+class AdapterConfig:
+    """What adapter_config.json records: enough to re-apply the adapter to its base model."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    lora_layers: int = 16
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    modules: list[str] = field(default_factory=list)  # full module paths that carry an adapter
+    base_model: str | None = None
+    dtype: str = "float32"
+    mlxtune_version: str = ""
+    format: str = "mlxtune-lora"
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        # Keys mlx-lm reads, so its tools can use our adapters as they are.
+        d["fine_tune_type"] = "lora"
+        d["num_layers"] = self.lora_layers
+        d["lora_parameters"] = {"rank": self.rank, "scale": self.scale, "dropout": self.dropout,
+                                "keys": sorted({".".join(m.split(".")[-2:]) for m in self.modules})}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict, source: str = CONFIG_NAME) -> "AdapterConfig":
+        if d.get("format") == "mlxtune-lora":
+            names = {f.name for f in cls.__dataclass_fields__.values()}
+            return cls(**{k: v for k, v in d.items() if k in names})
+        if "lora_parameters" in d:  # mlx-lm
+            p = d["lora_parameters"]
+            if d.get("fine_tune_type", "lora") != "lora":
+                raise AdapterError(f"{source}: fine_tune_type {d['fine_tune_type']!r} is not supported (only lora)")
+            rank = int(p.get("rank", 8))
+            keys = p.get("keys") or []
+            return cls(rank=rank, alpha=float(p.get("scale", 20.0)) * rank, dropout=float(p.get("dropout", 0.0)),
+                       lora_layers=int(d.get("num_layers", 16)), target_modules=[k.split(".")[-1] for k in keys],
+                       base_model=d.get("model"), format="mlx-lm")
+        raise AdapterError(f"{source} is not an mlxtune or mlx-lm adapter config (no 'format' or 'lora_parameters')")
+
+    @classmethod
+    def of_model(cls, model: nn.Module, base_model: str | None = None) -> "AdapterConfig":
+        """The config describing the LoRA layers `model` carries now."""
+        layers = lora_modules(model)
+        if not layers:
+            raise AdapterError("the model carries no LoRA layers: nothing to describe")
+        first = next(iter(layers.values()))
+        rank = int(first.lora_a.shape[1])
+        return cls(rank=rank, alpha=first.alpha, dropout=first.dropout_p,
+                   lora_layers=len(_layer_ids(layers)), target_modules=sorted({m.rsplit(".", 1)[-1] for m in layers}),
+                   modules=list(layers), base_model=base_model, dtype=base_dtype(model), mlxtune_version=__version__)
+
+
+# --- reading and writing ----------------------------------------------------------------------------------
+
+def find_adapter_file(path: str | os.PathLike) -> Path:
+    """Accept an adapter file or a directory holding one."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in ADAPTER_NAMES:
+            if (path / name).exists():
+                return path / name
+        raise AdapterError(f"{path} holds no adapter ({', '.join(ADAPTER_NAMES)})")
+    if not path.exists():
+        raise AdapterError(f"adapter file {path} does not exist (train one with mlxtune lora, or check --adapter-file)")
+    return path
+
+
+def read_weights(file: Path) -> dict[str, mx.array]:
+    """The tensors of an .npz or .safetensors adapter (or checkpoint) file."""
+    try:
+        if file.suffix == ".npz":
+            with np.load(file) as data:
+                return {k: mx.array(data[k]) for k in data.files}
+        return mx.load(str(file))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise AdapterError(f"cannot read {file}: {e}") from None
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, mx.array]]:
+    """Read an adapter in any supported layout as (config, weights keyed `<module>.lora_a/b`)."""
+    file = find_adapter_file(path)
+    if file.name == PEFT_WEIGHTS:
+        return read_peft(file.parent)  # PEFT layout: names and orientation differ
+    cfg_file = file.parent / CONFIG_NAME
+    if not cfg_file.exists():
+        raise AdapterError(f"{file.parent} has no {CONFIG_NAME} beside {file.name}: copy it from the training output directory")
+    try:
+        config = AdapterConfig.from_json(json.loads(cfg_file.read_text()), str(cfg_file))
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{cfg_file} is not valid JSON (line {e.lineno}): {e.msg}") from None
+    weights = read_weights(file)
+    if not config.modules:
+        config.modules = sorted({k.rsplit(".", 1)[0] for k in weights})
+    return config, weights
+
+
+def write_adapter_files(path: Path, weights: dict[str, np.ndarray], config: AdapterConfig | None) -> Path:
+    """The adapter tensors (.npz, or .safetensors by suffix) and, if given, adapter_config.json beside them."""
+    if path.suffix == ".safetensors":
+        with atomic_file(path) as tmp:
+            mx.save_safetensors(str(tmp), {k: mx.array(v) for k, v in weights.items()})
+    else:
+        with atomic_file(path, suffix=".npz") as tmp:
+            np.savez(tmp, **weights)
+    if config is not None:
+        write_text_atomic(path.parent / CONFIG_NAME, json.dumps(config.to_json(), indent=2) + "\n")
+    return path
+
+
+def model_adapter_arrays(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's LoRA tensors as float32 numpy arrays; a non-finite one is an error."""
+    weights = {k: np.array(v.astype(mx.float32)) for k, v in adapter_weights(model).items()}
+    if not weights:
+        raise AdapterError("the model carries no LoRA layers: nothing to save")
+    bad = [k for k, v in weights.items() if not np.isfinite(v).all()]
+    if bad:
+        raise AdapterError(f"refusing to save a non-finite adapter ({bad[0]} has NaN/inf); the previous file is kept")
+    return weights
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, config: AdapterConfig | None = None, *,
+                 base_model: str | None = None) -> Path:
+    """Write the model's LoRA tensors to `path` and adapter_config.json beside it, atomically.
+
+    `config` defaults to what the model's LoRA layers say (`AdapterConfig.of_model`) with `base_model`.
+    """
+    weights = model_adapter_arrays(model)
+    return write_adapter_files(Path(path), weights, config or AdapterConfig.of_model(model, base_model=base_model))
+
+
+# --- applying to a model ----------------------------------------------------------------------------------
+
+def check_fits(model: nn.Module, config: AdapterConfig, weights: dict, source: str) -> None:
+    """Every adapter tensor must name a linear layer of `model` with matching shapes; else one AdapterError.
+
+    The one check of "does this adapter belong to this model", used by load, resume, fuse and export.
+    """
+    named = dict(model.named_modules())
+    expected = {f"{m}.lora_{ab}" for m in config.modules for ab in "ab"}
+    extra = sorted(set(weights) - expected)
+    missing = sorted(expected - set(weights))
+    if extra or missing:
+        what = f"tensor {extra[0]} is not listed in its adapter_config.json" if extra else f"tensor {missing[0]} is missing"
+        raise AdapterError(f"{source}: {what}; the adapter file and its config do not belong together")
+    problems = []
+    for path in config.modules:
+        layer = named.get(path)
+        if isinstance(layer, LoRALinear):
+            layer = layer.linear
+        if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
+            problems.append(f"{path} is not a linear layer of this model")
+            continue
+        out_dims, in_dims = layer.weight.shape
+        if isinstance(layer, nn.QuantizedLinear):
+            in_dims = in_dims * 32 // layer.bits
+        a, b = weights[f"{path}.lora_a"].shape, weights[f"{path}.lora_b"].shape
+        if len(a) != 2 or len(b) != 2 or a != (in_dims, config.rank) or b != (config.rank, out_dims):
+            problems.append(f"{path} has lora_a {tuple(a)} and lora_b {tuple(b)} but the model needs "
+                            f"({in_dims}, {config.rank}) and ({config.rank}, {out_dims})")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise AdapterError(f"{source} does not fit this model: {problems[0]}{more}; was it trained on another model?")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, dropout: float | None = None) -> AdapterConfig:
+    """Wrap `model` with LoRA layers as recorded for the adapter at `path` and load its weights.
+
+    `dropout` overrides the recorded one (0 for inference; training keeps its own setting).
+    """
+    config, weights = read_adapter(path)
+    config, weights = align_to_model(config, weights, model)
+    check_fits(model, config, weights, str(path))
+    apply_lora(model, rank=config.rank, alpha=config.alpha, dropout=config.dropout if dropout is None else dropout,
+               modules=config.modules)
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+    return config
 
 
 def hf_name(module: str) -> str:
@@ -172,8 +367,6 @@ def read_peft(peft_dir: str | os.PathLike) -> tuple[AdapterConfig, dict[str, mx.
 
 def import_peft(peft_dir: str | os.PathLike, out_file: str | os.PathLike, *, force: bool = False) -> Path:
     """Convert a PEFT LoRA directory into `out_file` (adapters.npz or .safetensors) + adapter_config.json."""
-    from . import __version__
-
     peft_dir = Path(peft_dir).expanduser()
     if not (peft_dir / PEFT_WEIGHTS).exists():
         raise AdapterError(f"{peft_dir} is not a PEFT adapter directory (no {PEFT_WEIGHTS})")
@@ -250,14 +443,6 @@ def export_peft(adapter_file: str | os.PathLike, out_dir: str | os.PathLike, *, 
                             metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(peft_config(config, base_model), indent=2) + "\n")
     return out_dir
-
-
-def export_gguf(adapter_file: str | os.PathLike, model: str | os.PathLike, outfile: str | os.PathLike, *,
-                force: bool = False) -> Path:
-    """Write the adapter as a llama.cpp LoRA GGUF for the base `model` (see mlxtune.gguf.lora)."""
-    from .gguf.lora import write_lora_gguf
-
-    return write_lora_gguf(find_adapter_file(adapter_file), model, outfile, force=force)
 
 
 # --- summary ----------------------------------------------------------------------------------------------

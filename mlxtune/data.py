@@ -22,11 +22,15 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import jinja2
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import templates
 from .errors import ConfigError, DataError
 from .files import atomic_dir, atomic_file
+from .model_files import read_config, resolve_model_path
+from .models import load_tokenizer
 
 CACHE_VERSION = 2  # bump whenever the records a file turns into change (masking, text EOS, ...)
 CHUNK = 512  # records tokenized per batch call
@@ -412,8 +416,6 @@ def _load_cache(file: Path) -> tuple[Format, list[Record], list[int]] | None:
 def tokenize_file(path: str | os.PathLike, tokenizer, opts: _Options, cache_dir: Path | None = None,
                   fingerprint: str | None = None) -> tuple[Format, list[Record], list[int]]:
     """All records of one file as (format, records, line numbers), from the cache when it is fresh."""
-    from tqdm.auto import tqdm
-
     path = Path(path)
     cache_file = None
     if cache_dir is not None:
@@ -509,7 +511,7 @@ def _resolve_inputs(data) -> list[tuple[Path, str | None]]:
 
 def _load_untruncated(data, tokenizer, *, valid_split, test_split, seed, train_on_inputs, chat_template,
                       keys: Keys, cache) -> tuple[dict[str, list[Record]], dict[str, str], int]:
-    template = templates.template_for(tokenizer, templates.read_chat_template(chat_template))
+    template = templates.template_for(tokenizer, templates.read_template_option(chat_template))
     opts = _Options(template=template, train_on_inputs=train_on_inputs, keys=keys)
     cache_dir = None
     if cache:
@@ -567,15 +569,22 @@ def load_dataset(data, tokenizer, *, valid_split: float = 0.1, test_split: float
 
 @dataclass
 class Batch:
-    inputs: Any  # mx.array int32 (B, L): ids[:-1] of each row, right-padded with 0
-    targets: Any  # mx.array int32 (B, L): ids[1:]
-    loss_mask: Any  # mx.array float32 (B, L): 1.0 where targets[b, t] is trained; 0 on padding
-    segments: Any  # mx.array int32 (B, L) with packing: 1, 2, .. = example of each position, 0 = padding; else None
+    """One batch as numpy arrays, the same for every engine (MLX, torch) and every rank."""
+
+    inputs: np.ndarray  # int32 (B, L): ids[:-1] of each row, right-padded with 0
+    targets: np.ndarray  # int32 (B, L): ids[1:]
+    loss_mask: np.ndarray  # float32 (B, L): 1.0 where targets[b, t] is trained; 0 on padding
+    segments: np.ndarray | None  # int32 (B, L) with packing: 1, 2, .. = example of each position, 0 = padding
     n_real: int  # non-padding input positions (for tokens/sec)
 
 
-def _round_up(n: int, k: int = PAD_MULTIPLE) -> int:
-    return max(k, -(-n // k) * k)
+def round_up(n: int, k: int) -> int:
+    """The smallest multiple of k that is >= n."""
+    return -(-n // k) * k
+
+
+def _padded_length(n: int) -> int:
+    return max(PAD_MULTIPLE, round_up(n, PAD_MULTIPLE))
 
 
 def _pack(order: Sequence[int], sizes: Sequence[int], capacity: int) -> list[list[int]]:
@@ -616,10 +625,8 @@ def _epoch_plan(sizes: Sequence[int], batch_size: int, seed: int, epoch: int, sh
 
 
 def _make_batch(records: Sequence[Record], rows: list[list[int]], max_seq_length: int, pack: bool) -> Batch:
-    import mlx.core as mx
-
     cut = [[records[i].ids[:max_seq_length] for i in row] for row in rows]
-    length = _round_up(max(sum(len(ids) - 1 for ids in row) for row in cut))
+    length = _padded_length(max(sum(len(ids) - 1 for ids in row) for row in cut))
     shape = (len(rows), length)
     inputs, targets = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
     loss_mask, segments = np.zeros(shape, np.float32), np.zeros(shape, np.int32)
@@ -633,8 +640,8 @@ def _make_batch(records: Sequence[Record], rows: list[list[int]], max_seq_length
             loss_mask[b, t:t + n] = mask[1:]
             segments[b, t:t + n] = s
             t += n
-    return Batch(inputs=mx.array(inputs), targets=mx.array(targets), loss_mask=mx.array(loss_mask),
-                 segments=mx.array(segments) if pack else None, n_real=int((segments > 0).sum()))
+    return Batch(inputs=inputs, targets=targets, loss_mask=loss_mask, segments=segments if pack else None,
+                 n_real=int((segments > 0).sum()))
 
 
 def _check_batching(records, batch_size: int, max_seq_length: int) -> list[int]:
@@ -690,7 +697,7 @@ def padding_fraction(records: Sequence[Record], batch_size: int, *, max_seq_leng
     for rows in _epoch_plan(sizes, batch_size, seed, 0, True, pack, max_seq_length):
         fills = [sum(sizes[i] for i in row) for row in rows]
         real += sum(fills)
-        total += len(rows) * _round_up(max(fills))
+        total += len(rows) * _padded_length(max(fills))
     return 1.0 - real / total
 
 
@@ -721,8 +728,6 @@ class DataReport:
 def _tokenizer_of(model_or_tokenizer):
     if not isinstance(model_or_tokenizer, (str, os.PathLike)):
         return model_or_tokenizer
-    from .models import load_tokenizer, read_config, resolve_model_path
-
     path = resolve_model_path(model_or_tokenizer)
     config = read_config(path) if (path / "config.json").exists() else {}
     return load_tokenizer(path, config)
@@ -821,14 +826,12 @@ def convert_dataset(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, 
     keys = _keys(prompt_key, completion_key, text_key, messages_key)
     raw = read_records(src)
     fmt = detect_file_format(src, raw, keys)
-    template = templates.read_chat_template(chat_template)
+    template = templates.read_template_option(chat_template)
     tokenizer = _tokenizer_of(model) if model is not None else None
 
     def render_text(messages, tools):
         if tokenizer is not None:
             return templates.render(tokenizer, messages, tools=tools, template=templates.template_for(tokenizer, template))
-        import jinja2
-
         return jinja2.Template(template or templates.DEFAULT_CHAT_TEMPLATE).render(
             messages=messages, tools=tools, add_generation_prompt=False)
 

@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+import mlx.core as mx
+
+from . import __version__
+from .blas import blas_in_use, find_openblas
 
 
 @dataclass
@@ -54,8 +61,6 @@ class DoctorReport:
 
 
 def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:
@@ -63,8 +68,6 @@ def _version(package: str) -> str:
 
 
 def backend() -> tuple[str, str]:
-    import mlx.core as mx
-
     if mx.metal.is_available():
         name = "Metal GPU"
     elif getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
@@ -85,10 +88,7 @@ def loaded_libraries(pattern: str) -> list[str]:
 
 
 def blas() -> str:
-    import mlx.core  # noqa: F401  (the BLAS is mapped when mlx loads)
-
-    from .blas import blas_in_use
-
+    """The BLAS this process uses (mlx is imported at module level, so its BLAS is mapped by now)."""
     claimed = blas_in_use()
     if sys.platform.startswith("linux") and claimed.startswith("OpenBLAS"):
         mapped = loaded_libraries("openblas")
@@ -120,8 +120,6 @@ def memory_gb() -> tuple[float | None, float | None]:
 
 
 def _darwin_available() -> int | None:
-    import subprocess
-
     try:
         out = subprocess.run(["vm_stat"], capture_output=True, text=True, timeout=5).stdout
     except (OSError, subprocess.SubprocessError):
@@ -139,17 +137,15 @@ def torch_status() -> tuple[str, bool]:
     if version == "not installed":
         return version, False
     try:
-        import torch
+        import torch  # optional and heavy: only when installed
 
         return version, bool(torch.cuda.is_available())
-    except Exception as e:  # a broken torch install should not break the report
+    except (ImportError, OSError) as e:  # a broken torch install (missing libraries) should not break the report
         return f"{version} (cannot import: {type(e).__name__})", False
 
 
 def doctor() -> DoctorReport:
     """Collect the report (imports mlx and, if installed, torch)."""
-    from . import __version__
-
     name, device = backend()
     total, available = memory_gb()
     torch_version, torch_cuda = torch_status()
@@ -168,8 +164,6 @@ def doctor() -> DoctorReport:
         torch_cuda=torch_cuda,
     )
     if report.blas.startswith("reference"):
-        from .blas import find_openblas
-
         if find_openblas() is None:
             report.tips.append("install OpenBLAS (apt-get install libopenblas0-pthread) for ~10x faster CPU training")
         elif os.environ.get("MLXTUNE_NO_OPENBLAS") == "1":

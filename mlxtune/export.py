@@ -16,7 +16,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ExportError
+from gguf import GGUFReader
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tqdm.auto import tqdm
+
+from .errors import ConfigError, ExportError
 from .files import atomic_file, write_text_atomic
 
 # Go templates for Ollama, one per chat-template family. `$last` marks the final message, after which the
@@ -117,8 +121,6 @@ class OllamaExport:
 
 def read_gguf_chat_info(gguf) -> GGUFChatInfo:
     """Chat template, EOS/EOT token text and token list from a GGUF file (memory-mapped, tensors unread)."""
-    from gguf import GGUFReader
-
     path = Path(gguf).expanduser()
     if not path.is_file():
         raise ExportError(f"--gguf {path}: no such file (write one with `mlxtune gguf --model DIR --outfile FILE`)")
@@ -210,8 +212,6 @@ def _render(template: str | None, messages: list[dict]) -> str | None:
     if not template:
         return None
     try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token="",
                                                 eos_token="")
@@ -353,8 +353,6 @@ def export_lmstudio(gguf, publisher: str = "mlxtune", name: str | None = None, m
 
 
 def _copy_with_progress(src: Path, dst: Path, chunk: int = 64 << 20) -> None:
-    from tqdm.auto import tqdm
-
     size = src.stat().st_size
     with open(src, "rb") as fi, open(dst, "wb") as fo, tqdm(total=size, unit="B", unit_scale=True,
                                                               desc=f"copy {src.name}", disable=size < chunk) as bar:
@@ -379,8 +377,8 @@ def export_chat(model, adapter_file, out, *, app: str = "ollama", gguf_type: str
     out: a new directory receiving `fused/`, `<name>.gguf` and (for Ollama) the Modelfile.
     app: "ollama", "lmstudio" or "both".
     """
-    from .errors import ConfigError
-    from .fuse import fuse
+    # Heavy (mlx-lm pulls in transformers): only this one-shot path fuses; exporting a GGUF never needs it.
+    from .fusion import fuse
 
     if app not in ("ollama", "lmstudio", "both"):
         raise ConfigError(f"--app {app}: choose ollama, lmstudio or both")

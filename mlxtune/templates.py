@@ -12,6 +12,7 @@ impossible (the template drops earlier answers) we say so (`TemplateMaskError`) 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,8 @@ def hf_tokenizer(tokenizer):
     return inner if hasattr(inner, "apply_chat_template") else tokenizer
 
 
-def read_chat_template(template: str | Path | None) -> str | None:
-    """`--chat-template`: a file holding a Jinja template, or the template text itself."""
+def read_template_option(template: str | Path | None) -> str | None:
+    """The `--chat-template` option: a file holding a Jinja template, or the template text itself."""
     if template is None:
         return None
     text = str(template)
@@ -48,6 +49,32 @@ def read_chat_template(template: str | Path | None) -> str | None:
     if not path.is_file():
         raise ConfigError(f"--chat-template {text}: no such file (give a Jinja template file)")
     return path.read_text()
+
+
+def read_model_template(model_dir: Path, tok_config: dict | None = None) -> str | None:
+    """A model directory's own template: tokenizer_config.json's chat_template, else chat_template.jinja,
+    else chat_template.json (the places transformers looks, in its order)."""
+    model_dir = Path(model_dir)
+    if tok_config is None:
+        tok_config = _read_json(model_dir / "tokenizer_config.json") or {}
+    template = tok_config.get("chat_template")
+    if template:
+        return template
+    if (model_dir / "chat_template.jinja").exists():
+        return (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    data = _read_json(model_dir / "chat_template.json")
+    if isinstance(data, dict) and data.get("chat_template"):
+        return data["chat_template"]
+    return None
+
+
+def _read_json(path: Path):
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}): restore it from the base model") from None
 
 
 def template_for(tokenizer, override: str | None = None) -> str:

@@ -9,8 +9,9 @@ import pytest
 from hf_models import TEST_IDS, make_hf_model
 from mlxtune.adapters import adapter_info, export_peft, import_peft, read_peft
 from mlxtune.errors import AdapterError
-from mlxtune.fuse import fuse
-from mlxtune.lora import apply_lora, lora_modules, save_adapter
+from mlxtune.fusion import fuse
+from mlxtune.adapters import save_adapter
+from mlxtune.layers import apply_lora, lora_modules
 from mlxtune.models import load
 
 IDS = np.array([TEST_IDS])
@@ -55,11 +56,10 @@ def torch_logits(model):
 def trained_adapter(base, out, *, lora_layers=-1, targets="all-linear", modules=None, seed=0):
     model, _ = load(base)
     mx.random.seed(seed)
-    cfg = apply_lora(model, lora_layers=lora_layers, rank=4, alpha=8, target_modules=targets, modules=modules)
-    cfg.base_model = str(base)
+    apply_lora(model, lora_layers=lora_layers, rank=4, alpha=8, target_modules=targets, modules=modules)
     for m in lora_modules(model).values():
         m.lora_b = mx.random.normal(m.lora_b.shape) * 0.2
-    return save_adapter(model, out / "adapters.npz", cfg)
+    return save_adapter(model, out / "adapters.npz", base_model=str(base))
 
 
 @pytest.mark.parametrize("arch,lora_layers,targets", [
@@ -229,7 +229,7 @@ def test_align_to_model_renames_multimodal_prefixes_to_what_the_model_has():
     import mlx.nn as nn
 
     from mlxtune.adapters import align_to_model, hf_name, mlx_name
-    from mlxtune.lora import AdapterConfig
+    from mlxtune.adapters import AdapterConfig
 
     assert mlx_name("model.language_model.layers.0.self_attn.q_proj") == "language_model.model.layers.0.self_attn.q_proj"
     assert hf_name("language_model.model.layers.0.self_attn.q_proj") == "model.language_model.layers.0.self_attn.q_proj"

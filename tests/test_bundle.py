@@ -124,7 +124,7 @@ def test_pretraining_corpus_never_shows_the_tool_call_format():
 def test_default_lora_settings_are_training_arguments():
     import yaml
 
-    from mlxtune.train import training_args
+    from mlxtune.settings import training_args
 
     settings = yaml.safe_load(DEFAULT_LORA_CONFIG.read_text())
     args = training_args(DEFAULT_LORA_CONFIG)  # raises on an unknown key
@@ -133,7 +133,7 @@ def test_default_lora_settings_are_training_arguments():
 
 
 def test_base_model_fails_the_task():
-    from mlxtune.evaluate import evaluate
+    from mlxtune.evaluation import evaluate
 
     result = evaluate(DEFAULT_MODEL, data=DEFAULT_DATA, limit=24, max_tokens=48, loss=False, progress=False)
     assert result.n == 24

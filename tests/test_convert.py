@@ -18,7 +18,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from hf_models import ARCHS, TEST_IDS, cached_hf_logits, cached_hf_model
-from mlxtune.convert import convert, dequantize_model_dir
+from mlxtune.conversion import convert, dequantize_model_dir
 from mlxtune.errors import ConfigError, MlxtuneError, ModelLoadError
 
 # These logits come from plain mlx_lm.load, whose gemma uses exact GELU where transformers uses the tanh
@@ -181,7 +181,7 @@ def test_non_divisible_and_kept_layers_stay_float(tmp_path, tmp_path_factory):
 
 
 def test_output_layout_and_loads_in_mlxtune(converted, tmp_path_factory):
-    from mlxtune.lora import apply_lora
+    from mlxtune.layers import apply_lora
     from mlxtune.models import load_model
 
     hf = cached_hf_model(tmp_path_factory, "qwen3")
@@ -269,21 +269,19 @@ def test_refuses_existing_output_and_force_replaces(tmp_path, tmp_path_factory):
 
 
 def test_interrupted_run_leaves_nothing(tmp_path, tmp_path_factory, monkeypatch):
-    import importlib
-
-    conv = importlib.import_module("mlxtune.convert")  # the module; `mlxtune.convert` is the function
+    import mlxtune.weights as weights
 
     hf = cached_hf_model(tmp_path_factory, "llama")
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("old")
-    real = conv._write_safetensors
+    real = weights.write_file
 
     def write_then_fail(path, tensors, bar):
         real(path, tensors, bar)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(conv, "_write_safetensors", write_then_fail)
+    monkeypatch.setattr(weights, "write_file", write_then_fail)
     with pytest.raises(KeyboardInterrupt):
         convert(hf, out, force=True, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp directory left behind

@@ -383,7 +383,7 @@ def test_one_pass_holds_every_example_once_with_exact_targets(pack):
     got = [r for b in batches for r in rows_of(b)]
     assert sorted(got) == sorted((r.ids, r.mask) for r in records)
     for b in batches:
-        assert b.inputs.dtype == mx.int32 and b.loss_mask.dtype == mx.float32
+        assert b.inputs.dtype == np.int32 and b.loss_mask.dtype == np.float32
         assert b.inputs.shape[1] % 8 == 0 and b.inputs.shape == b.targets.shape == b.loss_mask.shape
         assert b.n_real == sum(len(ids) - 1 for ids, _ in rows_of(b))
         if pack:
@@ -454,24 +454,24 @@ def test_packed_batch_gives_the_same_loss_as_the_examples_one_by_one(tiny_llama,
         _masked_ce_sum(model(mx.array([r.ids[:-1]])), mx.array([r.ids[1:]]), mx.array([r.mask[1:]], mx.float32)).item()
         for r in records)
     # Attention only inside each example (block-diagonal causal); RoPE is relative, so positions need no reset.
-    seg = batch.segments
+    seg = mx.array(batch.segments)
     length = seg.shape[1]
     causal = mx.arange(length)[:, None] >= mx.arange(length)[None, :]
     mask = (seg[:, :, None] == seg[:, None, :]) & causal
-    h = model.model.embed_tokens(batch.inputs)
+    h = model.model.embed_tokens(mx.array(batch.inputs))
     for layer in model.model.layers:
         h = layer(h, mask[:, None], cache=None)
     logits = model.lm_head(model.model.norm(h))
-    packed = _masked_ce_sum(logits, batch.targets, batch.loss_mask).item()
+    packed = _masked_ce_sum(logits, mx.array(batch.targets), mx.array(batch.loss_mask)).item()
     assert packed == pytest.approx(one_by_one, rel=1e-4)
     # The training loop's loss on the same packed batch (mean per trained token) agrees too.
-    from mlxtune.train import loss_fn
+    from mlxtune.loss import loss_fn
 
     mean, count = loss_fn(model, batch)
     assert count.item() == sum(sum(r.mask[1:]) for r in records)
     assert mean.item() * count.item() == pytest.approx(one_by_one, rel=1e-4)
     # Without the segment mask the examples would see each other and the loss would change.
-    leaky = _masked_ce_sum(model(batch.inputs), batch.targets, batch.loss_mask).item()
+    leaky = _masked_ce_sum(model(mx.array(batch.inputs)), mx.array(batch.targets), mx.array(batch.loss_mask)).item()
     assert abs(leaky - one_by_one) > 1e-3
 
 

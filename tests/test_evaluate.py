@@ -17,8 +17,8 @@ import pytest
 
 import mlxtune
 from mlxtune.errors import ConfigError, DataError
-from mlxtune.evaluate import cannot_match, greedy_batch
-from mlxtune.generate import render_prompt
+from mlxtune.evaluation import cannot_match, greedy_batch
+from mlxtune.generation import render_prompt
 from mlxtune.models import load
 
 QUESTIONS = [f"Set a timer for {n} minutes called {name}" for n, name in
@@ -168,15 +168,16 @@ def test_cli_eval_prints_score_and_mismatches(tiny_llama, own_answers, tmp_path)
 
 
 def test_adapter_file_is_applied(tiny_llama, own_answers, tmp_path):
-    from mlxtune.lora import apply_lora, save_adapter
+    from mlxtune.adapters import save_adapter
+    from mlxtune.layers import apply_lora
 
     model, tok = load(tiny_llama)
-    config = apply_lora(model, lora_layers=2, rank=4, alpha=32.0)
+    apply_lora(model, lora_layers=2, rank=4, alpha=32.0)
     mx.random.seed(2)
     for _, layer in model.named_modules():
         if hasattr(layer, "lora_b"):
             layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.5
-    adapter = save_adapter(model, tmp_path / "a" / "adapters.npz", config)
+    adapter = save_adapter(model, tmp_path / "a" / "adapters.npz")
     tuned = [mlxtune.generate(model, tok, q, system=SYSTEM, max_tokens=MAX_TOKENS) for q in QUESTIONS]
     assert tuned != own_answers
     folder = write_split(tmp_path / "d", tuned)

@@ -349,16 +349,17 @@ def _random_adapter(model_dir: Path, out: Path, seed: int = 0) -> Path:
     import mlx.core as mx
     import numpy as np
 
-    from mlxtune.lora import adapter_weights, apply_lora, save_adapter
+    from mlxtune.adapters import save_adapter
+    from mlxtune.layers import adapter_weights, apply_lora
     from mlxtune.models import load
 
     model, _ = load(model_dir)
-    config = apply_lora(model, lora_layers=None, rank=4, alpha=12.0, target_modules=LORA_TARGETS)
+    apply_lora(model, lora_layers=None, rank=4, alpha=12.0, target_modules=LORA_TARGETS)
     rng = np.random.default_rng(seed)
     # lora_b starts at zero in training; random values here make every module's delta matter
     model.load_weights([(k, mx.array(rng.normal(0, 0.15, v.shape).astype(np.float32)))
                         for k, v in adapter_weights(model).items()], strict=False)
-    return save_adapter(model, out / "adapters.npz", config)
+    return save_adapter(model, out / "adapters.npz")
 
 
 def _mlx_logits(model_dir, adapter, ids):

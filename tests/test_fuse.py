@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from mlxtune.errors import AdapterError, ExportError, MlxtuneError
-from mlxtune.fuse import RequantizationWarning, fuse
-from mlxtune.lora import apply_lora, lora_modules, save_adapter
+from mlxtune.fusion import RequantizationWarning, fuse
+from mlxtune.adapters import save_adapter
+from mlxtune.layers import apply_lora, lora_modules
 from mlxtune.models import load
 from tiny import make_tiny_model
 
@@ -22,17 +23,16 @@ def make_adapter(base, out, *, b_scale=0.1, lora_layers=-1, seed=0, targets=None
     """A LoRA adapter on `base` with random (non-zero) B; returns (adapter file, base+adapter logits)."""
     model, _ = load(base)
     mx.random.seed(seed)
-    cfg = apply_lora(model, lora_layers=lora_layers, rank=4, alpha=8, target_modules=targets)
-    cfg.base_model = str(base) if base_name is None else base_name
+    apply_lora(model, lora_layers=lora_layers, rank=4, alpha=8, target_modules=targets)
     for m in lora_modules(model).values():
         m.lora_b = mx.random.normal(m.lora_b.shape) * b_scale
-    file = save_adapter(model, out / "adapters.npz", cfg)
+    file = save_adapter(model, out / "adapters.npz", base_model=str(base) if base_name is None else base_name)
     return file, np.array(model(IDS).astype(mx.float32))
 
 
 def make_quantized(src, dst, bits=4, group_size=32):
     """A 4-bit float16 copy of `src`, made the way users make one (mlxtune convert -q)."""
-    from mlxtune.convert import convert
+    from mlxtune.conversion import convert
 
     convert(src, dst, quantize=True, q_bits=bits, q_group_size=group_size, dtype="float16", progress=False)
     return dst
@@ -140,7 +140,7 @@ def test_mismatched_adapters_are_clear_errors(tiny_llama, tmp_path):
     # another architecture size: shapes differ
     other = make_tiny_model(tmp_path / "wide", hidden_size=32, intermediate_size=64)
     wrong_shape, _ = make_adapter(other, tmp_path / "a1", base_name=str(tiny_llama))
-    with pytest.raises(AdapterError, match=r"does not fit this base model: .*lora_a \(32, 4\).*needs \(64, 4\)"):
+    with pytest.raises(AdapterError, match=r"does not fit this model: .*lora_a \(32, 4\).*needs \(64, 4\)"):
         fuse(tiny_llama, wrong_shape, tmp_path / "o1")
     # more layers than the base has: module names differ
     deep = make_tiny_model(tmp_path / "deep", num_layers=4)
@@ -163,7 +163,7 @@ def test_mismatched_adapters_are_clear_errors(tiny_llama, tmp_path):
 
 
 def test_interrupted_write_leaves_no_partial_output_and_keeps_the_old_one(tiny_llama, tmp_path, monkeypatch):
-    fuse_mod = importlib.import_module("mlxtune.fuse")  # mlxtune.fuse is the function
+    fuse_mod = importlib.import_module("mlxtune.fusion")  # mlxtune.fuse is the function
 
     adapter, _ = make_adapter(tiny_llama, tmp_path / "ad")
     out = tmp_path / "fused"
@@ -198,7 +198,7 @@ def test_zero_update_warns_that_fused_equals_base(tiny_llama, tmp_path):
 
 
 def test_parity_failure_writes_nothing(tiny_llama, tmp_path, monkeypatch):
-    fuse_mod = importlib.import_module("mlxtune.fuse")  # mlxtune.fuse is the function
+    fuse_mod = importlib.import_module("mlxtune.fusion")  # mlxtune.fuse is the function
 
     adapter, _ = make_adapter(tiny_llama, tmp_path / "ad")
     real_merge = fuse_mod.merge_layers
@@ -261,7 +261,7 @@ def test_fuse_then_gguf_holds_the_fused_weights(tiny_llama, tmp_path):
 
 def test_without_verify_a_write_that_lost_the_weights_is_still_caught(tiny_llama, tmp_path, monkeypatch):
     """The classic loss: a merge that saves only a config. check_saved reads the shard headers back."""
-    fuse_mod = importlib.import_module("mlxtune.fuse")
+    fuse_mod = importlib.import_module("mlxtune.fusion")
     adapter, expected = make_adapter(tiny_llama, tmp_path / "ad")
     result = fuse(tiny_llama, adapter, tmp_path / "ok", verify=False)
     assert result.parity is None and result.reload_diff is None

@@ -17,8 +17,9 @@ import pytest
 
 import mlxtune
 from mlxtune.errors import ConfigError
-from mlxtune.generate import chat, generate_ids, generate_with_stats, render_prompt, stop_token_ids
-from mlxtune.lora import apply_lora, save_adapter
+from mlxtune.generation import chat, generate_ids, generate_with_stats, render_prompt, stop_token_ids
+from mlxtune.adapters import save_adapter
+from mlxtune.layers import apply_lora
 from mlxtune.models import load
 
 
@@ -113,12 +114,12 @@ def test_chat_template_applied(loaded):
 def test_adapter_changes_output(tiny_llama, tmp_path):
     model, tok = load(tiny_llama)
     base = mlxtune.generate(model, tok, "The quick brown fox", max_tokens=12)
-    config = apply_lora(model, lora_layers=2, rank=4, alpha=32.0)
+    apply_lora(model, lora_layers=2, rank=4, alpha=32.0)
     mx.random.seed(1)
     for _, layer in model.named_modules():
         if hasattr(layer, "lora_b"):
             layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.5
-    adapter = save_adapter(model, tmp_path / "adapters.npz", config)
+    adapter = save_adapter(model, tmp_path / "adapters.npz")
     tuned_in_memory = mlxtune.generate(model, tok, "The quick brown fox", max_tokens=12)
     tuned_from_file = mlxtune.generate(str(tiny_llama), prompt="The quick brown fox", max_tokens=12,
                                        adapter_file=str(adapter))

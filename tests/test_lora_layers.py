@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from mlxtune.errors import AdapterError, ConfigError
-from mlxtune.lora import LoRALinear, apply_lora, count_parameters, load_adapter, lora_modules, save_adapter
+from mlxtune.adapters import load_adapter, save_adapter
+from mlxtune.layers import LoRALinear, apply_lora, count_parameters, lora_modules
 from mlxtune.models import load
 
 
@@ -37,15 +38,15 @@ def test_apply_save_and_reload_adapter(tiny_llama, tmp_path):
     model, tok = load(tiny_llama)
     ids = mx.array([[1, 10, 20, 30]])
     before = model(ids)
-    cfg = apply_lora(model, lora_layers=1, rank=4, alpha=8)
-    assert sorted(cfg.modules) == sorted(f"model.layers.1.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    modules = apply_lora(model, lora_layers=1, rank=4, alpha=8)
+    assert sorted(modules) == sorted(f"model.layers.1.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
     assert mx.allclose(model(ids), before).item()  # step 0 equals the base
     trainable, total = count_parameters(model)
     assert 0 < trainable < total
     for m in lora_modules(model).values():
         m.lora_b = mx.random.normal(m.lora_b.shape) * 0.1
     after = model(ids)
-    save_adapter(model, tmp_path / "adapters.npz", cfg)
+    save_adapter(model, tmp_path / "adapters.npz")
     fresh, _ = load(tiny_llama)
     load_adapter(fresh, tmp_path / "adapters.npz")
     np.testing.assert_allclose(np.array(fresh(ids)), np.array(after), atol=1e-5)

@@ -27,9 +27,10 @@ import mlxtune
 from mlxtune.cli import run
 from mlxtune.data import iterate_batches, load_dataset
 from mlxtune.errors import ConfigError, TrainingError
-from mlxtune.lora import LoRALinear, apply_lora, lora_modules
+from mlxtune.layers import LoRALinear, apply_lora, lora_modules
 from mlxtune.models import load
-from mlxtune.train import evaluate_loss, loss_fn, model_parts, training_args
+from mlxtune.loss import evaluate_loss, loss_fn, model_parts
+from mlxtune.settings import training_args
 
 WORDS = "the quick brown fox jumps over lazy dog hello how are you today fine thank".split()
 FAST = dict(steps_per_report=5, steps_per_eval=0, val_batches=2, plot=True, verbose=False)
@@ -90,7 +91,7 @@ def npz(path) -> dict[str, np.ndarray]:
 def test_cli_trains_saves_and_the_adapter_changes_generation(tiny_llama, chat_data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run" / "adapters.npz"
     code, stdout, err = cli(["lora", "--model", tiny_llama, "--data", chat_data, "--iters", 20, "--batch-size", 2,
-                             "--learning-rate", 5e-3, "--steps-per-report", 5, "--steps-per-eval", 10,
+                             "--learning-rate", 1e-2, "--steps-per-report", 5, "--steps-per-eval", 10,
                              "--save-every", 10, "--adapter-file", out, "--test"], monkeypatch, capsys)
     assert code == 0, err
     assert re.search(r"Trainable parameters: \d+\.\d+% \(\d+\.\d+M/\d+\.\d+M\)", stdout)
@@ -347,39 +348,40 @@ def test_loss_is_exact_across_architectures(arch, tmp_path_factory):
     assert abs(s / c - total / count) < 1e-4
 
 
-def test_no_model_no_data_trains_the_bundled_demo(tiny_llama, chat_data, tmp_path, monkeypatch, capsys):
-    import mlxtune.defaults as defaults
+def test_no_model_no_data_trains_the_bundled_demo(tmp_path, monkeypatch, capsys):
+    """The real bundle (data/tiny-chat on data/toolcall) with the real data/default-lora.yaml; flags still win."""
+    import yaml
 
-    settings = tmp_path / "default-lora.yaml"
-    settings.write_text("iters: 50\nlora_layers: -1\ntarget_modules: all-linear\nbatch_size: 2\nsteps_per_eval: 0\n")
-    monkeypatch.setattr(defaults, "DEFAULT_MODEL", Path(tiny_llama))
-    monkeypatch.setattr(defaults, "DEFAULT_DATA", Path(chat_data))
-    monkeypatch.setattr(defaults, "DEFAULT_LORA_CONFIG", settings)
+    from mlxtune.defaults import DEFAULT_DATA, DEFAULT_LORA_CONFIG, DEFAULT_MODEL
+
+    settings = yaml.safe_load(DEFAULT_LORA_CONFIG.read_text())
     monkeypatch.chdir(tmp_path)
-    code, stdout, err = cli(["lora", "--iters", 2, "--steps-per-report", 1], monkeypatch, capsys)
+    code, stdout, err = cli(["lora", "--iters", 2, "--steps-per-report", 1, "--steps-per-eval", 0], monkeypatch, capsys)
     assert code == 0, err
     first = stdout.splitlines()[0]
-    assert "bundled demo" in first and "--model mlx-community/" in first
-    assert re.findall(r"Iter (\d+): Train loss", stdout) == ["1", "2"]  # the flag beat the file's iters: 50
+    assert f"bundled demo model {DEFAULT_MODEL}" in first and str(DEFAULT_DATA) in first
+    assert "--model mlx-community/" in first
+    assert re.findall(r"Iter (\d+): Train loss", stdout) == ["1", "2"]  # the flag beat the file's iters
     config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
-    assert "mlp.down_proj" in " ".join(config["modules"])  # the file's all-linear was used
+    assert config["base_model"] == str(DEFAULT_MODEL)
+    assert (config["rank"], config["alpha"]) == (settings["rank"], settings["alpha"])  # the file's settings were used
+    assert "mlp.down_proj" in " ".join(config["modules"])  # its all-linear too
+    assert "packed rows" in stdout  # and its pack: true
 
 
-def test_loss_png_is_a_valid_image_with_both_curves(tmp_path):
-    import struct
-    import zlib
+def test_loss_png_has_labelled_axes_both_curves_and_a_log_scale(tmp_path):
+    from matplotlib.image import imread
 
-    from mlxtune.plot import BLUE, ORANGE, write_loss_png
+    from mlxtune.report import loss_figure, write_loss_png
 
-    data = write_loss_png(tmp_path / "loss.png", [(10, 3.0), (20, 2.5), (30, 2.2)], [(0, 3.2), (30, 2.4)]).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    idat = data[data.index(b"IDAT") + 4: data.index(b"IEND") - 8]
-    rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + width * 3)
-    assert (rows[:, 0] == 0).all()
-    pixels = rows[:, 1:].reshape(height, width, 3)
-    for color in (BLUE, ORANGE):
-        assert (pixels == color).all(-1).sum() > 100, color
+    train, val = [(10, 3.0), (20, 2.5), (30, 2.2)], [(0, 3.2), (30, 2.4)]
+    ax = loss_figure(train, val).axes[0]
+    assert ax.get_xlabel() == "iteration" and "loss" in ax.get_ylabel() and ax.get_yscale() == "log"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "validation"]
+    assert [list(line.get_xdata()) for line in ax.get_lines()] == [[10, 20, 30], [0, 30]]
+    pixels = (imread(write_loss_png(tmp_path / "loss.png", train, val)) * 255).round().astype(int)[..., :3]
+    for color in ((31, 119, 180), (255, 127, 14)):  # matplotlib's tab:blue and tab:orange were drawn
+        assert (np.abs(pixels - color).max(-1) <= 2).sum() > 100, color
 
 
 def test_field_names_can_be_mapped(tiny_llama, tmp_path):

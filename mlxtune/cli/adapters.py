@@ -35,7 +35,8 @@ def export_cmd(adapter_file, to, out, outfile, model, force):
       mlxtune adapters export --adapter-file adapters/adapters.npz --to peft peft_adapter/
       mlxtune adapters export --adapter-file adapters --to gguf --model model --outfile lora.gguf
     """
-    from ..adapters import export_gguf, export_peft
+    from ..adapters import export_peft
+    from ..gguf.lora import write_lora_gguf
     from ..errors import ConfigError
 
     if to == "peft":
@@ -47,7 +48,7 @@ def export_cmd(adapter_file, to, out, outfile, model, force):
     outfile = outfile or out
     if model is None or outfile is None:
         raise ConfigError("--to gguf needs --model BASE and --outfile X.gguf")
-    path = export_gguf(adapter_file, model, outfile, force=force)
+    path = write_lora_gguf(adapter_file, model, outfile, force=force)
     click.echo(f"Wrote LoRA GGUF {path}")
 
 

@@ -28,7 +28,7 @@ def chat_cmd(model, adapter_file, system, max_tokens, temp, top_p, seed):
       mlxtune chat --model model --adapter-file adapters/adapters.npz --system "You call tools."
       printf 'hi\\nwhat did I say?\\n' | mlxtune chat --model model
     """
-    from ..generate import chat
+    from ..generation import chat
 
     chat(_default_model(model), adapter_file=adapter_file, system=system, max_tokens=max_tokens, temp=temp,
          top_p=top_p, seed=seed)

@@ -41,7 +41,7 @@ def convert_cmd(hf_path, mlx_path, quantize, q_bits, q_group_size, dtype, keep_m
       mlxtune convert --hf-path ./my-hf-model --mlx-path mlx16 --dtype float16
       mlxtune convert --hf-path qwen-4bit --mlx-path qwen-float --de-quantize
     """
-    from ..convert import convert
+    from ..conversion import convert
 
     result = convert(hf_path, mlx_path, quantize=quantize, q_bits=int(q_bits), q_group_size=int(q_group_size),
                      dtype=dtype, keep_modules=keep_modules, dequantize=dequantize, allow_bin=allow_bin,

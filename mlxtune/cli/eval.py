@@ -42,22 +42,11 @@ def eval_cmd(model, adapter_file, data, split, max_tokens, limit, batch_size, sh
     from pathlib import Path
 
     from ..errors import ConfigError
-    from ..evaluate import evaluate
-    from .generate import _default_model
+    from ..evaluation import evaluate
 
     if output and Path(output).exists() and not force:  # before the work, not after it
         raise ConfigError(f"--output {output} already exists: choose another file or pass --force to replace it")
 
-    if model is None or data is None:
-        from ..defaults import require_bundled
-
-        require_bundled()
-    model = _default_model(model)
-    if data is None:
-        from ..defaults import DEFAULT_DATA
-
-        click.echo(f"Using the bundled data {DEFAULT_DATA}", err=True)
-        data = str(DEFAULT_DATA)
     result = evaluate(model, data=data, adapter_file=adapter_file, split=split, max_tokens=max_tokens, limit=limit,
                       batch_size=batch_size, loss=loss, max_seq_length=max_seq_length, chat_template=chat_template,
                       early_stop=not output, show=show)

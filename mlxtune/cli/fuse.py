@@ -42,7 +42,7 @@ def fuse_cmd(model, adapter_file, save_path, de_quantize, dtype, verify, gguf, g
       mlxtune fuse --model Qwen/Qwen2.5-0.5B-Instruct --adapter-file peft_adapter/ --save-path fused
       mlxtune fuse --model model --adapter-file adapters --de-quantize --gguf model.gguf --gguf-type q8_0
     """
-    from ..fuse import RequantizationWarning, fuse
+    from ..fusion import RequantizationWarning, fuse
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RequantizationWarning)

@@ -29,7 +29,7 @@ def generate_cmd(model, adapter_file, prompt, max_tokens, temp, top_p, seed, sys
       mlxtune generate --model model --no-chat -p "Once upon a time" --temp 0.8 --seed 1
       cat question.txt | mlxtune generate --model model -p -
     """
-    from ..generate import generate_with_stats
+    from ..generation import generate_with_stats
 
     if prompt == "-":
         prompt = click.get_text_stream("stdin").read().rstrip("\n")
@@ -42,11 +42,10 @@ def generate_cmd(model, adapter_file, prompt, max_tokens, temp, top_p, seed, sys
 
 
 def _default_model(model):
-    """The bundled model when --model is left out, saying so (shared by generate, chat and eval)."""
-    if model is not None:
-        return model
-    from ..defaults import HINT, require_bundled
+    """The bundled model when --model is left out, saying so (shared by generate and chat)."""
+    from ..defaults import fill_in
 
-    path, _ = require_bundled()
-    click.echo(f"Using the bundled tiny model {path} ({HINT})", err=True)
-    return str(path)
+    filled = fill_in(model, verb="generate")
+    if filled.note:
+        click.echo(filled.note, err=True)
+    return filled.model

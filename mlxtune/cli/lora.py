@@ -15,7 +15,7 @@ from . import main
 
 
 def _flag_options(fn):
-    from ..train import TrainingArgs
+    from ..settings import TrainingArgs
 
     for f in reversed(dataclasses.fields(TrainingArgs)):
         flag = "--" + f.name.replace("_", "-")

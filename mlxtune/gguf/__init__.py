@@ -11,7 +11,9 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError, ExportError
+from ..model_files import resolve_model_path
 from .quants import FileType
+from .writer import verify_gguf, write_gguf
 
 TYPES = [t.value for t in FileType]
 
@@ -25,9 +27,6 @@ def to_gguf(model: str | os.PathLike, outfile: str | os.PathLike, type: str = "f
     byte-level BPE tokenizer (detected when None). Refuses an existing `outfile` unless `force`; the file
     appears only when complete. Returns the path written.
     """
-    from ..models import resolve_model_path
-    from .writer import verify_gguf, write_gguf
-
     try:
         ftype = FileType(str(type).lower())
     except ValueError:

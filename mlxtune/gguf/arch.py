@@ -85,8 +85,9 @@ def resolve_arch(config: dict, where: str = "config.json") -> tuple[Arch, dict]:
     return arch, text
 
 
-def hf_name(name: str) -> str | None:
-    """The Hugging Face tensor name to convert for `name` as stored, or None to skip it."""
+def text_tensor_name(name: str) -> str | None:
+    """The name `name` (as stored, maybe inside a multimodal checkpoint) has in the text-only model llama.cpp
+    loads, or None for tensors outside the language model."""
     for old, new in _TEXT_PREFIXES:
         if name.startswith(old):
             name = new + name[len(old):]

@@ -11,10 +11,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import gguf
+import mlx.core as mx
 import numpy as np
 
+from ..adapters import read_adapter
 from ..errors import AdapterError, ExportError
 from ..files import atomic_file
+from ..model_files import normalize_config, read_config, resolve_model_path
+from .arch import qk_permutation, resolve_arch, tensor_namer, text_tensor_name
 
 
 def write_lora_gguf(adapter_file: str | os.PathLike, base_model_dir: str | os.PathLike,
@@ -25,12 +30,6 @@ def write_lora_gguf(adapter_file: str | os.PathLike, base_model_dir: str | os.Pa
     (from `mlxtune gguf`) is what the LoRA file is loaded on top of. Refuses an existing `outfile` unless
     `force`. Returns the path written.
     """
-    import gguf
-
-    from ..lora import read_adapter
-    from ..models import normalize_config, read_config, resolve_model_path
-    from .arch import hf_name, qk_permutation, resolve_arch, tensor_namer
-
     out = Path(outfile).expanduser()
     if out.is_dir():
         raise ExportError(f"--outfile {out} is a directory: give a file name like {out / 'adapter.gguf'}")
@@ -49,9 +48,9 @@ def write_lora_gguf(adapter_file: str | os.PathLike, base_model_dir: str | os.Pa
         a, b = weights.get(f"{module}.lora_a"), weights.get(f"{module}.lora_b")
         if a is None or b is None:
             raise AdapterError(f"{adapter_file}: {module} has only one of lora_a / lora_b")
-        a = np.asarray(_to_numpy(a), dtype=np.float32)  # (in, r)
-        b = np.asarray(_to_numpy(b), dtype=np.float32)  # (r, out)
-        hf = hf_name(f"{module}.weight")
+        a = np.array(a.astype(mx.float32))  # (in, r)
+        b = np.array(b.astype(mx.float32))  # (r, out)
+        hf = text_tensor_name(f"{module}.weight")
         if hf is None:
             raise AdapterError(f"{adapter_file}: {module} is not part of the language model; llama.cpp cannot load it")
         try:
@@ -82,13 +81,3 @@ def write_lora_gguf(adapter_file: str | os.PathLike, base_model_dir: str | os.Pa
         writer.close()
     return out
 
-
-def _to_numpy(x):
-    try:
-        import mlx.core as mx
-
-        if isinstance(x, mx.array):
-            return np.array(x.astype(mx.float32))
-    except ImportError:  # pragma: no cover - mlx is a dependency
-        pass
-    return np.asarray(x)

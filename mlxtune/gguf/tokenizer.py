@@ -15,7 +15,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import regex
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import Tokenizer
+
 from ..errors import ConfigError, ExportError
+from ..templates import read_model_template
 
 # gguf.TokenType values (identical to SentencePiece's piece types).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -153,7 +158,7 @@ def read_tokenizer(model_dir, config: dict | None = None, pre_tokenizer: str | N
     _make_unique(info)
     _special_tokens(info, tok_config, config)
     _add_flags(info, model_dir, tok_config)
-    info.chat_template = read_chat_template(model_dir, tok_config)
+    info.chat_template = read_model_template(model_dir, tok_config)
     if info.model == "gpt2":
         _choose_pre(info, tok_json, pre_tokenizer, model_dir)
     elif pre_tokenizer:
@@ -183,10 +188,6 @@ def _added_tokens(tok_json, tok_config) -> dict[int, tuple[str, bool]]:
 
 
 def _from_sentencepiece(path: Path, tok_json, tok_config) -> TokenizerInfo:
-    try:
-        from sentencepiece import sentencepiece_model_pb2
-    except ImportError:  # pragma: no cover - sentencepiece is a dependency
-        raise ExportError("reading tokenizer.model needs the sentencepiece package: pip install sentencepiece")
     proto = sentencepiece_model_pb2.ModelProto()
     try:
         proto.ParseFromString(path.read_bytes())
@@ -400,8 +401,6 @@ def _observe_specials(model_dir: Path, info: TokenizerInfo):
     if not path.exists():
         return None
     try:
-        from tokenizers import Tokenizer
-
         tok = Tokenizer.from_file(str(path))
     except Exception:
         return None
@@ -412,22 +411,6 @@ def _observe_specials(model_dir: Path, info: TokenizerInfo):
     add_bos = info.bos_id is not None and with_special[:1] == [info.bos_id] and plain[:1] != [info.bos_id]
     add_eos = info.eos_id is not None and with_special[-1:] == [info.eos_id] and plain[-1:] != [info.eos_id]
     return add_bos, add_eos
-
-
-def read_chat_template(model_dir, tok_config: dict | None = None):
-    """tokenizer_config.json's chat_template, else chat_template.jinja, else chat_template.json."""
-    model_dir = Path(model_dir)
-    if tok_config is None:
-        tok_config = _read_json(model_dir / "tokenizer_config.json") or {}
-    template = tok_config.get("chat_template")
-    if template:
-        return template
-    if (model_dir / "chat_template.jinja").exists():
-        return (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    data = _read_json(model_dir / "chat_template.json")
-    if isinstance(data, dict) and data.get("chat_template"):
-        return data["chat_template"]
-    return None
 
 
 # --- BPE pre-tokenizer: detect from structure, then check by tokenizing ---------------------------------
@@ -521,8 +504,6 @@ def _choose_pre(info: TokenizerInfo, tok_json, override: str | None, model_dir: 
 
 def reference_ids(tok_json, strings=CHECK_STRINGS) -> list[list[int]]:
     """The Hugging Face tokenizer's ids for `strings` (no special tokens added)."""
-    from tokenizers import Tokenizer
-
     reference = Tokenizer.from_str(json.dumps(tok_json))
     return [reference.encode(s, add_special_tokens=False).ids for s in strings]
 
@@ -554,8 +535,6 @@ class SimulatedBPE:
     """llama.cpp's byte-level BPE in a few lines: split by each regex in turn, map bytes, merge by rank."""
 
     def __init__(self, tokens: list[str], merges: list[str], exprs: list[str], ignore_merges: bool = False):
-        import regex
-
         # llama.cpp's llama-bpe takes a word that is itself a token whole (tokenizer.json's ignore_merges)
         self.ignore_merges = ignore_merges
         self.ids = {t: i for i, t in enumerate(tokens)}

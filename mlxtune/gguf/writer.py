@@ -23,55 +23,19 @@ from gguf import GGMLQuantizationType as Q
 
 from ..errors import ExportError, ModelLoadError
 from ..files import atomic_file
-from ..models import read_safetensors_header
+from ..model_files import normalize_config, read_config
+from ..weights import StoredTensor, index_tensors
 from . import arch as archmod
+from .tokenizer import add_tokenizer
+from tqdm.auto import tqdm
+
 from .quants import FileType, bf16_to_f16, encode, quantize_q8_0_checked, row_bytes, tensor_type
 
 CHUNK_VALUES = 1 << 20  # values converted at a time (4 MiB as float32)
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "F64": np.float64}
+READABLE = ("F32", "F16", "BF16", "U32", "F64")  # stored dtypes the writer converts
 
 
 # ---------------------------------------------------------------- reading safetensors
-
-
-@dataclass
-class _Stored:
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the data in `file`
-
-    @property
-    def row_nbytes(self) -> int:
-        return int(np.prod(self.shape[1:], dtype=np.int64)) * np.dtype(_DTYPES[self.dtype]).itemsize
-
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as stored (BF16 as uint16), read from disk without mapping the file."""
-        dt = np.dtype(_DTYPES[self.dtype])
-        buf = np.empty(((stop - start),) + tuple(self.shape[1:]), dtype=dt)
-        with open(self.file, "rb") as f:
-            f.seek(self.offset + start * self.row_nbytes)
-            got = f.readinto(memoryview(buf).cast("B"))
-        if got != buf.nbytes:
-            raise ModelLoadError(f"{self.file} is truncated: download or convert the model again")
-        return buf
-
-
-def _index_safetensors(model_dir: Path) -> dict[str, _Stored]:
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{model_dir} has no *.safetensors weights (PyTorch .bin checkpoints: run mlxtune convert first)")
-    index: dict[str, _Stored] = {}
-    for file in files:
-        header, data_start = read_safetensors_header(file)
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if info["dtype"] not in _DTYPES:
-                raise ExportError(f"tensor {name} in {file} has dtype {info['dtype']}, which mlxtune gguf cannot read")
-            begin, _ = info["data_offsets"]
-            index[name] = _Stored(file, info["dtype"], tuple(info["shape"]), data_start + begin)
-    return index
 
 
 def _to_float32(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -134,7 +98,7 @@ def _mlx_quant_bits(config: dict, module: str) -> tuple[int, int]:
     return int(q.get("bits", 4)), int(q.get("group_size", 64))
 
 
-def _reader(index: dict[str, _Stored], name: str, config: dict) -> tuple[tuple[int, ...], Callable[[int, int], np.ndarray], bool]:
+def _reader(index: dict[str, StoredTensor], name: str, config: dict) -> tuple[tuple[int, ...], Callable[[int, int], np.ndarray], bool]:
     """(float shape, row reader, was it MLX-quantized) for stored tensor `name`."""
     st = index[name]
     base = name[: -len(".weight")] if name.endswith(".weight") else None
@@ -159,7 +123,7 @@ def _reader(index: dict[str, _Stored], name: str, config: dict) -> tuple[tuple[i
     return st.shape, read, False
 
 
-def plan_tensors(index: dict[str, _Stored], arch: archmod.Arch, cfg: dict, config: dict,
+def plan_tensors(index: dict[str, StoredTensor], arch: archmod.Arch, cfg: dict, config: dict,
                  ftype: FileType) -> tuple[list[Planned], bool]:
     """Every tensor of the GGUF file, in file order, and whether any was MLX-quantized."""
     n_layers = cfg["num_hidden_layers"]
@@ -171,7 +135,7 @@ def plan_tensors(index: dict[str, _Stored], arch: archmod.Arch, cfg: dict, confi
     for name in index:
         if _is_quant_aux(index, name):
             continue
-        hf = archmod.hf_name(name)
+        hf = archmod.text_tensor_name(name)
         if hf is None or (hf == "lm_head.weight" and tied):
             continue
         entries.append((name, hf))
@@ -207,7 +171,7 @@ def plan_tensors(index: dict[str, _Stored], arch: archmod.Arch, cfg: dict, confi
     return planned, quantized
 
 
-def _is_quant_aux(index: dict[str, _Stored], name: str) -> bool:
+def _is_quant_aux(index: dict[str, StoredTensor], name: str) -> bool:
     """MLX quantization's per-group `.scales`/`.biases`: read together with their uint32 `.weight`."""
     if not name.endswith((".scales", ".biases")):
         return False
@@ -314,8 +278,6 @@ class _Streamed:
 
 
 def _add_tokenizer(w: gguf.GGUFWriter, model_dir: Path, config: dict, pre_tokenizer: str | None, log) -> None:
-    from .tokenizer import add_tokenizer
-
     info = add_tokenizer(w, model_dir, config, pre_tokenizer=pre_tokenizer)
     for note in getattr(info, "notes", None) or []:
         log(f"tokenizer: {note}")
@@ -331,11 +293,13 @@ def _kv_value(w: gguf.GGUFWriter, key: str):
 def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer: str | None = None,
                progress: bool = True, workers: int | None = None, log=print) -> list[Planned]:
     """Convert `model_dir` into `outfile` (written atomically). Returns the tensors written."""
-    from ..models import normalize_config, read_config
-
     config = normalize_config(read_config(model_dir))
     arch, cfg = archmod.resolve_arch(config, str(model_dir / "config.json"))
-    index = _index_safetensors(model_dir)
+    index = index_tensors(model_dir)
+    unreadable = next((n for n, t in index.items() if t.dtype not in READABLE), None)
+    if unreadable:
+        raise ExportError(f"tensor {unreadable} in {index[unreadable].file} has dtype {index[unreadable].dtype}, "
+                          "which mlxtune gguf cannot read")
     planned, quantized = plan_tensors(index, arch, cfg, config, ftype)
     if quantized:
         log(f"note: {model_dir} holds MLX-quantized weights; they are de-quantized and re-quantized as "
@@ -358,8 +322,6 @@ def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer
                     "llama.cpp needs them equal (check vocab_size in config.json)"
                 )
             w.add_name(_model_name(model_dir, tokens))
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True,
                        desc=f"gguf {ftype.value}", disable=not progress)
             n_workers = workers or min(4, os.cpu_count() or 1)

@@ -29,16 +29,21 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .adapters import align_to_model
+from mlx_lm.utils import dequantize_model
+from tqdm.auto import tqdm
+
+from .adapters import AdapterConfig, align_to_model, check_fits, find_adapter_file, read_adapter
 from .errors import AdapterError, ConfigError, ExportError
 from .files import atomic_dir
-from .lora import AdapterConfig, LoRALinear, apply_lora, find_adapter_file, lora_modules, read_adapter
+from .gguf import TYPES, to_gguf
+from .layers import LoRALinear, apply_lora, count_parameters, lora_modules
+from .model_files import copy_tokenizer_files, resolve_model_path
+from .models import load_model
+from .weights import FLOAT_DTYPES, SHARD_BYTES, tensor_shapes, write_shards
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 PARITY_TOLERANCE = 1e-4  # max |fused - base+adapter| logit difference in float32 (scaled by logit size)
 WARN_KEPT_BELOW = 0.5  # warn when less than half of the update survives re-quantization (mean over layers)
 AUTO_VERIFY_MAX_PARAMS = 2_000_000_000  # verify needs a float32 copy of the model: on by default up to 2B
-SHARD_BYTES = 5 << 30
 
 
 class RequantizationWarning(UserWarning):
@@ -92,8 +97,6 @@ def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: s
     log: where the GGUF writer reports. Raises AdapterError when the adapter does not fit the base,
     ExportError when a check fails; in both cases nothing is written.
     """
-    from .models import load_model, resolve_model_path
-
     save_path = Path(save_path).expanduser()
     _check_flags(save_path, dtype, gguf, gguf_type, force)
     adapter_path = find_adapter_file(adapter_file)
@@ -104,14 +107,14 @@ def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: s
     net = loaded.model
     check_base_name(adapter, str(model), loaded.path, ignore=ignore_base_name)
     adapter, weights = align_to_model(adapter, weights, net)
-    check_adapter(net, adapter, weights, str(adapter_path))
+    check_fits(net, adapter, weights, str(adapter_path))
 
     quantized_base = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in net.named_modules())
     de_quantize = de_quantize and quantized_base
     keep = _kept_dtypes(net)
-    out_dtype = DTYPES[dtype] if dtype else (mx.float16 if de_quantize else _float_dtype(net, keep))
+    out_dtype = getattr(mx, dtype) if dtype else (mx.float16 if de_quantize else _float_dtype(net, keep))
     if verify is None:
-        verify = _parameter_count(net) <= AUTO_VERIFY_MAX_PARAMS
+        verify = count_parameters(net)[1] <= AUTO_VERIFY_MAX_PARAMS
     result = FuseResult(path=save_path, adapter=adapter, base_model=str(model), quantized_base=quantized_base,
                         de_quantized=de_quantize, dtype=_dtype_name(out_dtype))
     if result.requantized:
@@ -129,8 +132,6 @@ def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: s
 
     result.layers = merge_layers(net, de_quantize=de_quantize, dtype=out_dtype)
     if de_quantize:
-        from mlx_lm.utils import dequantize_model
-
         dequantize_model(net)  # embeddings, lm_head and layers without an adapter
     with warnings.catch_warnings():
         warnings.simplefilter("always", RequantizationWarning)  # every fuse says it, not only the first
@@ -152,21 +153,17 @@ def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: s
         (tmp / "README.md").write_text(model_card(result, adapter_path, loaded.path))
 
     if gguf is not None:
-        from .gguf import to_gguf
-
         result.gguf = Path(to_gguf(save_path, gguf, gguf_type, force=force, log=log))
     return result
 
 
 def _check_flags(save_path: Path, dtype, gguf, gguf_type, force: bool) -> None:
     """Refuse bad settings and existing outputs before any work is done."""
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(FLOAT_DTYPES)}")
     if save_path.exists() and not force:
         raise ExportError(f"{save_path} already exists: choose another --save-path or pass --force to replace it")
     if gguf is not None:
-        from .gguf import TYPES
-
         if str(gguf_type).lower() not in TYPES:
             raise ConfigError(f"--gguf-type {gguf_type!r}: choose one of {', '.join(TYPES)}")
         if Path(gguf).expanduser().exists() and not force:
@@ -210,36 +207,6 @@ def check_base_name(adapter: AdapterConfig, model: str, model_path: Path, *, ign
                        "(module names and shapes are still checked)")
 
 
-def check_adapter(model: nn.Module, adapter: AdapterConfig, weights: dict, source: str) -> None:
-    """Every adapter tensor must name a linear layer of `model` with matching shapes; else AdapterError."""
-    named = dict(model.named_modules())
-    expected = {f"{m}.lora_{ab}" for m in adapter.modules for ab in "ab"}
-    extra = sorted(set(weights) - expected)
-    missing = sorted(expected - set(weights))
-    if extra or missing:
-        what = f"tensor {extra[0]} is not listed in its adapter_config.json" if extra else f"tensor {missing[0]} is missing"
-        raise AdapterError(f"{source}: {what}; the adapter file and its config do not belong together")
-    problems = []
-    for path in adapter.modules:
-        layer = named.get(path)
-        if isinstance(layer, LoRALinear):
-            layer = layer.linear
-        if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
-            problems.append(f"{path} is not a linear layer of this model")
-            continue
-        out_dims, in_dims = layer.weight.shape
-        if isinstance(layer, nn.QuantizedLinear):
-            in_dims = in_dims * 32 // layer.bits
-        a, b = weights[f"{path}.lora_a"].shape, weights[f"{path}.lora_b"].shape
-        if len(a) != 2 or len(b) != 2 or a != (in_dims, adapter.rank) or b != (adapter.rank, out_dims):
-            problems.append(f"{path} has lora_a {tuple(a)} and lora_b {tuple(b)} but the model needs "
-                            f"({in_dims}, {adapter.rank}) and ({adapter.rank}, {out_dims})")
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise AdapterError(f"{source} does not fit this base model: {problems[0]}{more}; "
-                           "was it trained on another model?")
-
-
 # --- merging ----------------------------------------------------------------------------------------------
 
 def merge_layers(model: nn.Module, *, de_quantize: bool, dtype: mx.Dtype) -> list[LayerUpdate]:
@@ -249,8 +216,6 @@ def merge_layers(model: nn.Module, *, de_quantize: bool, dtype: mx.Dtype) -> lis
     `dtype` is the dtype the weights will be written in: the measurement rounds to it, because a
     bfloat16 (or 4-bit) weight can be too coarse to hold a small update.
     """
-    from tqdm.auto import tqdm
-
     updates, fused = [], []
     layers = lora_modules(model)
     for name, layer in tqdm(layers.items(), total=len(layers), desc="merge", unit="layer", leave=False):
@@ -348,17 +313,7 @@ def _float_dtype(model: nn.Module, keep: dict) -> mx.Dtype:
 
 
 def _dtype_name(dtype: mx.Dtype) -> str:
-    return next(k for k, v in DTYPES.items() if v == dtype)
-
-
-def _parameter_count(model: nn.Module) -> int:
-    total = 0
-    for _, m in model.named_modules():
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            total += m.weight.size * 32 // m.bits
-        elif not m.children():
-            total += sum(v.size for v in m.values() if isinstance(v, mx.array))
-    return total
+    return str(dtype).replace("mlx.core.", "")
 
 
 def _probe_tokens(config: dict) -> mx.array:
@@ -385,42 +340,17 @@ def fused_config(base_dir: Path, dtype: mx.Dtype, de_quantized: bool) -> dict:
 
 
 def save_weights(out: Path, model: nn.Module, *, max_shard_size: int = SHARD_BYTES) -> list[str]:
-    """Write the model's parameters as safetensors shards plus model.safetensors.index.json.
-
-    Uses the convert module's header-first shard writer, so fuse and convert write the same layout.
-    """
-    from tqdm.auto import tqdm
-
-    from .convert import _plan_shards, _write_safetensors
-
+    """Write the model's parameters as safetensors shards plus model.safetensors.index.json (convert's layout)."""
     weights = sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])
-    total = sum(v.nbytes for _, v in weights)
-    shards = _plan_shards(weights, max_shard_size)
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {k: name for name, shard in zip(names, shards) for k, _ in shard}
-    with tqdm(total=total, unit="B", unit_scale=True, desc="save", leave=False) as bar:
-        for name, shard in zip(names, shards):
-            _write_safetensors(out / name, list(shard), bar)
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return names
-
-
-def copy_tokenizer_files(base_dir: Path, out: Path) -> list[str]:
-    """Copy the tokenizer, chat template and generation config of the base model byte for byte."""
-    from .convert import _copy_side_files
-
-    return _copy_side_files(base_dir, out)
+    with tqdm(total=sum(v.nbytes for _, v in weights), unit="B", unit_scale=True, desc="save", leave=False) as bar:
+        return write_shards(out, weights, shard_bytes=max_shard_size, bar=bar)
 
 
 def check_saved(out: Path, model: nn.Module) -> None:
     """Every parameter of the fused model is in the written shards with its shape (cheap: headers only)."""
-    from .models import check_safetensors_header
-
     found = {}
     for f in out.glob("model*.safetensors"):
-        found.update({k: v["shape"] for k, v in check_safetensors_header(f).items() if k != "__metadata__"})
+        found.update(tensor_shapes(f))
     for k, v in tree_flatten(model.parameters()):
         if found.get(k) != list(v.shape):
             raise ExportError(f"writing the fused model failed: {k} is missing or has the wrong shape in {out}")
@@ -428,8 +358,6 @@ def check_saved(out: Path, model: nn.Module) -> None:
 
 def _check_reload(out: Path, model: nn.Module, tokens: mx.array) -> float:
     """Load the written directory as a user would and compare its logits with the in-memory fused model."""
-    from .models import load_model
-
     check_saved(out, model)
     reloaded = load_model(out).model
     diff = float(mx.abs(reloaded(tokens).astype(mx.float32) - model(tokens).astype(mx.float32)).max())

@@ -14,7 +14,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, TextIO
 
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import make_sampler as _make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .adapters import load_adapter
 from .errors import ConfigError
+from .models import load_model
+from .templates import prompt_ids
 
 # End-of-turn markers of common chat templates. Many configs name only the end-of-text token as EOS, so a
 # chat model would run on past its turn; these are added to the stop set when the vocabulary has them.
@@ -51,8 +59,6 @@ class Generation:
 
 def wrap_tokenizer(tokenizer):
     """mlx-lm's TokenizerWrapper around a plain Hugging Face tokenizer (a wrapper is returned as is)."""
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-
     return tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
 
 
@@ -75,16 +81,12 @@ def stop_token_ids(tokenizer) -> set[int]:
 def resolve(model, tokenizer=None, adapter_file=None):
     """(model, tokenizer) from a loaded pair, or load them from a path / hub id (with an optional adapter)."""
     if isinstance(model, (str, os.PathLike)):
-        from .models import load_model
-
-        loaded = load_model(model, adapter_file=adapter_file)
-        return loaded.model, wrap_tokenizer(loaded.tokenizer)
-    if tokenizer is None:
+        loaded = load_model(model)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    elif tokenizer is None:
         raise ConfigError("generate(model, tokenizer, ...): pass the tokenizer with a loaded model, or a model path")
     if adapter_file is not None:
-        from .lora import load_adapter
-
-        load_adapter(model, adapter_file)
+        load_adapter(model, adapter_file, dropout=0.0)
     return model, wrap_tokenizer(tokenizer)
 
 
@@ -95,8 +97,6 @@ def render_messages(tokenizer, messages: list[dict], *, tools: list | None = Non
     The same rendering training uses (`mlxtune.templates`): the tokenizer's own template, or ChatML when
     it has none, encoded without extra special tokens since the template writes BOS itself.
     """
-    from .templates import prompt_ids
-
     return prompt_ids(tokenizer, messages, tools=tools, template=chat_template)
 
 
@@ -117,8 +117,6 @@ def render_prompt(tokenizer, prompt: str, *, system: str | None = None, chat: bo
 
 
 def make_sampler(temp: float = 0.0, top_p: float = 0.0):
-    from mlx_lm.sample_utils import make_sampler as _make_sampler
-
     if temp < 0:
         raise ConfigError(f"--temp must be >= 0 (0 = greedy), got {temp}")
     if not 0.0 <= top_p <= 1.0:
@@ -130,9 +128,6 @@ def generate_ids(model, tokenizer, prompt_ids: list[int], *, max_tokens: int = 2
                  top_p: float = 0.0, seed: int | None = None, on_text: Callable[[str], None] | None = None,
                  stops: Iterable[int] | None = None) -> Generation:
     """Generate from token ids with a KV cache; `on_text` receives each decoded piece as it arrives."""
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-
     if max_tokens <= 0:
         raise ConfigError(f"--max-tokens must be a positive integer, got {max_tokens}")
     if not prompt_ids:
@@ -223,8 +218,6 @@ def chat(model, tokenizer=None, *, adapter_file=None, system: str | None = None,
     # A terminal, or a notebook (whose stdin is not a tty but whose input() asks the user).
     interactive = (hasattr(input, "isatty") and input.isatty()) or (input is sys.stdin and "ipykernel" in sys.modules)
     if seed is not None:
-        import mlx.core as mx
-
         mx.random.seed(seed)
     history: list[dict] = []
 

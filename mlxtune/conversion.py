@@ -20,24 +20,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import ConfigError, ModelLoadError, MlxtuneError
-from .files import atomic_dir
-from .models import (TOKENIZER_PATTERNS, check_safetensors_header, normalize_config, read_config,
-                     resolve_model_path, supported_architectures)
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from tqdm.auto import tqdm
 
-SHARD_BYTES = 5 * 1024**3  # like mlx-lm and transformers: ~5 GB per output shard
-DTYPES = ("float16", "bfloat16", "float32")
+from .errors import ConfigError, MlxtuneError, ModelLoadError
+from .files import atomic_dir
+from .model_files import copy_tokenizer_files, normalize_config, read_config, resolve_model_path
+from .models import model_classes
+from .weights import FLOAT_DTYPES, SHARD_BYTES, read_header, weight_files, write_shards
+
 Q_BITS = (2, 3, 4, 5, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
 # Named --keep-modules recipes: module-name patterns kept in float when quantizing.
 KEEP_RECIPES = {
     "embeddings": ["embed_tokens", "lm_head", "wte", "embed_out", "output"],
 }
-_SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64",
-                       "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16", "uint32": "U32",
-                       "int32": "I32", "uint64": "U64", "int64": "I64", "bool": "BOOL"}
-
-
 @dataclass
 class ConvertResult:
     """What `convert` wrote. `float_layers` maps each quantizable layer left in float to why."""
@@ -64,18 +62,7 @@ class ConvertResult:
 
 def _weight_files(src: Path, allow_bin: bool) -> tuple[list[Path], bool]:
     """The checkpoint's weight files (safetensors preferred) and whether they are torch pickles."""
-    index = src / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError):
-            raise ModelLoadError(f"{index} is not a valid safetensors index (no weight_map)") from None
-        files = [src / n for n in names]
-        for f in files:
-            if not f.exists():
-                raise ModelLoadError(f"{index} lists {f.name}, which is missing: download the checkpoint again")
-        return files, False
-    files = sorted(src.glob("model*.safetensors"))
+    files = weight_files(src)
     if files:
         return files, False
     bins = sorted(src.glob("pytorch_model*.bin"))
@@ -89,11 +76,9 @@ def _weight_files(src: Path, allow_bin: bool) -> tuple[list[Path], bool]:
 
 
 def _load_safetensors(files: list[Path]) -> tuple[dict, dict]:
-    import mlx.core as mx
-
     weights, origin = {}, {}
     for f in files:
-        check_safetensors_header(f)
+        read_header(f)
         try:
             part = mx.load(str(f))  # lazy: a tensor's bytes are read only when it is evaluated
         except Exception as e:
@@ -105,8 +90,7 @@ def _load_safetensors(files: list[Path]) -> tuple[dict, dict]:
 
 def _load_bin(files: list[Path]) -> tuple[dict, dict]:
     """PyTorch pickles through `torch.load(weights_only=True)`: tensors only, never arbitrary code."""
-    import mlx.core as mx
-    import torch
+    import torch  # optional and heavy: only for .bin checkpoints
 
     weights, origin = {}, {}
     for f in files:
@@ -124,23 +108,8 @@ def _load_bin(files: list[Path]) -> tuple[dict, dict]:
     return weights, origin
 
 
-def _model_classes(config: dict, cfg_file: Path):
-    from mlx_lm.utils import _get_classes
-
-    if "model_type" not in config:
-        raise ModelLoadError(f"{cfg_file} has no model_type: is this a language model?")
-    try:
-        return _get_classes(config)
-    except ValueError:
-        raise ModelLoadError(
-            f"architecture {config['model_type']!r} in {cfg_file} is not supported by mlx-lm; "
-            f"supported: {', '.join(supported_architectures())}") from None
-
-
 def _dequantize_lazy(weights: dict, qcfg: dict, src: Path) -> dict:
     """Replace every (weight, scales, biases) triple by its float weight (still lazy)."""
-    import mlx.core as mx
-
     out = dict(weights)
     for key in [k for k in weights if k.endswith(".scales")]:
         p = key[: -len(".scales")]
@@ -155,44 +124,6 @@ def _dequantize_lazy(weights: dict, qcfg: dict, src: Path) -> dict:
 
 
 # ---------------------------------------------------------------- writing
-
-
-def _write_safetensors(path: Path, tensors: list[tuple[str, object]], bar) -> None:
-    """Write a safetensors file header-first, evaluating and dropping one tensor at a time."""
-    import mlx.core as mx
-
-    header, offset = {"__metadata__": {"format": "mlx"}}, 0
-    for name, a in tensors:
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[str(a.dtype).split(".")[-1]], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the format wants the data 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        while tensors:
-            name, a = tensors.pop(0)
-            a = mx.contiguous(a)
-            if a.dtype == mx.bfloat16:
-                a = a.view(mx.uint16)  # same bits; the buffer protocol has no bfloat16 code
-            mx.eval(a)
-            f.write(memoryview(a))
-            bar.update(a.nbytes)
-            del a
-            mx.clear_cache()  # give freed buffers back so RSS tracks the live tensor only
-
-
-def _copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Tokenizer files, chat template and generation config, byte for byte."""
-    copied = []
-    for f in sorted(src.iterdir()):
-        if not f.is_file() or f.name == "config.json" or f.name.endswith(".index.json"):
-            continue
-        if any(fnmatch.fnmatch(f.name, pat) for pat in TOKENIZER_PATTERNS):
-            shutil.copy2(f, dst / f.name)
-            copied.append(f.name)
-    return copied
 
 
 def _readme(source: str, result: ConvertResult, copied: list[str]) -> str:
@@ -254,18 +185,14 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike = "mlx_model
     Raises ModelLoadError for unreadable input, ConfigError for bad settings, MlxtuneError when the
     output exists (without `force`) or cannot be written.
     """
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from tqdm.auto import tqdm
-
     if quantize and dequantize:
         raise ConfigError("choose either --quantize or --de-quantize, not both")
     if quantize and q_bits not in Q_BITS:
         raise ConfigError(f"--q-bits {q_bits} is not supported; choose one of {', '.join(map(str, Q_BITS))}")
     if quantize and q_group_size not in Q_GROUP_SIZES:
         raise ConfigError(f"--q-group-size {q_group_size} is not supported; choose 32, 64 or 128")
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ConfigError(f"--dtype {dtype} is not supported; choose one of {', '.join(FLOAT_DTYPES)}")
     keep = _keep_patterns(keep_modules)
     if keep and not quantize:
         raise ConfigError("--keep-modules only applies when quantizing: add -q")
@@ -277,7 +204,7 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike = "mlx_model
         raise MlxtuneError(f"{out} already exists: choose another --mlx-path or pass --force to replace it")
 
     config = normalize_config(read_config(src))
-    model_cls, args_cls = _model_classes(config, src / "config.json")
+    model_cls, args_cls = model_classes(config, src / "config.json")
     if not any((src / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise ModelLoadError(f"{src} has no tokenizer (tokenizer.json or tokenizer.model): the output could not be used")
 
@@ -308,9 +235,9 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike = "mlx_model
 
     if dtype is None:
         dtype = config.get("torch_dtype") or config.get("dtype")
-        if dtype not in DTYPES:
+        if dtype not in FLOAT_DTYPES:
             floats = [str(v.dtype).split(".")[-1] for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)]
-            dtype = floats[0] if floats and floats[0] in DTYPES else "float16"
+            dtype = floats[0] if floats and floats[0] in FLOAT_DTYPES else "float16"
     target = getattr(mx, dtype)
     cast_ok = getattr(model, "cast_predicate", lambda _: True)
     predicate = getattr(model, "quant_predicate", None) if quantize else None
@@ -339,28 +266,20 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike = "mlx_model
         outputs.append((name, a))
     del weights, model, modules
 
-    shards = _plan_shards(outputs, shard_bytes)
     total_bytes = sum(a.nbytes for _, a in outputs)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     result = ConvertResult(path=out, num_parameters=num_parameters, dtype=dtype,
                            bits_per_weight=8 * total_bytes / max(num_parameters, 1),
                            quantization={k: v for k, v in quant.items() if not isinstance(v, dict)} if quant else None,
-                           float_layers=float_layers, shards=names, total_bytes=total_bytes)
+                           float_layers=float_layers, total_bytes=total_bytes)
     config = _output_config(config, quant, dtype)
-    index = {"metadata": {"total_size": total_bytes, "total_parameters": num_parameters},
-             "weight_map": {n: names[i] for i, shard in enumerate(shards) for n, _ in shard}}
-    index["weight_map"] = dict(sorted(index["weight_map"].items()))
-    del outputs
 
     try:
         with atomic_dir(out, force=force, flag="--force") as tmp:
             with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
-                for shard, shard_name in zip(shards, names):
-                    _write_safetensors(tmp / shard_name, shard, bar)
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+                result.shards = write_shards(tmp, outputs, shard_bytes=shard_bytes, bar=bar,
+                                             metadata={"total_parameters": num_parameters})
             (tmp / "config.json").write_text(json.dumps(config, indent=4))
-            copied = _copy_side_files(src, tmp)
+            copied = copy_tokenizer_files(src, tmp)
             (tmp / "README.md").write_text(_readme(str(hf_path), result, copied))
     except OSError as e:
         raise MlxtuneError(f"cannot write {out}: {e.strerror or e}") from None
@@ -411,17 +330,6 @@ def _quant_params(path, module, w, quant, keep, predicate):
             if w.shape[-1] % params["group_size"]:
                 return None, f"input dim {w.shape[-1]} is not divisible by group size {params['group_size']}"
     return params, None
-
-
-def _plan_shards(outputs: list, shard_bytes: int) -> list[list]:
-    shards, size = [[]], 0
-    for name, a in outputs:
-        if shards[-1] and size + a.nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, a))
-        size += a.nbytes
-    return shards
 
 
 def _output_config(config: dict, quant: dict | None, dtype: str) -> dict:

@@ -9,13 +9,26 @@ so a model that rambles costs little; mismatched replies are therefore kept only
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, generate_step
+from tqdm.auto import tqdm
+
+from .data import load_dataset, read_records, record_tools, split_prompt_answer
+from .defaults import fill_in
 from .errors import ConfigError, DataError
+from .files import atomic_file
+from .generation import render_messages, resolve, stop_token_ids, wrap_tokenizer
+from .loss import evaluate_loss
+from .templates import read_template_option
 
 
 @dataclass
@@ -43,10 +56,6 @@ class EvalResult:
 
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Write one JSON line per row (line, expected, got, match) to `path`, atomically."""
-        import json
-
-        from .files import atomic_file
-
         path = Path(path)
         if path.exists() and not force:
             raise ConfigError(f"--output {path} already exists: choose another file or pass --force to replace it")
@@ -80,9 +89,6 @@ def split_file(data: str | os.PathLike, split: str) -> Path:
 def prompts_and_answers(tokenizer, rows: list[tuple[int, dict]], file: Path, *,
                         chat_template: str | None = None) -> tuple[list[list[int]], list[str]]:
     """Prompt ids (chat template + generation prompt, tools included) and expected answers of the rows."""
-    from .data import record_tools, split_prompt_answer
-    from .generate import render_messages
-
     prompts, answers = [], []
     for lineno, record in rows:
         try:
@@ -115,8 +121,6 @@ def greedy_batch(model, tokenizer, prompts: list[list[int]], *, max_tokens: int 
     With `answers`, a reply stops as soon as `cannot_match` says it cannot equal its answer.
     `progress` (a tqdm bar) is advanced by one per finished prompt.
     """
-    from .generate import stop_token_ids, wrap_tokenizer
-
     if max_tokens <= 0:
         raise ConfigError(f"--max-tokens must be a positive integer, got {max_tokens}")
     if batch_size <= 0:
@@ -131,8 +135,6 @@ def greedy_batch(model, tokenizer, prompts: list[list[int]], *, max_tokens: int 
     except (NotImplementedError, AttributeError, TypeError, ValueError) as e:
         # An architecture mlx-lm cannot batch (gemma2's attention mask in mlx-lm 0.32): the same
         # replies, one prompt at a time.
-        import warnings
-
         warnings.warn(f"batched generation failed ({type(e).__name__}: {e}); generating one prompt at a time")
         if progress is not None:
             progress.reset(total=len(prompts))
@@ -146,9 +148,6 @@ def _finish(tokenizer, tokens: list[int], cut: bool) -> str:
 
 
 def _greedy_one(model, tokenizer, prompt, max_tokens, stops, answer, progress) -> str:
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-
     tokens, cut = [], False
     for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
         if token in stops:
@@ -163,8 +162,6 @@ def _greedy_one(model, tokenizer, prompt, max_tokens, stops, answer, progress) -
 
 
 def _greedy_batched(model, tokenizer, prompts, max_tokens, batch_size, stops, answers, progress) -> list[str]:
-    from mlx_lm.generate import BatchGenerator
-
     # Similar lengths side by side: less left padding in each batch.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in sorted(stops)],
@@ -199,9 +196,6 @@ def _greedy_batched(model, tokenizer, prompts, max_tokens, batch_size, stops, an
 def split_loss(model, tokenizer, file: Path, *, limit: int | None = None, batch_size: int = 16,
                max_seq_length: int = 2048, chat_template: str | None = None) -> float:
     """Mean loss per answer token over the (first `limit`) records of a file, with training's own loss."""
-    from .data import load_dataset
-    from .train import evaluate_loss
-
     # No split fractions: every record of the file lands in `train`, in file order.
     splits = load_dataset(str(file), tokenizer, valid_split=0.0, test_split=0.0, max_seq_length=max_seq_length,
                           chat_template=chat_template, cache=False)
@@ -223,23 +217,15 @@ def evaluate(model=None, tokenizer=None, *, data=None, adapter_file=None, split:
     `early_stop` cuts a reply once it cannot match (the score is the same; `predictions` are then cut
     too); the first `show` mismatches are generated again in full so that they can be read.
     """
-    from tqdm.auto import tqdm
-
-    from .data import read_records
-    from .generate import resolve
-    from .templates import read_chat_template
-
-    if model is None or data is None:
-        from .defaults import require_bundled
-
-        default_model, default_data = require_bundled()
-        model = default_model if model is None else model
-        data = default_data if data is None else data
+    filled = fill_in(model, data, verb="eval")
+    if filled.note:
+        print(filled.note, file=sys.stderr, flush=True)
+    model, data = filled.model, filled.data
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit must be a positive integer, got {limit}")
     model, tokenizer = resolve(str(model) if isinstance(model, Path) else model, tokenizer, adapter_file)
     file = split_file(data, split)
-    chat_template = read_chat_template(chat_template)
+    chat_template = read_template_option(chat_template)
     rows = read_records(file)[:limit]
     start = time.perf_counter()
     prompts, answers = prompts_and_answers(tokenizer, rows, file, chat_template=chat_template)

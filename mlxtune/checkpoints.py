@@ -1,0 +1,143 @@
+"""Checkpoints of a training run and resuming from them, exactly.
+
+A checkpoint is two files beside the adapter: `NNNNNNN_adapters.npz` (the LoRA tensors, same layout as the
+adapter) and `NNNNNNN_state.npz` (the optimizer state as numpy arrays, its step count included so the
+learning-rate schedule continues, and a JSON `meta` with the iteration, trained tokens and a fingerprint of
+the settings). The state file is written first: a checkpoint counts only once both files are complete.
+The one thing to know: the data order and the dropout noise are functions of (seed, iteration), so loading
+a checkpoint and continuing repeats the uninterrupted run bit for bit; the fingerprint refuses a resume
+whose settings would break that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .adapters import read_adapter, read_weights, write_adapter_files
+from .errors import ConfigError
+from .files import atomic_file, write_text_atomic
+from .settings import TrainingArgs
+
+CHECKPOINT_RE = re.compile(r"^(\d{7})_adapters\.(npz|safetensors)$")
+# Settings that change what an iteration computes; a resumed run must have the same ones.
+FINGERPRINT_KEYS = ["rank", "alpha", "dropout", "target_modules", "batch_size", "grad_accumulation", "learning_rate",
+                    "lr_schedule", "warmup", "optimizer", "weight_decay", "max_grad_norm", "max_seq_length", "pack",
+                    "train_on_inputs", "seed"]
+
+
+def settings_fingerprint(args: TrainingArgs, adapter_modules: list[str], base: str | None) -> dict:
+    keys = list(FINGERPRINT_KEYS)
+    if args.lr_schedule != "constant":
+        keys.append("iters")  # the decay length depends on it
+    fp = {k: getattr(args, k) for k in keys}
+    fp["modules"] = sorted(adapter_modules)
+    fp["base_model"] = base
+    return fp
+
+
+def find_checkpoints(folder: Path) -> list[tuple[int, Path, Path]]:
+    """(iteration, adapter, state) for every complete checkpoint in `folder`, oldest first."""
+    out = []
+    if folder.is_dir():
+        for f in folder.iterdir():
+            m = CHECKPOINT_RE.match(f.name)
+            state = folder / f"{m.group(1)}_state.npz" if m else None
+            if m and state.exists():
+                out.append((int(m.group(1)), f, state))
+    return sorted(out)
+
+
+def save_checkpoint(folder: Path, it: int, adapter: dict[str, np.ndarray], optimizer: dict[str, np.ndarray],
+                    meta: dict, suffix: str) -> Path:
+    """State first, adapter second, each atomically. Returns the adapter file of the checkpoint."""
+    state = {f"opt.{k}": v for k, v in optimizer.items()}
+    state["meta"] = np.array(json.dumps(meta))
+    with atomic_file(folder / f"{it:07d}_state.npz", suffix=".npz") as tmp:
+        np.savez(tmp, **state)
+    return write_adapter_files(folder / f"{it:07d}_adapters{suffix}", adapter, None)
+
+
+def read_state(state_file: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """(optimizer arrays, meta) of a checkpoint's state file."""
+    with np.load(state_file) as data:
+        meta = json.loads(str(data["meta"]))
+        optimizer = {k[4:]: data[k] for k in data.files if k.startswith("opt.")}
+    return optimizer, meta
+
+
+@dataclass
+class Resume:
+    """Where a resumed run starts: the weights (and optimizer state) to load and the iteration."""
+
+    iteration: int
+    adapter: dict  # LoRA tensors by name
+    optimizer: dict[str, np.ndarray] | None  # None: weights only (an adapter without a checkpoint)
+    source: Path
+    trained_tokens: int = 0
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    val_loss: list[tuple[int, float]] = field(default_factory=list)
+
+
+def resume_point(args: TrainingArgs, fingerprint: dict, metrics_file: Path) -> Resume:
+    """The newest checkpoint beside `args.adapter_file` (or the adapter's own weights when there is none).
+
+    Refuses, with one line each: no checkpoint and no adapter, settings that differ from the checkpoint's,
+    and a checkpoint already at or past `args.iters`. Metrics the interrupted run wrote after its last
+    checkpoint are dropped, so metrics.jsonl reads as if the run had never stopped.
+    """
+    adapter_file = Path(args.adapter_file)
+    folder = adapter_file.parent
+    found = find_checkpoints(folder)
+    if not found:
+        if not adapter_file.exists():
+            raise ConfigError(f"--resume: no checkpoint (NNNNNNN_adapters{adapter_file.suffix} + NNNNNNN_state.npz) "
+                              f"and no {adapter_file.name} in {folder}; train without --resume first")
+        # An adapter without optimizer state (e.g. mlx-lm's adapters.safetensors): start from its weights.
+        _, weights = read_adapter(adapter_file)
+        return Resume(0, weights, None, adapter_file)
+    start, ckpt, state_file = found[-1]
+    optimizer, meta = read_state(state_file)
+    old = meta.get("settings", {})
+    diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+    if diff:
+        k = diff[0]
+        hint = " (a decaying --lr-schedule is tied to --iters; train longer with --lr-schedule constant)" if k == "iters" else ""
+        raise ConfigError(f"--resume: the checkpoint {ckpt} was trained with {k}={old.get(k)!r} but this run has "
+                          f"{k}={fingerprint[k]!r}: use the same settings, or pass a new --adapter-file{hint}")
+    if start >= args.iters:
+        raise ConfigError(f"--resume: the newest checkpoint {ckpt} is already at iteration {start}; "
+                          f"pass a larger --iters to continue")
+    resume = Resume(start, read_weights(ckpt), optimizer, ckpt, int(meta.get("trained_tokens", 0)))
+    resume.train_loss, resume.val_loss = rewind_metrics(metrics_file, start)
+    return resume
+
+
+def rewind_metrics(metrics_file: Path, upto: int) -> tuple[list, list]:
+    """Keep only the reports up to iteration `upto` in metrics.jsonl; return (train_loss, val_loss) from them."""
+    kept, train, val = [], [], []
+    if metrics_file.exists():
+        for text in metrics_file.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(text)
+                if entry.get("iteration", 0) <= upto:
+                    kept.append(text)
+                    (val if "val_loss" in entry else train).append(
+                        (entry["iteration"], entry.get("val_loss", entry.get("train_loss"))))
+    write_text_atomic(metrics_file, "".join(t + "\n" for t in kept))
+    return train, val
+
+
+def clear_run(folder: Path, metrics_file: Path) -> None:
+    """Remove a replaced run's metrics and checkpoints (the user passed --force)."""
+    if metrics_file.exists():
+        metrics_file.unlink()
+    for _, adapter, state in find_checkpoints(folder):
+        adapter.unlink()
+        state.unlink()
+

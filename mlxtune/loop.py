@@ -1,0 +1,199 @@
+"""The training loop, shared by every engine: batch -> step -> report -> validate -> checkpoint.
+
+It never touches a framework. What it runs comes in as parameters: an engine (`mlxtune.mlx_engine.MLXEngine`,
+or the torch engine) whose `step(batch, iteration)` does forward, loss, backward and the optimizer update
+with the engine's loss function, and a batch source (`batches(start) -> iterator of mlxtune.data.Batch`).
+The one thing to know: everything that decides what an iteration computes is a function of (seed,
+iteration), so a run resumed from a checkpoint repeats the uninterrupted one exactly; the loop only has to
+start the batch source and the engine's state at the checkpoint's iteration.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .adapters import AdapterConfig, read_weights, write_adapter_files
+from .checkpoints import clear_run, find_checkpoints, resume_point, save_checkpoint
+from .errors import TrainingError
+from .report import Reporter, train_line, val_line, write_loss_png
+from .settings import TrainingArgs
+
+
+class Engine(Protocol):
+    """What the loop needs from a framework (see MLXEngine for the reference implementation)."""
+
+    name: str
+
+    def step(self, batch, iteration: int) -> tuple[float, float, float]: ...  # loss sum, tokens, grad norm
+    def evaluate(self, records, num_batches: int = -1) -> float: ...
+    def learning_rate(self) -> float: ...
+    def reset_peak_memory(self) -> None: ...
+    def peak_memory(self) -> float: ...  # GB
+    def adapter_arrays(self) -> dict[str, np.ndarray]: ...
+    def optimizer_arrays(self) -> dict[str, np.ndarray]: ...
+    def load_adapter_arrays(self, weights: dict, source: str) -> None: ...
+    def load_optimizer_arrays(self, state: dict[str, np.ndarray]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """What `mlxtune.lora` returns: where the adapter is and how the loss went."""
+
+    adapter_file: Path | None
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    val_loss: list[tuple[int, float]] = field(default_factory=list)
+    test_loss: float | None = None
+    test_perplexity: float | None = None
+    iterations: int = 0
+    trained_tokens: int = 0
+    stopped_early: bool = False
+    metrics_file: Path | None = None
+    plot_file: Path | None = None
+
+
+class _Stop(Exception):
+    """A callback asked to stop (raised out of validation, caught by the loop)."""
+
+
+def _wants_stop(callbacks, report: dict) -> bool:
+    stop = False
+    for cb in callbacks:
+        if hasattr(cb, "on_train_loss_report") or hasattr(cb, "on_val_loss_report"):  # mlx-lm style
+            method = getattr(cb, "on_val_loss_report" if "val_loss" in report else "on_train_loss_report", None)
+            result = method(report) if method else None
+        else:
+            result = cb(report)
+        stop = stop or result is True
+    return stop
+
+
+def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, args: TrainingArgs, *,
+          adapter_config: AdapterConfig, fingerprint: dict, callbacks: Iterable[Callable] = (),
+          verbose: bool = True) -> TrainResult:
+    """Train for `args.iters` steps (from the newest checkpoint with `args.resume`); returns a TrainResult.
+
+    `batches(start)` yields the training batches from step `start` on. Writes the adapter, checkpoints,
+    metrics.jsonl and loss.png beside `args.adapter_file`.
+    """
+    adapter_file = Path(args.adapter_file)
+    folder = adapter_file.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = adapter_file.suffix
+    metrics_file, plot_file = folder / "metrics.jsonl", folder / "loss.png"
+    callbacks = list(callbacks)
+    result = TrainResult(adapter_file=adapter_file, metrics_file=metrics_file, plot_file=plot_file if args.plot else None)
+    log = Reporter(verbose, metrics_file)
+
+    start = 0
+    resume = resume_point(args, fingerprint, metrics_file) if args.resume else None
+    if resume is not None and resume.optimizer is not None:
+        engine.load_adapter_arrays(resume.adapter, str(resume.source))
+        engine.load_optimizer_arrays(resume.optimizer)
+        start, result.trained_tokens = resume.iteration, resume.trained_tokens
+        result.train_loss, result.val_loss = resume.train_loss, resume.val_loss
+    else:
+        if resume is not None:
+            engine.load_adapter_arrays(resume.adapter, str(resume.source))
+            log.line(f"note: {folder} has no checkpoint with optimizer state; starting from the weights in "
+                     f"{adapter_file} at iteration 0")
+        clear_run(folder, metrics_file)
+
+    def validate(it: int) -> None:
+        if not valid_records:
+            return
+        tic = time.perf_counter()
+        loss = engine.evaluate(valid_records, args.val_batches)
+        took = time.perf_counter() - tic
+        log.line(val_line(it, loss, took))
+        report = {"iteration": it, "val_loss": loss, "val_time": took}
+        log.record(report)
+        result.val_loss.append((it, loss))
+        if args.plot:
+            write_loss_png(plot_file, result.train_loss, result.val_loss)
+        if _wants_stop(callbacks, report):
+            raise _Stop()
+
+    def checkpoint(it: int, announce: bool = True) -> None:
+        meta = {"iteration": it, "trained_tokens": result.trained_tokens, "settings": fingerprint}
+        adapter = engine.adapter_arrays()
+        ck = save_checkpoint(folder, it, adapter, engine.optimizer_arrays(), meta, suffix)
+        if announce:
+            write_adapter_files(adapter_file, adapter, adapter_config)
+            log.line(f"Iter {it}: Saved adapter weights to {adapter_file} and {ck}.")
+
+    def last_good() -> str:
+        found = find_checkpoints(folder)
+        if not found:
+            return "no checkpoint was saved yet"
+        it, ck, _ = found[-1]
+        engine.load_adapter_arrays(read_weights(ck), str(ck))
+        return f"the last good checkpoint is {ck} (iteration {it}), also loaded back into the model"
+
+    source = batches(start)
+    window_loss, window_tokens, window_real, window_steps, window_time = 0.0, 0.0, 0, 0, 0.0
+    it = start
+    engine.reset_peak_memory()
+    if start == 0 and args.steps_per_eval > 0 and args.iters > 0:
+        try:
+            validate(0)
+        except _Stop:
+            result.stopped_early = True
+    bar = tqdm(total=args.iters, initial=start, desc="Training", unit="it", disable=not verbose or result.stopped_early,
+               dynamic_ncols=True, leave=False)
+    log.bar = bar
+    try:
+        while it < args.iters and not result.stopped_early:
+            batch = next(source)
+            it += 1
+            tic = time.perf_counter()
+            loss_sum, count, norm = engine.step(batch, it)
+            window_time += time.perf_counter() - tic
+            if not (math.isfinite(loss_sum) and math.isfinite(norm)):
+                raise TrainingError(
+                    f"training stopped at iteration {it}: the {'loss' if not math.isfinite(loss_sum) else 'gradient'} "
+                    f"became non-finite; {last_good()}. Try a lower --learning-rate (now {args.learning_rate:g})"
+                    f"{', --max-grad-norm 1.0' if args.max_grad_norm == 0 else ''} or a warmup (--warmup 50)")
+            real = int(batch.n_real)
+            window_loss, window_tokens, window_real = window_loss + loss_sum, window_tokens + count, window_real + real
+            window_steps += 1
+            result.trained_tokens += real
+            bar.update(1)
+            if it % args.steps_per_report == 0 or it == args.iters:
+                train_loss = window_loss / max(window_tokens, 1)
+                report = {"iteration": it, "train_loss": train_loss, "learning_rate": engine.learning_rate(),
+                          "iterations_per_second": window_steps / window_time,
+                          "tokens_per_second": window_real / window_time,
+                          "trained_tokens": result.trained_tokens, "peak_memory": engine.peak_memory()}
+                log.line(train_line(it, report))
+                bar.set_postfix(loss=f"{train_loss:.3f}")
+                log.record(report)
+                result.train_loss.append((it, train_loss))
+                window_loss, window_tokens, window_real, window_steps, window_time = 0.0, 0.0, 0, 0, 0.0
+                if _wants_stop(callbacks, report):
+                    result.stopped_early = True
+            if not result.stopped_early and (it == args.iters or (args.steps_per_eval and it % args.steps_per_eval == 0)):
+                try:
+                    validate(it)
+                except _Stop:
+                    result.stopped_early = True
+            if args.save_every and it % args.save_every == 0 and it < args.iters:
+                checkpoint(it)
+    finally:
+        bar.close()
+        log.bar = None
+    result.iterations = it
+    write_adapter_files(adapter_file, engine.adapter_arrays(), adapter_config)
+    if args.plot:
+        write_loss_png(plot_file, result.train_loss, result.val_loss)
+    if args.save_every and it % args.save_every == 0:  # the final step is a checkpoint too (resume can extend it)
+        checkpoint(it, announce=False)
+    log.line(f"{'Stopped early at iteration ' + str(it) + '. ' if result.stopped_early else ''}"
+             f"Saved final adapter weights to {adapter_file}.")
+    return result

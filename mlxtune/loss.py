@@ -1,0 +1,236 @@
+"""The training loss on MLX: token-weighted cross-entropy on target tokens only, and the batch arrays it takes.
+
+A batch from `mlxtune.data` (numpy: inputs, targets, loss mask, optional packing segments) becomes the arrays
+`prepare_batch` returns; `token_loss` turns them into (sum of token losses, number of target tokens). The one
+thing to know: the vocabulary projection runs only on target positions. `model_parts` splits the model into
+body (tokens -> hidden states) and head (hidden -> logits), checked numerically once per model, and the hidden
+states of target positions are gathered before the head, which is where most of the speed and memory saving
+over a plain `model(inputs)` comes from. Packed rows get block-diagonal attention by swapping the mask
+function mlx-lm's model files call, without touching those files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .data import iterate_batches, round_up
+from .errors import ConfigError, DataError
+
+
+@dataclass
+class ModelParts:
+    """How to run a model as body (tokens -> hidden states) + head (hidden -> logits), and where its mask comes from."""
+
+    body: Callable | None  # None: no split found, use model(inputs) and weight every position
+    head: Callable | None
+    mask_modules: list  # the python modules whose `create_attention_mask` the model calls
+    packing: bool = True  # verified: a packed row gives the same loss as its examples one by one
+
+
+def _find_parts(model: nn.Module) -> ModelParts:
+    inner = model.get("model") if isinstance(model, dict) else None
+    mods = {sys.modules[type(m).__module__] for _, m in model.named_modules()}
+    mask_modules = [m for m in mods if hasattr(m, "create_attention_mask")]
+    if not isinstance(inner, nn.Module):
+        return ModelParts(None, None, mask_modules)
+    if "lm_head" in model and not getattr(model, "tie_word_embeddings", False):
+        proj = model.lm_head
+    elif hasattr(inner, "embed_tokens") and hasattr(inner.embed_tokens, "as_linear"):
+        proj = inner.embed_tokens.as_linear
+    else:
+        return ModelParts(None, None, mask_modules)
+    args = getattr(model, "args", None)
+    cap = getattr(model, "final_logit_softcapping", None) or getattr(args, "final_logit_softcapping", None)
+
+    def head(h):
+        logits = proj(h)
+        return mx.tanh(logits / cap) * cap if cap else logits
+
+    return ModelParts(lambda inputs: inner(inputs), head, mask_modules)
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    """Find (and check numerically, once per model) the body/head split and packed-attention support."""
+    parts = model.__dict__.get("_mlxtune_parts")
+    if parts is not None:
+        return parts
+    parts = _find_parts(model)
+    was_training = model.training
+    model.eval()
+    ids = mx.array([[3, 7, 1, 9, 4, 2, 8, 5], [6, 2, 9, 3, 1, 7, 4, 2]]) % _vocab_size(model)
+    try:
+        if parts.body is not None:
+            full = model(ids).astype(mx.float32)
+            try:
+                split = parts.head(parts.body(ids)).astype(mx.float32)
+                same = split.shape == full.shape and mx.allclose(full, split, rtol=1e-3, atol=1e-3).item()
+            except Exception:  # an inner model with another calling convention
+                same = False
+            if not same:
+                parts.body = parts.head = None
+        # Packing check: two rows, each holding two examples, must score as the examples do alone.
+        # (Two rows with different layouts catch attention code that broadcasts a per-row mask wrongly.)
+        a, b = ids[:1, :5], ids[1:, :3]
+        seg = mx.array([[1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 2, 2, 2, 2, 2]])
+        rows = mx.concatenate([mx.concatenate([a, b], 1), mx.concatenate([b, a], 1)])
+        packed = _logits(model, parts, rows, seg)
+        la, lb = _logits(model, parts, a, None), _logits(model, parts, b, None)
+        alone = mx.concatenate([mx.concatenate([la, lb], 1), mx.concatenate([lb, la], 1)])
+        parts.packing = bool(mx.allclose(packed, alone, rtol=1e-3, atol=1e-3).item())
+    except Exception:  # an architecture whose attention rejects a per-row mask: train unpacked
+        parts.packing = False
+    finally:
+        model.train(was_training)
+    object.__setattr__(model, "_mlxtune_parts", parts)
+    return parts
+
+
+def _vocab_size(model) -> int:
+    args = getattr(model, "args", None)
+    return int(getattr(args, "vocab_size", 0) or 0) or 16
+
+
+def _segment_mask(segments: mx.array):
+    """A create_attention_mask replacement: causal AND same segment, (B, 1, L, L) booleans."""
+
+    def create_attention_mask(h, cache=None, window_size=None, return_array=False, **_):
+        pos = mx.arange(segments.shape[1])
+        mask = (pos[:, None] >= pos[None]) & (segments[:, :, None] == segments[:, None, :])
+        if window_size:
+            mask = mask & (pos[:, None] < pos[None] + window_size)
+        return mask[:, None]
+
+    return create_attention_mask
+
+
+@contextlib.contextmanager
+def _attention_segments(parts: ModelParts, segments):
+    # mlx-lm models build their causal mask with the create_attention_mask they import; swapping that
+    # name while the graph is traced gives every architecture block-diagonal attention without touching
+    # model code. Positions keep counting across a packed row; RoPE is relative so that changes nothing.
+    if segments is None:
+        yield
+        return
+    fn = _segment_mask(segments)
+    saved = [(m, m.create_attention_mask) for m in parts.mask_modules]
+    try:
+        for m, _ in saved:
+            m.create_attention_mask = fn
+        yield
+    finally:
+        for m, old in saved:
+            m.create_attention_mask = old
+
+
+def _logits(model, parts, inputs, segments):
+    with _attention_segments(parts, segments):
+        if parts.body is None:
+            return model(inputs)
+        return parts.head(parts.body(inputs))
+
+
+def _loss_sums(model, parts: ModelParts, inputs, targets, weights, index=None, segments=None):
+    """(sum of token losses, number of loss tokens). With `index`, only those flat positions reach the head."""
+    with _attention_segments(parts, segments):
+        if parts.body is not None:
+            h = parts.body(inputs)
+            h = h.reshape(-1, h.shape[-1])
+            t = targets.reshape(-1)
+            if index is not None:
+                h, t = h[index], t[index]
+            logits = parts.head(h)
+        else:
+            logits = model(inputs)
+            logits, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+            if index is not None:
+                logits, t = logits[index], t[index]
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), t) * weights
+    return ce.sum(), weights.sum()
+
+
+def _bucket(n: int) -> int:
+    # Gathered lengths are rounded up (<= 12.5% waste) so mx.compile sees few distinct shapes.
+    return max(64, round_up(n, 1 << max(6, n.bit_length() - 3)))
+
+
+def prepare_batch(batch, gather: bool = True) -> list[mx.array]:
+    """Batch -> the arrays the loss takes: [inputs, targets, weights, index, segments?].
+
+    Trailing columns with no loss in any row are dropped: attention is causal, so they cannot change the
+    loss of earlier positions.
+    """
+    inputs = np.asarray(batch.inputs, np.int32)
+    targets = np.asarray(batch.targets, np.int32)
+    mask = np.asarray(batch.loss_mask, np.float32)
+    segments = None if batch.segments is None else np.asarray(batch.segments, np.int32)
+    used = np.flatnonzero(mask.any(0))
+    length = min(inputs.shape[1], round_up(int(used[-1]) + 1 if len(used) else 1, 32))
+    inputs, targets, mask = inputs[:, :length], targets[:, :length], mask[:, :length]
+    if segments is not None:
+        segments = segments[:, :length]
+    if gather:
+        flat = np.flatnonzero(mask.reshape(-1))
+        size = _bucket(len(flat))
+        index = np.zeros(size, np.int32)
+        index[: len(flat)] = flat
+        weights = np.zeros(size, np.float32)
+        weights[: len(flat)] = mask.reshape(-1)[flat]
+        arrays = [inputs, targets, weights, index]
+    else:
+        arrays = [inputs, targets, mask.reshape(-1)]
+    if segments is not None:
+        arrays.append(segments)
+    return [mx.array(a) for a in arrays]
+
+
+def token_loss(model, parts: ModelParts, arrays: list[mx.array], gather: bool) -> tuple[mx.array, mx.array]:
+    """(sum of token losses, number of target tokens) for the arrays of `prepare_batch`."""
+    if gather:
+        inputs, targets, weights, index, *rest = arrays
+    else:
+        (inputs, targets, weights, *rest), index = arrays, None
+    return _loss_sums(model, parts, inputs, targets, weights, index, rest[0] if rest else None)
+
+
+def loss_fn(model: nn.Module, batch) -> tuple[mx.array, mx.array]:
+    """(mean loss per target token, number of target tokens) for one `mlxtune.data.Batch`."""
+    parts = model_parts(model)
+    gather = parts.body is not None
+    if batch.segments is not None and not parts.packing:
+        raise ConfigError("this architecture does not support packed batches: iterate with pack=False")
+    arrays = prepare_batch(batch, gather)
+    total, n = token_loss(model, parts, arrays, gather)
+    return total / mx.maximum(n, 1), n
+
+
+def evaluate_loss(model: nn.Module, records, batch_size: int, max_seq_length: int, num_batches: int = -1) -> float:
+    """Mean loss per target token over `records` (the first `num_batches` batches; -1 = all), unpacked, in order."""
+    if not records:
+        raise DataError("no records to evaluate (the split is empty)")
+    parts = model_parts(model)
+    gather = parts.body is not None
+    was_training = model.training
+    model.eval()
+    total, count = mx.array(0.0), mx.array(0.0)
+    batches = iterate_batches(records, min(batch_size, len(records)), max_seq_length=max_seq_length, seed=0,
+                              start_step=0, loop=False, shuffle=False, pack=False)
+    try:
+        for i, batch in enumerate(batches):
+            if num_batches != -1 and i >= num_batches:
+                break
+            arrays = prepare_batch(batch, gather)
+            s, n = token_loss(model, parts, arrays, gather)
+            total, count = total + s, count + n
+            mx.eval(total, count)
+    finally:
+        model.train(was_training)
+    if count.item() == 0:
+        raise DataError("the evaluation records carry no target tokens (is every completion empty or truncated?)")
+    return (total / count).item()

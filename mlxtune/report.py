@@ -1,0 +1,76 @@
+"""What a training run reports: the report lines, metrics.jsonl and the loss plot.
+
+The lines keep mlx-lm's wording (`Iter 10: Train loss 2.345, Learning Rate 1.000e-04, ...`) so scripts
+that parse mlx-lm's output parse ours. The one thing to know: lines go through the progress bar's
+`write` while a bar is open, so bar and lines never garble each other, in a terminal or a notebook.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: never open a window, never need a display
+
+from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
+
+from .files import atomic_file  # noqa: E402
+
+
+class Reporter:
+    """Report lines to the terminal (through the bar when one is open) and records to metrics.jsonl."""
+
+    def __init__(self, verbose: bool, metrics: Path | None):
+        self.verbose, self.metrics, self.bar = verbose, metrics, None
+
+    def line(self, text: str) -> None:
+        if not self.verbose:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def record(self, entry: dict) -> None:
+        if self.metrics is not None:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+
+def train_line(it: int, report: dict) -> str:
+    return (f"Iter {it}: Train loss {report['train_loss']:.3f}, Learning Rate {report['learning_rate']:.3e}, "
+            f"It/sec {report['iterations_per_second']:.3f}, Tokens/sec {report['tokens_per_second']:.0f}, "
+            f"Trained Tokens {report['trained_tokens']}, Peak mem {report['peak_memory']:.3f} GB")
+
+
+def val_line(it: int, loss: float, seconds: float) -> str:
+    return f"Iter {it}: Val loss {loss:.3f}, Val took {seconds:.1f}s"
+
+
+def loss_figure(train: list[tuple[int, float]], val: list[tuple[int, float]]) -> Figure:
+    """Training and validation loss against the iteration, log-scale loss, labelled, with a legend."""
+    fig = Figure(figsize=(6.4, 4.0), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    if train:
+        ax.plot(*zip(*train), color="tab:blue", label="train")
+    if val:
+        ax.plot(*zip(*val), color="tab:orange", marker="o", markersize=3, label="validation")
+    values = [v for _, v in train + val]
+    if values and min(values) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (per target token)")
+    ax.grid(True, which="both", alpha=0.3)
+    if train or val:
+        ax.legend()
+    return fig
+
+
+def write_loss_png(path: str | Path, train: list[tuple[int, float]], val: list[tuple[int, float]]) -> Path:
+    """loss.png for a run, written atomically."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        loss_figure(train, val).savefig(tmp, format="png")
+    return path
