@@ -38,4 +38,5 @@ train: setup
 	$(BIN)/mlxtune lora --iters 1000
 
 test: setup-test
+	$(BIN)/ruff check mlxtune tests benchmarks scripts
 	LD_PRELOAD=$$( [ -f $(OPENBLAS) ] && echo $(OPENBLAS) ) $(BIN)/python -m pytest -q

@@ -13,7 +13,6 @@ that both tools start with the same page cache. Targets: wall <= mlx_lm's, peak 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -133,9 +132,9 @@ def fidelity() -> None:
     import numpy as np
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from hf_models import ARCHS, TEST_IDS, hf_logits, make_hf_model
-
     from mlxtune.conversion import convert
+
+    from hf_models import ARCHS, TEST_IDS, hf_logits, make_hf_model
 
     ids = np.random.default_rng(0).integers(6, 400, size=(2, 24))
 

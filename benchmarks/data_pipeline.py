@@ -84,9 +84,9 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from tiny import make_bpe_tokenizer
-
     from mlxtune.models import load_tokenizer
+
+    from tiny import make_bpe_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -29,10 +29,11 @@ QUIET = dict(progress=False, log=lambda msg: None)
 
 def measure(model_dir: Path, seqs: np.ndarray, work: Path, gelu: bool) -> dict:
     """Logit scale of the float32 MLX model and max |llama.cpp - MLX| for the F32 and F16 files."""
-    import llamacpp
     from test_gguf import mlx_logits
 
     from mlxtune.gguf import to_gguf
+
+    import llamacpp
 
     ref = mlx_logits(model_dir, seqs, gguf_gelu=gelu)
     out = {"std": float(ref.std(-1).mean()), "max": float(np.abs(ref).max())}

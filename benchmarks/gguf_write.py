@@ -166,9 +166,10 @@ def main() -> None:
         rows.append(("q4_k_m", "mlxtune gguf (from HF)", *ours("q4_k_m")))
 
     print(f"\nmodel: {model} ({(model / 'model.safetensors').stat().st_size / 2**30:.2f} GiB bf16), "
-          f"{os.cpu_count()} CPU cores, median of {REPEAT} runs, {'new output files' if FRESH else 'replacing the previous output'}, load average {os.getloadavg()[0]:.1f}")
-    print(f"| type | tool | wall (s) | peak RSS (MiB) | time vs reference |")
-    print(f"|---|---|---:|---:|---:|")
+          f"{os.cpu_count()} CPU cores, median of {REPEAT} runs, "
+          f"{'new output files' if FRESH else 'replacing the previous output'}, load average {os.getloadavg()[0]:.1f}")
+    print("| type | tool | wall (s) | peak RSS (MiB) | time vs reference |")
+    print("|---|---|---:|---:|---:|")
     ref_time = {}
     for kind, tool, wall, rss in rows:
         ref = ref_time.setdefault(kind, wall)

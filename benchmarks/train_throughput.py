@@ -45,6 +45,7 @@ def build_model(out: Path, size: str) -> Path:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
+
     from tiny import make_bpe_tokenizer
 
     if (out / "config.json").exists():
@@ -218,7 +219,7 @@ def bench(size: str, work: Path, a) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"| model | trainer | steps | real tokens | real tokens/s | vs mlx-lm | peak mem (MB) | vs mlx-lm | final val loss |"
+    head = "| model | trainer | steps | real tokens | real tokens/s | vs mlx-lm | peak mem (MB) | vs mlx-lm | final val loss |"
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         ref = next(x for x in rows if x["size"] == r["size"] and x["name"] == "mlx-lm")

@@ -77,7 +77,7 @@ class AdapterConfig:
         return d
 
     @classmethod
-    def from_json(cls, d: dict, source: str = CONFIG_NAME) -> "AdapterConfig":
+    def from_json(cls, d: dict, source: str = CONFIG_NAME) -> AdapterConfig:
         if d.get("format") == "mlxtune-lora":
             names = {f.name for f in cls.__dataclass_fields__.values()}
             return cls(**{k: v for k, v in d.items() if k in names})
@@ -93,7 +93,7 @@ class AdapterConfig:
         raise AdapterError(f"{source} is not an mlxtune or mlx-lm adapter config (no 'format' or 'lora_parameters')")
 
     @classmethod
-    def of_model(cls, model: nn.Module, base_model: str | None = None) -> "AdapterConfig":
+    def of_model(cls, model: nn.Module, base_model: str | None = None) -> AdapterConfig:
         """The config describing the LoRA layers `model` carries now."""
         layers = lora_modules(model)
         if not layers:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -134,7 +133,7 @@ def _readme(source: str, result: ConvertResult, copied: list[str]) -> str:
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
         "",
         f"- dtype: {result.dtype}",
-        f"- quantization: " + (f"affine, {result.quantization['bits']} bits, group size "
+        "- quantization: " + (f"affine, {result.quantization['bits']} bits, group size "
                                f"{result.quantization['group_size']}" if result.quantization else "none"),
         f"- parameters: {result.num_parameters:,}",
         f"- bits per weight: {result.bits_per_weight:.3f}",

@@ -135,7 +135,7 @@ def greedy_batch(model, tokenizer, prompts: list[list[int]], *, max_tokens: int 
     except (NotImplementedError, AttributeError, TypeError, ValueError) as e:
         # An architecture mlx-lm cannot batch (gemma2's attention mask in mlx-lm 0.32): the same
         # replies, one prompt at a time.
-        warnings.warn(f"batched generation failed ({type(e).__name__}: {e}); generating one prompt at a time")
+        warnings.warn(f"batched generation failed ({type(e).__name__}: {e}); generating one prompt at a time", stacklevel=2)
         if progress is not None:
             progress.reset(total=len(prompts))
         return greedy_batch(model, tokenizer, prompts, max_tokens=max_tokens, batch_size=1, answers=answers,

@@ -28,7 +28,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-
 from mlx_lm.utils import dequantize_model
 from tqdm.auto import tqdm
 
@@ -79,7 +78,7 @@ class FuseResult:
 
     @property
     def mean_kept(self) -> float | None:
-        return float(np.mean([l.kept for l in self.layers])) if self.layers else None
+        return float(np.mean([layer.kept for layer in self.layers])) if self.layers else None
 
 
 def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: str | os.PathLike, *,
@@ -257,14 +256,14 @@ def _kept(name: str, layer: LoRALinear, merged: nn.Module, dtype: mx.Dtype) -> L
 
 
 def _warn_if_lost(result: FuseResult) -> None:
-    if result.layers and all(l.update_norm == 0.0 for l in result.layers):
+    if result.layers and all(layer.update_norm == 0.0 for layer in result.layers):
         warnings.warn("the adapter's update is zero in every layer (an untrained adapter?): the fused model is "
                       "the base model", RequantizationWarning, stacklevel=3)
         return
     kept = result.mean_kept
     if kept is None or kept >= WARN_KEPT_BELOW:
         return
-    worst = min(result.layers, key=lambda l: l.kept)
+    worst = min(result.layers, key=lambda layer: layer.kept)
     if result.requantized:
         how, fix = "re-quantizing the fused weights", "fuse with --de-quantize to keep the fine-tune"
     else:
@@ -367,6 +366,10 @@ def _check_reload(out: Path, model: nn.Module, tokens: mx.array) -> float:
     return diff
 
 
+def _leaves(modules: list[str]) -> list[str]:
+    return sorted({m.rsplit(".", 1)[-1] for m in modules})
+
+
 def model_card(result: FuseResult, adapter_file: Path, base_dir: Path) -> str:
     a = result.adapter
     hub_id = not Path(result.base_model).expanduser().exists()  # the hub's base_model field wants an id
@@ -380,7 +383,7 @@ def model_card(result: FuseResult, adapter_file: Path, base_dir: Path) -> str:
         f"| base model | `{result.base_model}` (`{base_dir}`) |",
         f"| adapter | `{adapter_file}` |",
         f"| rank / alpha / scale | {a.rank} / {a.alpha:g} / {a.scale:g} |",
-        f"| adapted layers | {len(a.modules)} modules ({', '.join(a.target_modules or sorted({m.rsplit('.', 1)[-1] for m in a.modules}))}) |",
+        f"| adapted layers | {len(a.modules)} modules ({', '.join(a.target_modules or _leaves(a.modules))}) |",
         f"| quantized base | {'yes' if result.quantized_base else 'no'} |",
         f"| de-quantized | {'yes' if result.de_quantized else 'no'} |",
         f"| dtype | {result.dtype} |",

@@ -11,8 +11,9 @@ import builtins
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, TextIO
+from typing import TextIO
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
@@ -243,7 +244,7 @@ def chat(model, tokenizer=None, *, adapter_file=None, system: str | None = None,
         ids = render_prompt(tokenizer, text, system=system, history=history)
         pieces: list[str] = []
 
-        def show(piece: str) -> None:
+        def show(piece: str, pieces: list[str] = pieces) -> None:
             pieces.append(piece)
             write(piece)
 

@@ -29,7 +29,7 @@ class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update (see the module docstring)."""
 
     @staticmethod
-    def from_base(linear: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> "LoRALinear":
+    def from_base(linear: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> LoRALinear:
         out_dims, in_dims = linear.weight.shape
         if isinstance(linear, nn.QuantizedLinear):
             in_dims = in_dims * 32 // linear.bits

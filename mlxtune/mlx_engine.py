@@ -10,8 +10,8 @@ default, see `mlxtune.loss`), so another objective plugs in without another loop
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn

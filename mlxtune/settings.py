@@ -28,7 +28,8 @@ class TrainingArgs:
     """Every knob of a LoRA run. YAML keys, Python keyword arguments and CLI flags (`-` -> `_`) are these names."""
 
     model: str | None = field(default=None, metadata={"help": "Base model: a local MLX/HF directory or a hub id."})
-    data: str | None = field(default=None, metadata={"help": "Dataset: a directory with train/valid/test.jsonl, or one .jsonl file."})
+    data: str | None = field(default=None, metadata={
+        "help": "Dataset: a directory with train/valid/test.jsonl, or one .jsonl file."})
     adapter_file: str = field(default="adapters/adapters.npz", metadata={
         "help": "Where the adapter goes; checkpoints, metrics.jsonl and loss.png are written beside it."})
     lora_layers: int = field(default=16, metadata={"help": "Adapt the last N transformer blocks (-1 = all). Alias --num-layers."})
@@ -39,7 +40,8 @@ class TrainingArgs:
         "help": "attention (q,k,v,o projections), all-linear (adds the MLP), or a comma list like q_proj,v_proj."})
     batch_size: int = field(default=4, metadata={"help": "Examples (or packed rows) per micro-batch."})
     iters: int = field(default=1000, metadata={"help": "Optimizer steps to train for."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (1e-4 suits LoRA; try 2e-4 for small ranks)."})
+    learning_rate: float = field(default=1e-4, metadata={
+        "help": "Peak learning rate (1e-4 suits LoRA; try 2e-4 for small ranks)."})
     lr_schedule: str = field(default="constant", metadata={"help": "constant, cosine or linear decay to 0 after warmup."})
     warmup: int = field(default=0, metadata={"help": "Steps of linear warmup from 0 to the learning rate."})
     optimizer: str = field(default="adamw", metadata={"help": "adamw, adam or sgd."})
@@ -47,13 +49,17 @@ class TrainingArgs:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (0 = no clipping)."})
     grad_accumulation: int = field(default=1, metadata={
         "help": "Micro-batches per optimizer step; equals a batch of batch-size x N."})
-    grad_checkpoint: bool = field(default=False, metadata={"help": "Recompute block activations in the backward pass: less memory, ~30% slower."})
+    grad_checkpoint: bool = field(default=False, metadata={
+        "help": "Recompute block activations in the backward pass: less memory, ~30% slower."})
     max_seq_length: int = field(default=2048, metadata={"help": "Longer examples are truncated to this many tokens."})
     pack: bool = field(default=False, metadata={
         "help": "Pack several examples into each row of up to --max-seq-length tokens (block-diagonal "
                 "attention, same loss as unpacked); --batch-size then counts rows."})
-    train_on_inputs: bool = field(default=False, metadata={"help": "Also learn the prompt/user tokens, not only the completions."})
-    valid_split: float = field(default=0.1, metadata={"help": "Fraction held out for validation from a single-file dataset, or from train.jsonl when a data directory has no valid.jsonl."})
+    train_on_inputs: bool = field(default=False, metadata={
+        "help": "Also learn the prompt/user tokens, not only the completions."})
+    valid_split: float = field(default=0.1, metadata={
+        "help": "Fraction held out for validation from a single-file dataset, or from train.jsonl when a data "
+                "directory has no valid.jsonl."})
     test_split: float = field(default=0.0, metadata={"help": "Fraction of a single-file dataset held out for --test."})
     seed: int = field(default=0, metadata={"help": "Seed for LoRA init, data order and dropout."})
     steps_per_report: int = field(default=10, metadata={"help": "Steps between training-loss reports."})
@@ -61,19 +67,24 @@ class TrainingArgs:
     val_batches: int = field(default=25, metadata={"help": "Validation batches per evaluation (-1 = the whole set)."})
     save_every: int = field(default=100, metadata={"help": "Steps between checkpoints (0000100_adapters.npz)."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint beside --adapter-file."})
-    force: bool = field(default=False, metadata={"help": "Replace an existing adapter (and its checkpoints) in --adapter-file's folder."})
+    force: bool = field(default=False, metadata={
+        "help": "Replace an existing adapter (and its checkpoints) in --adapter-file's folder."})
     test: bool = field(default=False, metadata={
-        "help": "Report test loss and perplexity after training (or, with an existing --adapter-file and no --iters, instead of training)."})
+        "help": "Report test loss and perplexity after training (or, with an existing --adapter-file and no --iters, "
+                "instead of training)."})
     test_batches: int = field(default=-1, metadata={"help": "Test batches for --test (-1 = the whole set)."})
     plot: bool = field(default=True, metadata={"help": "Write loss.png beside the adapter."})
-    chat_template: str | None = field(default=None, metadata={"help": "A Jinja chat template file to use instead of the tokenizer's."})
-    prompt_key: str | None = field(default=None, metadata={"help": "Field holding the prompt, when your records name it differently."})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "A Jinja chat template file to use instead of the tokenizer's."})
+    prompt_key: str | None = field(default=None, metadata={
+        "help": "Field holding the prompt, when your records name it differently."})
     completion_key: str | None = field(default=None, metadata={"help": "Field holding the completion/answer."})
     text_key: str | None = field(default=None, metadata={"help": "Field holding plain text records."})
     messages_key: str | None = field(default=None, metadata={"help": "Field holding a chat's message list."})
-    report_to: str = field(default="none", metadata={"help": "none, or wandb to also log the reports to Weights & Biases (needs `pip install wandb`)."})
+    report_to: str = field(default="none", metadata={
+        "help": "none, or wandb to also log the reports to Weights & Biases (needs `pip install wandb`)."})
 
-    def validate(self) -> "TrainingArgs":
+    def validate(self) -> TrainingArgs:
         def need(ok: bool, flag: str, what: str, value):
             if not ok:
                 raise ConfigError(f"--{flag.replace('_', '-')} {what}, got {value}")
@@ -94,7 +105,8 @@ class TrainingArgs:
         need(self.steps_per_eval >= 0, "steps_per_eval", "must be 0 or more", self.steps_per_eval)
         need(self.save_every >= 0, "save_every", "must be 0 (only the final adapter) or more", self.save_every)
         need(self.report_to in ("none", "wandb"), "report_to", "must be none or wandb", self.report_to)
-        need(self.lora_layers == -1 or self.lora_layers > 0, "lora_layers", "must be a positive number of blocks or -1 for all", self.lora_layers)
+        need(self.lora_layers == -1 or self.lora_layers > 0, "lora_layers", "must be a positive number of blocks or -1 for all",
+             self.lora_layers)
         suffix = Path(self.adapter_file).suffix
         need(suffix in (".npz", ".safetensors"), "adapter_file", "must end in .npz or .safetensors", self.adapter_file)
         return self
@@ -126,7 +138,8 @@ def read_config_file(path: str | os.PathLike) -> dict:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise ConfigError(f"{path}{f' line {line + 1}' if line is not None else ''}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        where = f"{path} line {line + 1}" if line is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of setting: value, got a {type(values).__name__}")
     if "lora_parameters" in values:  # mlx-lm layout: rank/scale/dropout/keys nested

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -104,8 +105,9 @@ def lora(model: Any = None, data: Any = None, *, tokenizer: Any = None, config: 
 
     needed = args.batch_size * args.grad_accumulation
     if args.iters > 0 and len(splits.train) < needed:
-        raise ConfigError(f"--batch-size {args.batch_size}{f' x --grad-accumulation {args.grad_accumulation}' if args.grad_accumulation > 1 else ''} "
-                          f"needs at least {needed} training examples but {data_arg} has {len(splits.train)}: lower --batch-size or add data")
+        accumulation = f" x --grad-accumulation {args.grad_accumulation}" if args.grad_accumulation > 1 else ""
+        raise ConfigError(f"--batch-size {args.batch_size}{accumulation} needs at least {needed} training examples but "
+                          f"{data_arg} has {len(splits.train)}: lower --batch-size or add data")
     callbacks = list(callbacks)
     if args.report_to == "wandb":
         callbacks.append(_wandb_callback(args))

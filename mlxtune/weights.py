@@ -95,7 +95,8 @@ def index_tensors(model_dir: Path) -> dict[str, StoredTensor]:
     """Every tensor of the model directory's weight files, by name."""
     files = weight_files(model_dir)
     if not files:
-        raise ModelLoadError(f"{model_dir} has no model*.safetensors weights (PyTorch .bin checkpoints: run mlxtune convert first)")
+        raise ModelLoadError(f"{model_dir} has no model*.safetensors weights "
+                             "(PyTorch .bin checkpoints: run mlxtune convert first)")
     index: dict[str, StoredTensor] = {}
     for file in files:
         header, data_start = read_header(file)

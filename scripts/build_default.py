@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -106,7 +104,6 @@ def pretrain(out: Path, stream, vocab_size: int, steps: int, batch_size: int, se
     import mlx.nn as nn
     import mlx.optimizers as optim
     import numpy as np
-    from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
     from tqdm.auto import tqdm
 
@@ -186,7 +183,8 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--snapshot-every", type=int, default=0, help="also save the model every N steps as tiny-chat-stepN (for tuning)")
+    p.add_argument("--snapshot-every", type=int, default=0,
+                   help="also save the model every N steps as tiny-chat-stepN (for tuning)")
     p.add_argument("--data-only", action="store_true", help="only rewrite the dataset")
     args = p.parse_args(argv)
 

@@ -11,8 +11,24 @@ from __future__ import annotations
 import json
 import random
 
-from toolcall_task import (ADJECTIVES, CITIES, DAYS, ERRANDS, ITEMS, LANGUAGES, NAMES, NOUNS, PHRASES, WEEKDAYS,
-                           clock, day_phrase, fill, pick, restaurant, sample_request)
+from toolcall_task import (
+    ADJECTIVES,
+    CITIES,
+    DAYS,
+    ERRANDS,
+    ITEMS,
+    LANGUAGES,
+    NAMES,
+    NOUNS,
+    PHRASES,
+    WEEKDAYS,
+    clock,
+    day_phrase,
+    fill,
+    pick,
+    restaurant,
+    sample_request,
+)
 
 SYSTEMS = ["You are a helpful assistant.", "You are a friendly assistant. Keep answers short.",
            "You help people plan their day."]
@@ -34,7 +50,8 @@ CONFIRM = {
 }
 SMALL_TALK = [
     (["Hello!", "Hi there", "Hey", "Good morning!"], ["Hello! How can I help you today?", "Hi! What can I do for you?"]),
-    (["How are you?", "How are you doing today?"], ["I am fine, thank you. How can I help?", "Very well, thanks! What do you need?"]),
+    (["How are you?", "How are you doing today?"],
+     ["I am fine, thank you. How can I help?", "Very well, thanks! What do you need?"]),
     (["Thank you!", "Thanks a lot", "Great, thanks"], ["You are welcome!", "Happy to help."]),
     (["What can you do?", "How can you help me?"], ["I can help you with reminders, messages, music, the weather and more.",
                                                    "I answer questions and help you plan your day."]),

@@ -104,7 +104,7 @@ def make_hf_model(out_dir, arch: str, *, tokenizer: str = "bpe", dtype: str = "f
     return out
 
 
-def hf_logits(model_dir, ids) -> "np.ndarray":  # noqa: F821
+def hf_logits(model_dir, ids) -> np.ndarray:  # noqa: F821
     """Logits of `ids` (a list or 2-D list of token ids) from transformers on CPU in float32: (B, L, V)."""
     import numpy as np
     import torch
@@ -129,7 +129,7 @@ def cached_hf_model(tmp_path_factory, arch: str, **kwargs) -> Path:
     return _BUILT[key]
 
 
-def cached_hf_logits(model_dir, ids) -> "np.ndarray":  # noqa: F821
+def cached_hf_logits(model_dir, ids) -> np.ndarray:  # noqa: F821
     """`hf_logits` once per session for each (model_dir, ids)."""
     import numpy as np
 

@@ -6,13 +6,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from hf_models import TEST_IDS, make_hf_model
-from mlxtune.adapters import adapter_info, export_peft, import_peft, read_peft
+from mlxtune.adapters import adapter_info, export_peft, import_peft, read_peft, save_adapter
 from mlxtune.errors import AdapterError
 from mlxtune.fusion import fuse
-from mlxtune.adapters import save_adapter
 from mlxtune.layers import apply_lora, lora_modules
 from mlxtune.models import load
+
+from hf_models import TEST_IDS, make_hf_model
 
 IDS = np.array([TEST_IDS])
 
@@ -228,8 +228,7 @@ def test_transformers_fused_model_equals_transformers_base_plus_exported_adapter
 def test_align_to_model_renames_multimodal_prefixes_to_what_the_model_has():
     import mlx.nn as nn
 
-    from mlxtune.adapters import align_to_model, hf_name, mlx_name
-    from mlxtune.adapters import AdapterConfig
+    from mlxtune.adapters import AdapterConfig, align_to_model, hf_name, mlx_name
 
     assert mlx_name("model.language_model.layers.0.self_attn.q_proj") == "language_model.model.layers.0.self_attn.q_proj"
     assert hf_name("language_model.model.layers.0.self_attn.q_proj") == "model.language_model.layers.0.self_attn.q_proj"

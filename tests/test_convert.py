@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from hf_models import ARCHS, TEST_IDS, cached_hf_logits, cached_hf_model
 from mlxtune.conversion import convert, dequantize_model_dir
 from mlxtune.errors import ConfigError, MlxtuneError, ModelLoadError
+
+from hf_models import ARCHS, TEST_IDS, cached_hf_logits, cached_hf_model
 
 # These logits come from plain mlx_lm.load, whose gemma uses exact GELU where transformers uses the tanh
 # approximation (~1.2e-4 here); mlxtune.load swaps in tanh GELU and meets 1e-4 (tests/test_models.py).

@@ -12,11 +12,19 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from data_tokenizers import FINAL_THINK_TEMPLATE, NON_PREFIX_TEMPLATE, PLAIN_TEMPLATE, STYLES, TOOLS_TEMPLATE, load_style_tokenizer
 
 from mlxtune import data, templates
 from mlxtune.data import Record, iterate_batches, load_dataset, padding_fraction, split_prompt_answer
 from mlxtune.errors import DataError
+
+from data_tokenizers import (
+    FINAL_THINK_TEMPLATE,
+    NON_PREFIX_TEMPLATE,
+    PLAIN_TEMPLATE,
+    STYLES,
+    TOOLS_TEMPLATE,
+    load_style_tokenizer,
+)
 
 
 @pytest.fixture(autouse=True)

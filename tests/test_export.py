@@ -23,6 +23,7 @@ from click.testing import CliRunner
 
 from mlxtune.errors import ExportError
 from mlxtune.export import FAMILY_STOPS, chat_family, export_lmstudio, export_ollama, read_gguf_chat_info
+
 from spm import write_vocab_gguf
 from tiny import CHATML_TEMPLATE
 
@@ -387,8 +388,9 @@ def test_lora_gguf_in_llama_cpp(arch, tmp_path, tmp_path_factory):
     import numpy as np
 
     import mlxtune
-    from hf_models import cached_hf_model
     from mlxtune.gguf.lora import write_lora_gguf
+
+    from hf_models import cached_hf_model
 
     # general.name comes from the folder; llama.cpp wants Phi's special tokens in any model named "phi..."
     base = shutil.copytree(cached_hf_model(tmp_path_factory, arch), tmp_path / "base-model")

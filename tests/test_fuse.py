@@ -9,11 +9,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlxtune.adapters import save_adapter
 from mlxtune.errors import AdapterError, ExportError, MlxtuneError
 from mlxtune.fusion import RequantizationWarning, fuse
-from mlxtune.adapters import save_adapter
 from mlxtune.layers import apply_lora, lora_modules
 from mlxtune.models import load
+
 from tiny import make_tiny_model
 
 IDS = mx.array([[1, 17, 42, 99, 7, 256, 300, 12, 5, 88]])
@@ -295,8 +296,9 @@ def test_bfloat16_output_measures_and_warns_about_a_rounded_away_update(tiny_lla
 
 def test_whole_path_qlora_train_then_fuse_de_quantized_then_gguf(q4_base, tmp_path, monkeypatch):
     """convert -q -> lora (QLoRA) -> fuse --de-quantize --gguf: the fine-tune reaches the fused model and GGUF."""
-    import mlxtune
     from gguf import GGUFReader
+
+    import mlxtune
 
     monkeypatch.setenv("MLXTUNE_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "data"

@@ -12,13 +12,12 @@ import subprocess
 import sys
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 import mlxtune
+from mlxtune.adapters import save_adapter
 from mlxtune.errors import ConfigError
 from mlxtune.generation import chat, generate_ids, generate_with_stats, render_prompt, stop_token_ids
-from mlxtune.adapters import save_adapter
 from mlxtune.layers import apply_lora
 from mlxtune.models import load
 

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
+from mlxtune.errors import ConfigError, ExportError
+from mlxtune.gguf import quants, to_gguf
+from mlxtune.gguf.writer import dequantize_mlx
+
 import llamacpp
 from hf_models import TEST_IDS, cached_hf_model
-from mlxtune.errors import ConfigError, ExportError
-from mlxtune.gguf import to_gguf
-from mlxtune.gguf import quants
-from mlxtune.gguf.writer import dequantize_mlx
 
 ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
 QUIET = dict(progress=False, log=lambda msg: None)
@@ -476,8 +476,8 @@ def test_refuses_existing_unsupported_and_broken(tmp_path_factory, tmp_path):
 
 
 def test_verify_catches_a_wrong_file(tmp_path_factory, tmp_path):
-    from mlxtune.gguf.writer import verify_gguf, write_gguf
     from mlxtune.gguf.quants import FileType
+    from mlxtune.gguf.writer import verify_gguf, write_gguf
 
     planned = write_gguf(cached_hf_model(tmp_path_factory, "llama"), tmp_path / "a.gguf", FileType.F16, **QUIET)
     verify_gguf(tmp_path / "a.gguf", planned)
@@ -589,7 +589,8 @@ def test_bf16_checkpoint_f16_file_equals_the_float32_path(tmp_path_factory, tmp_
     """bf16 weights go to F16 by moving bits; the file must be byte for byte what widening gives (q/k
     permutation across chunk borders included), and a NaN is still refused."""
     import torch
-    from safetensors.torch import load_file as load_torch, save_file as save_torch
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
 
     from mlxtune.gguf import writer
 

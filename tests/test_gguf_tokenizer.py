@@ -15,8 +15,20 @@ import gguf
 import pytest
 
 from mlxtune.errors import ConfigError, ExportError
-from mlxtune.gguf.tokenizer import (BYTE, CONTROL, GPT2_RE, LLAMA3_RE, NORMAL, QWEN2_RE, UNKNOWN, UNUSED,
-                                    USER_DEFINED, pre_tokenizer_regexes, read_tokenizer)
+from mlxtune.gguf.tokenizer import (
+    BYTE,
+    CONTROL,
+    GPT2_RE,
+    LLAMA3_RE,
+    NORMAL,
+    QWEN2_RE,
+    UNKNOWN,
+    UNUSED,
+    USER_DEFINED,
+    pre_tokenizer_regexes,
+    read_tokenizer,
+)
+
 from spm import make_spm_tokenizer, write_vocab_gguf
 from tiny import CHATML_TEMPLATE, make_bpe_tokenizer
 

@@ -3,8 +3,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlxtune.errors import AdapterError, ConfigError
 from mlxtune.adapters import load_adapter, save_adapter
+from mlxtune.errors import AdapterError, ConfigError
 from mlxtune.layers import LoRALinear, apply_lora, count_parameters, lora_modules
 from mlxtune.models import load
 

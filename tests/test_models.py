@@ -11,10 +11,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from hf_models import ARCHS, TEST_IDS, cached_hf_logits, cached_hf_model
 from mlxtune.errors import ModelLoadError
 from mlxtune.model_files import normalize_config
 from mlxtune.models import load, load_model
+
+from hf_models import ARCHS, TEST_IDS, cached_hf_logits, cached_hf_model
 
 # Every architecture within 1e-4 of transformers; Gemma 1 needs mlxtune's tanh-GELU swap for that
 # (mlx-lm's gemma uses exact GELU: ~1.2e-4 on these logits without it).

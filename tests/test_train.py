@@ -27,9 +27,9 @@ import mlxtune
 from mlxtune.cli import run
 from mlxtune.data import iterate_batches, load_dataset
 from mlxtune.errors import ConfigError, TrainingError
-from mlxtune.layers import LoRALinear, apply_lora, lora_modules
-from mlxtune.models import load
+from mlxtune.layers import LoRALinear
 from mlxtune.loss import evaluate_loss, loss_fn, model_parts
+from mlxtune.models import load
 from mlxtune.settings import training_args
 
 WORDS = "the quick brown fox jumps over lazy dog hello how are you today fine thank".split()
@@ -106,7 +106,7 @@ def test_cli_trains_saves_and_the_adapter_changes_generation(tiny_llama, chat_da
     for name in ("adapters.npz", "adapter_config.json", "metrics.jsonl", "loss.png", "0000010_adapters.npz"):
         assert (folder / name).exists(), name
     assert (folder / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    metrics = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics if "train_loss" in m] == [5, 10, 15, 20]
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["base_model"] == str(Path(tiny_llama).resolve())
@@ -221,7 +221,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_llama, chat_
     a, b = npz(whole.adapter_file), npz(resumed.adapter_file)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    iters = [json.loads(l)["iteration"] for l in metrics.read_text().splitlines()]
+    iters = [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()]
     assert iters == [2, 4, 6, 8, 10, 12, 12]  # the killed run's reports after checkpoint 4 were dropped
     assert resumed.trained_tokens == whole.trained_tokens
 
@@ -283,8 +283,10 @@ def test_bad_inputs_are_one_line_errors_and_overwrite_nothing(tiny_llama, chat_d
     cases = [
         (base + ["--lora-layers", 5, "--adapter-file", tmp_path / "x1.npz"], "--lora-layers 5 is larger than the model's 2"),
         (base + ["--rank", 0, "--adapter-file", tmp_path / "x2.npz"], "--rank must be a positive integer"),
-        (base + ["--batch-size", 100, "--adapter-file", tmp_path / "x3.npz"], "--batch-size 100 needs at least 100 training examples"),
-        (base + ["--target-modules", "foo_proj", "--adapter-file", tmp_path / "x4.npz"], "--target-modules foo_proj: no such linear layer"),
+        (base + ["--batch-size", 100, "--adapter-file", tmp_path / "x3.npz"],
+         "--batch-size 100 needs at least 100 training examples"),
+        (base + ["--target-modules", "foo_proj", "--adapter-file", tmp_path / "x4.npz"],
+         "--target-modules foo_proj: no such linear layer"),
         (["lora", "--model", no_tok, "--data", chat_data, "--adapter-file", tmp_path / "x5.npz"], "has no tokenizer"),
         (base + ["--adapter-file", out], "already exists: pass --resume"),
         (base + ["--adapter-file", out, "--resume", "--rank", 4, "--iters", 8, "--batch-size", 2, "--save-every", 2],
@@ -325,9 +327,9 @@ def test_resume_starts_from_an_mlx_lm_adapter(tiny_llama, chat_data, tmp_path):
 def test_loss_is_exact_across_architectures(arch, tmp_path_factory):
     """Tied embeddings (qwen2), logit soft-capping and 5-D attention (gemma2), sliding windows (gemma3):
     the gathered-head loss, packed where the architecture allows it, equals the plain per-example loss."""
-    from hf_models import cached_hf_model
-
     from mlxtune.data import Record
+
+    from hf_models import cached_hf_model
 
     model, _ = load(cached_hf_model(tmp_path_factory, arch))
     parts = model_parts(model)

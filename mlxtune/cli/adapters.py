@@ -36,8 +36,8 @@ def export_cmd(adapter_file, to, out, outfile, model, force):
       mlxtune adapters export --adapter-file adapters --to gguf --model model --outfile lora.gguf
     """
     from ..adapters import export_peft
-    from ..gguf.lora import write_lora_gguf
     from ..errors import ConfigError
+    from ..gguf.lora import write_lora_gguf
 
     if to == "peft":
         if out is None:

@@ -31,7 +31,8 @@ def _bar(count: int, most: int, width: int = 40) -> str:
               help="Folder with train/valid/test.jsonl, or a .jsonl/.json file (repeat to mix files).")
 @click.option("-n", "n", default=3, show_default=True, type=int, help="Show this many training examples.")
 @click.option("--max-seq-length", default=2048, show_default=True, type=int, help="Longer examples get truncated.")
-@click.option("--valid-split", default=0.1, show_default=True, type=float, help="Validation share of a single file (or of train.jsonl when the folder has no valid.jsonl).")
+@click.option("--valid-split", default=0.1, show_default=True, type=float,
+              help="Validation share of a single file (or of train.jsonl when the folder has no valid.jsonl).")
 @click.option("--test-split", default=0.0, show_default=True, type=float, help="Test share of a single file.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the train/valid/test split.")
 @click.option("--train-on-inputs", is_flag=True, help="Train on prompt tokens too, not only the answers.")

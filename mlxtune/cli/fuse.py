@@ -59,7 +59,7 @@ def fuse_cmd(model, adapter_file, save_path, de_quantize, dtype, verify, gguf, g
     click.echo(f"Fused {len(a.modules)} adapted layers (rank {a.rank}, scale {a.scale:g}) into {result.base_model}")
     if result.requantized:
         click.echo(f"Re-quantized with the base's settings; share of each update kept: mean {result.mean_kept:.0%}, "
-                   f"worst {min(l.kept for l in result.layers):.0%}")
+                   f"worst {min(layer.kept for layer in result.layers):.0%}")
     elif result.de_quantized:
         click.echo(f"De-quantized to {result.dtype}")
     if result.parity is not None:

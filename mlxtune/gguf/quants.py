@@ -16,7 +16,8 @@ import re
 from enum import Enum
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, LlamaFileType
+from gguf import GGML_QUANT_SIZES, LlamaFileType
+from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
 
 QK_K = 256

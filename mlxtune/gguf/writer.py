@@ -12,24 +12,23 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
+from tqdm.auto import tqdm
 
-from ..errors import ExportError, ModelLoadError
+from ..errors import ExportError
 from ..files import atomic_file
 from ..model_files import normalize_config, read_config
 from ..weights import StoredTensor, index_tensors
 from . import arch as archmod
-from .tokenizer import add_tokenizer
-from tqdm.auto import tqdm
-
 from .quants import FileType, bf16_to_f16, encode, quantize_q8_0_checked, row_bytes, tensor_type
+from .tokenizer import add_tokenizer
 
 CHUNK_VALUES = 1 << 20  # values converted at a time (4 MiB as float32)
 READABLE = ("F32", "F16", "BF16", "U32", "F64")  # stored dtypes the writer converts
@@ -98,7 +97,8 @@ def _mlx_quant_bits(config: dict, module: str) -> tuple[int, int]:
     return int(q.get("bits", 4)), int(q.get("group_size", 64))
 
 
-def _reader(index: dict[str, StoredTensor], name: str, config: dict) -> tuple[tuple[int, ...], Callable[[int, int], np.ndarray], bool]:
+def _reader(index: dict[str, StoredTensor], name: str, config: dict
+            ) -> tuple[tuple[int, ...], Callable[[int, int], np.ndarray], bool]:
     """(float shape, row reader, was it MLX-quantized) for stored tensor `name`."""
     st = index[name]
     base = name[: -len(".weight")] if name.endswith(".weight") else None
@@ -206,6 +206,10 @@ def _check_complete(planned: list[Planned], arch: archmod.Arch, cfg: dict) -> No
 # ---------------------------------------------------------------- streaming into GGUFWriter
 
 
+def _non_finite(source: str) -> ExportError:
+    return ExportError(f"tensor {source} has NaN or infinite values: the model is broken, fix it before exporting")
+
+
 @dataclass
 class _Streamed:
     """What GGUFWriter.add_tensor needs (shape, dtype, nbytes, tofile), producing bytes chunk by chunk."""
@@ -238,17 +242,17 @@ class _Streamed:
         if self.plan.read_bf16 is not None:
             bits = self.plan.read_bf16(a, b)
             if ((bits & 0x7F80) == 0x7F80).any():  # exponent all ones: infinity or NaN
-                raise ExportError(f"tensor {self.plan.source} has NaN or infinite values: the model is broken, fix it before exporting")
+                raise _non_finite(self.plan.source)
             return bf16_to_f16(bits).view(np.float16)
         rows = self.plan.read(a, b)
         if self.plan.qtype == Q.Q8_0:
             out, finite = quantize_q8_0_checked(np.ascontiguousarray(rows, dtype=np.float32))
             if not finite:
-                raise ExportError(f"tensor {self.plan.source} has NaN or infinite values: the model is broken, fix it before exporting")
+                raise _non_finite(self.plan.source)
             return out.reshape(-1) if len(self.plan.shape) == 1 else out
         # one summing pass: any NaN or infinity makes the sum non-finite
         if not np.isfinite(np.add.reduce(rows, axis=None, dtype=np.float64)):
-            raise ExportError(f"tensor {self.plan.source} has NaN or infinite values: the model is broken, fix it before exporting")
+            raise _non_finite(self.plan.source)
         out = encode(rows, self.plan.qtype)
         return out.reshape(-1) if len(self.plan.shape) == 1 else out
 
