@@ -12,6 +12,7 @@ whose settings would break that.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -27,13 +28,13 @@ from .settings import TrainingArgs
 CHECKPOINT_RE = re.compile(r"^(\d{7})_adapters\.(npz|safetensors)$")
 # Settings that change what an iteration computes; a resumed run must have the same ones.
 FINGERPRINT_KEYS = ["rank", "alpha", "dropout", "target_modules", "batch_size", "grad_accumulation", "learning_rate",
-                    "lr_schedule", "warmup", "optimizer", "weight_decay", "max_grad_norm", "max_seq_length", "pack",
-                    "train_on_inputs", "seed"]
+                    "lr_schedule", "lr_end", "lr_decay_steps", "warmup", "optimizer", "weight_decay", "max_grad_norm",
+                    "max_seq_length", "pack", "train_on_inputs", "seed"]
 
 
 def settings_fingerprint(args: TrainingArgs, adapter_modules: list[str], base: str | None) -> dict:
     keys = list(FINGERPRINT_KEYS)
-    if args.lr_schedule != "constant":
+    if args.lr_schedule != "constant" and not args.lr_decay_steps:
         keys.append("iters")  # the decay length depends on it
     fp = {k: getattr(args, k) for k in keys}
     fp["modules"] = sorted(adapter_modules)
@@ -104,7 +105,9 @@ def resume_point(args: TrainingArgs, fingerprint: dict, metrics_file: Path) -> R
     start, ckpt, state_file = found[-1]
     optimizer, meta = read_state(state_file)
     old = meta.get("settings", {})
-    diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+    # A setting newer than the checkpoint is absent from it: the checkpoint ran with that setting's default.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArgs)}
+    diff = [k for k in fingerprint if old.get(k, defaults.get(k)) != fingerprint[k]]
     if diff:
         k = diff[0]
         hint = " (a decaying --lr-schedule is tied to --iters; train longer with --lr-schedule constant)" if k == "iters" else ""

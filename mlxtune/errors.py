@@ -31,3 +31,11 @@ class TrainingError(MlxtuneError):
 
 class ExportError(MlxtuneError):
     """A GGUF or chat-app export cannot be written as asked."""
+
+
+class MlxtuneWarning(UserWarning):
+    """It worked, but not as asked or not as well as it could (slower path, lost precision): one line."""
+
+
+class FallbackWarning(MlxtuneWarning):
+    """A slower path was taken because the fast one cannot serve this model (said once, in one line)."""

@@ -24,11 +24,14 @@ from tqdm.auto import tqdm
 
 from .data import load_dataset, read_records, record_tools, split_prompt_answer
 from .defaults import fill_in
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, FallbackWarning
 from .files import atomic_file
 from .generation import render_messages, resolve, stop_token_ids, wrap_tokenizer
 from .loss import evaluate_loss
 from .templates import read_template_option
+
+# Architectures mlx-lm cannot generate for in batches, by mlx-lm model module, with the reason.
+UNBATCHABLE = {"gemma2": "mlx-lm's gemma2 attention cannot take a batch's padding mask"}
 
 
 @dataclass
@@ -127,19 +130,14 @@ def greedy_batch(model, tokenizer, prompts: list[list[int]], *, max_tokens: int 
         raise ConfigError(f"--batch-size must be a positive integer, got {batch_size}")
     tokenizer = wrap_tokenizer(tokenizer)
     stops = stop_token_ids(tokenizer)
+    reason = UNBATCHABLE.get(type(model).__module__.rsplit(".", 1)[-1])
+    if batch_size > 1 and reason:
+        warnings.warn(f"generating one prompt at a time: {reason}", FallbackWarning, stacklevel=2)
+        batch_size = 1
     if batch_size == 1:
         return [_greedy_one(model, tokenizer, p, max_tokens, stops, answers[i] if answers else None, progress)
                 for i, p in enumerate(prompts)]
-    try:
-        return _greedy_batched(model, tokenizer, prompts, max_tokens, batch_size, stops, answers, progress)
-    except (NotImplementedError, AttributeError, TypeError, ValueError) as e:
-        # An architecture mlx-lm cannot batch (gemma2's attention mask in mlx-lm 0.32): the same
-        # replies, one prompt at a time.
-        warnings.warn(f"batched generation failed ({type(e).__name__}: {e}); generating one prompt at a time", stacklevel=2)
-        if progress is not None:
-            progress.reset(total=len(prompts))
-        return greedy_batch(model, tokenizer, prompts, max_tokens=max_tokens, batch_size=1, answers=answers,
-                            progress=progress)
+    return _greedy_batched(model, tokenizer, prompts, max_tokens, batch_size, stops, answers, progress)
 
 
 def _finish(tokenizer, tokens: list[int], cut: bool) -> str:

@@ -32,7 +32,7 @@ from mlx_lm.utils import dequantize_model
 from tqdm.auto import tqdm
 
 from .adapters import AdapterConfig, align_to_model, check_fits, find_adapter_file, read_adapter
-from .errors import AdapterError, ConfigError, ExportError
+from .errors import AdapterError, ConfigError, ExportError, MlxtuneWarning
 from .files import atomic_dir
 from .gguf import TYPES, to_gguf
 from .layers import LoRALinear, apply_lora, count_parameters, lora_modules
@@ -45,7 +45,7 @@ WARN_KEPT_BELOW = 0.5  # warn when less than half of the update survives re-quan
 AUTO_VERIFY_MAX_PARAMS = 2_000_000_000  # verify needs a float32 copy of the model: on by default up to 2B
 
 
-class RequantizationWarning(UserWarning):
+class RequantizationWarning(MlxtuneWarning):
     """Storing the merged weights (re-quantized, or in a coarse dtype) erased most of the adapter's update."""
 
 
@@ -132,9 +132,7 @@ def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: s
     result.layers = merge_layers(net, de_quantize=de_quantize, dtype=out_dtype)
     if de_quantize:
         dequantize_model(net)  # embeddings, lm_head and layers without an adapter
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", RequantizationWarning)  # every fuse says it, not only the first
-        _warn_if_lost(result)
+    _warn_if_lost(result)
     if verify:
         result.parity = _parity(net, tokens, reference, judge=not result.requantized)
     _cast(net, out_dtype, keep)

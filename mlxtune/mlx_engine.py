@@ -23,25 +23,18 @@ from .adapters import model_adapter_arrays
 from .errors import ConfigError
 from .layers import adapter_weights, transformer_blocks
 from .loss import evaluate_loss, model_parts, prepare_batch, token_loss
+from .schedule import learning_rate_at
 from .settings import TrainingArgs
 
 
 def make_optimizer(args: TrainingArgs) -> optim.Optimizer:
-    lr = args.learning_rate
-    decay_steps = max(1, args.iters - args.warmup)
-    if args.lr_schedule == "cosine":
-        schedule = optim.cosine_decay(lr, decay_steps, 0.0)
-    elif args.lr_schedule == "linear":
-        schedule = optim.linear_schedule(lr, 0.0, decay_steps)
-    else:
-        schedule = lambda step: mx.array(lr, mx.float32)  # noqa: E731 - a schedule is a function of step
-    if args.warmup > 0:
-        schedule = optim.join_schedules([optim.linear_schedule(0.0, lr, args.warmup), schedule], [args.warmup])
+    """The optimizer; its learning rate is set before every step from `mlxtune.schedule` (see MLXEngine.step)."""
+    lr = learning_rate_at(args, 1)
     if args.optimizer == "adamw":
-        return optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
+        return optim.AdamW(learning_rate=lr, weight_decay=args.weight_decay)
     if args.optimizer == "adam":
-        return optim.Adam(learning_rate=schedule)
-    return optim.SGD(learning_rate=schedule, weight_decay=args.weight_decay)
+        return optim.Adam(learning_rate=lr)
+    return optim.SGD(learning_rate=lr, weight_decay=args.weight_decay)
 
 
 def checkpoint_blocks(model: nn.Module) -> None:
@@ -120,6 +113,7 @@ class MLXEngine:
     def step(self, batch, iteration: int) -> tuple[float, float, float]:
         """One optimizer step on `batch`: (sum of token losses, target tokens, gradient norm before clipping)."""
         mx.random.seed(self.args.seed * 1_000_003 + iteration)  # dropout noise is a function of (seed, step): exact resume
+        self.optimizer.learning_rate = learning_rate_at(self.args, iteration)
         accum = self.args.grad_accumulation
         if accum == 1:
             arrays = prepare_batch(batch, self.gather)

@@ -42,7 +42,11 @@ class TrainingArgs:
     iters: int = field(default=1000, metadata={"help": "Optimizer steps to train for."})
     learning_rate: float = field(default=1e-4, metadata={
         "help": "Peak learning rate (1e-4 suits LoRA; try 2e-4 for small ranks)."})
-    lr_schedule: str = field(default="constant", metadata={"help": "constant, cosine or linear decay to 0 after warmup."})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "constant, cosine or linear decay (to --lr-end) after warmup."})
+    lr_end: float = field(default=0.0, metadata={"help": "Learning rate at the end of a cosine or linear decay."})
+    lr_decay_steps: int = field(default=0, metadata={
+        "help": "Steps the decay takes after warmup (0 = until --iters); the rate then stays at --lr-end."})
     warmup: int = field(default=0, metadata={"help": "Steps of linear warmup from 0 to the learning rate."})
     optimizer: str = field(default="adamw", metadata={"help": "adamw, adam or sgd."})
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (adamw, sgd)."})
@@ -99,6 +103,11 @@ class TrainingArgs:
         need(self.grad_accumulation >= 1, "grad_accumulation", "must be at least 1", self.grad_accumulation)
         need(self.max_grad_norm >= 0, "max_grad_norm", "must be 0 (off) or positive", self.max_grad_norm)
         need(self.weight_decay >= 0, "weight_decay", "must be 0 or more", self.weight_decay)
+        if self.optimizer == "adam" and self.weight_decay > 0:
+            raise ConfigError(f"--weight-decay {self.weight_decay:g} has no effect with --optimizer adam: use --optimizer "
+                              "adamw (decoupled weight decay) or drop --weight-decay")
+        need(0 <= self.lr_end <= self.learning_rate, "lr_end", "must be between 0 and --learning-rate", self.lr_end)
+        need(self.lr_decay_steps >= 0, "lr_decay_steps", "must be 0 (until --iters) or more", self.lr_decay_steps)
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)", self.dropout)
         need(self.max_seq_length >= 2, "max_seq_length", "must be at least 2", self.max_seq_length)
         need(self.steps_per_report > 0, "steps_per_report", "must be positive", self.steps_per_report)
@@ -151,9 +160,62 @@ def read_config_file(path: str | os.PathLike) -> dict:
             values.setdefault("dropout", p["dropout"])
         if p.get("keys"):
             values.setdefault("target_modules", ",".join(k.split(".")[-1] for k in p["keys"]))
-    for ignored in ("fine_tune_type", "train", "lr_schedule_config"):
-        values.pop(ignored, None)
+    _from_mlx_lm(values, path)
     return normalize_keys(values, str(path))
+
+
+# mlx-lm schedule names -> ours
+MLX_LM_SCHEDULES = {"cosine_decay": "cosine", "linear_schedule": "linear"}
+
+
+def _from_mlx_lm(values: dict, path: Path) -> None:
+    """Translate mlx-lm's lora YAML keys that have an mlxtune meaning; refuse, in one line, what has none."""
+    kind = values.pop("fine_tune_type", "lora")
+    if kind != "lora":
+        raise ConfigError(f"{path}: fine_tune_type {kind!r} is not supported: mlxtune trains LoRA adapters only "
+                          "(set it to lora or remove the key)")
+    if values.pop("train", True) is False:
+        raise ConfigError(f"{path}: train: false is not supported: to only test an adapter, run mlxtune lora --test "
+                          "with an existing --adapter-file and no --iters")
+    if "resume_adapter_file" in values:
+        raise ConfigError(f"{path}: resume_adapter_file is mlx-lm's; in mlxtune set adapter_file to that adapter "
+                          "and pass --resume (it continues from the adapter's newest checkpoint)")
+    if "mask_prompt" in values:
+        values.setdefault("train_on_inputs", not values.pop("mask_prompt"))
+    schedule = values.get("lr_schedule")
+    if isinstance(schedule, dict):
+        _translate_schedule(values, schedule, path)
+    options = values.pop("optimizer_config", None)
+    if options:
+        name = str(values.get("optimizer", "adam"))
+        mine = dict((options or {}).get(name) or {})
+        if "weight_decay" in mine:
+            values.setdefault("weight_decay", mine.pop("weight_decay"))
+        others = sorted(set(mine) | (set(options) - {name}))
+        if others:
+            raise ConfigError(f"{path}: optimizer_config {others[0]!r} is not supported (mlxtune takes weight_decay "
+                              f"for {name}; betas and eps keep their defaults): remove it")
+
+
+def _translate_schedule(values: dict, schedule: dict, path: Path) -> None:
+    name, arguments = schedule.get("name"), list(schedule.get("arguments") or [])
+    if name not in MLX_LM_SCHEDULES:
+        raise ConfigError(f"{path}: lr_schedule name {name!r} is not supported: use cosine_decay or linear_schedule, "
+                          "or mlxtune's lr_schedule: constant | cosine | linear")
+    if float(schedule.get("warmup_init", 0.0) or 0.0) != 0.0:
+        raise ConfigError(f"{path}: lr_schedule warmup_init is not supported: mlxtune warms up linearly from "
+                          "learning_rate / warmup (remove warmup_init)")
+    if name == "cosine_decay":  # cosine_decay(init, decay_steps, end=0)
+        init, steps, end = (arguments + [None, None, 0.0])[:3]
+    else:  # linear_schedule(init, end, steps)
+        init, end, steps = (arguments + [None, 0.0, None])[:3]
+    if init is None or steps is None:
+        raise ConfigError(f"{path}: lr_schedule {name} needs its arguments (initial rate and steps)")
+    values["lr_schedule"] = MLX_LM_SCHEDULES[name]
+    values.setdefault("learning_rate", init)
+    values.setdefault("lr_decay_steps", steps)
+    values.setdefault("lr_end", end)
+    values.setdefault("warmup", schedule.get("warmup", 0))
 
 
 def training_args(config: str | os.PathLike | None = None, base: dict | None = None, **overrides) -> TrainingArgs:

@@ -9,14 +9,13 @@ import math
 import os
 import subprocess
 import sys
-import warnings
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import mlxtune
-from mlxtune.errors import ConfigError, DataError
+from mlxtune.errors import ConfigError, DataError, FallbackWarning
 from mlxtune.evaluation import cannot_match, greedy_batch
 from mlxtune.generation import render_prompt
 from mlxtune.models import load
@@ -81,10 +80,17 @@ def evaluate_no_loss(model, tok, data, **kw):
     return mlxtune.evaluate(model, tok, data=data, max_tokens=MAX_TOKENS, loss=False, progress=False, **kw)
 
 
-def test_batched_replies_equal_one_at_a_time(loaded):
+def test_batched_replies_equal_one_at_a_time(loaded, monkeypatch):
+    import mlxtune.evaluation as evaluation
+
     model, tok = loaded
     prompts = [render_prompt(tok, q + " please" * (i % 4)) for i, q in enumerate(QUESTIONS)]
     one = greedy_batch(model, tok, prompts, max_tokens=MAX_TOKENS, batch_size=1)
+
+    def not_one_by_one(*args, **kwargs):
+        raise AssertionError("batch_size > 1 generated one prompt at a time")
+
+    monkeypatch.setattr(evaluation, "_greedy_one", not_one_by_one)  # the batched path is the one taken
     many = greedy_batch(model, tok, prompts, max_tokens=MAX_TOKENS, batch_size=5)
     assert one == many
     assert one == [mlxtune.generate(model, tok, q + " please" * (i % 4), max_tokens=MAX_TOKENS)
@@ -97,8 +103,7 @@ def test_architectures_that_do_not_batch_fall_back(tmp_path):
     model, tok = load(make_hf_model(tmp_path / "gemma2", "gemma2"))  # mlx-lm 0.32 cannot batch gemma2
     prompts = [render_prompt(tok, q) for q in QUESTIONS[:6]]
     one = greedy_batch(model, tok, prompts, max_tokens=MAX_TOKENS, batch_size=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pytest.warns(FallbackWarning, match="one prompt at a time: mlx-lm's gemma2 attention"):
         assert greedy_batch(model, tok, prompts, max_tokens=MAX_TOKENS, batch_size=3) == one
 
 

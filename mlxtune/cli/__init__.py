@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import click
 
 from .. import __version__
-from ..errors import MlxtuneError
+from ..errors import MlxtuneError, MlxtuneWarning
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -44,13 +45,23 @@ def _register() -> None:
         importlib.import_module(f"{__name__}.{info.name}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    # Ours are for the user: one `warning: ...` line each time; anything else keeps Python's format.
+    if issubclass(category, MlxtuneWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def run(argv: list[str] | None = None) -> None:
-    """Console-script entry point: OpenBLAS re-exec, then the command with one-line errors."""
+    """Console-script entry point: OpenBLAS re-exec, then the command with one-line errors and warnings."""
     from ..blas import maybe_reexec_with_openblas
 
     # Re-execute with the arguments actually given (a caller's argv, not the host process's sys.argv).
     maybe_reexec_with_openblas(None if argv is None else ["mlxtune", *argv])
     _register()
+    warnings.showwarning = _show_warning
+    warnings.simplefilter("always", MlxtuneWarning)  # every run says it, not only the first in a process
     debug = os.environ.get("MLXTUNE_DEBUG") == "1" or "--debug" in (argv or sys.argv)
     try:
         main.main(args=argv, prog_name="mlxtune", standalone_mode=False)

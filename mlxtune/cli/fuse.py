@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import click
 
 from . import main
@@ -42,18 +40,11 @@ def fuse_cmd(model, adapter_file, save_path, de_quantize, dtype, verify, gguf, g
       mlxtune fuse --model Qwen/Qwen2.5-0.5B-Instruct --adapter-file peft_adapter/ --save-path fused
       mlxtune fuse --model model --adapter-file adapters --de-quantize --gguf model.gguf --gguf-type q8_0
     """
-    from ..fusion import RequantizationWarning, fuse
+    from ..fusion import fuse
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RequantizationWarning)
-        result = fuse(model, adapter_file, save_path, de_quantize=de_quantize, dtype=dtype, verify=verify,
-                      gguf=gguf, gguf_type=gguf_type, force=force, ignore_base_name=ignore_base_name,
-                      log=lambda msg: click.echo(msg, err=True))
-    for w in caught:
-        if issubclass(w.category, RequantizationWarning):
-            click.echo(f"warning: {w.message}", err=True)
-        else:  # not ours: hand it back to the usual warning machinery
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    result = fuse(model, adapter_file, save_path, de_quantize=de_quantize, dtype=dtype, verify=verify,
+                  gguf=gguf, gguf_type=gguf_type, force=force, ignore_base_name=ignore_base_name,
+                  log=lambda msg: click.echo(msg, err=True))
 
     a = result.adapter
     click.echo(f"Fused {len(a.modules)} adapted layers (rank {a.rank}, scale {a.scale:g}) into {result.base_model}")
