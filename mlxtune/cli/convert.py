@@ -1,4 +1,4 @@
-"""`mlxtune convert`: Hugging Face checkpoint -> MLX directory (optionally quantized); see mlxtune.convert."""
+"""`mlxtune convert`: Hugging Face checkpoint -> MLX directory (optionally quantized); see mlxtune.conversion."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`mlxtune fuse`: merge a LoRA adapter into its base model (thin wrapper over `mlxtune.fuse.fuse`)."""
+"""`mlxtune fuse`: merge a LoRA adapter into its base model (thin wrapper over `mlxtune.fusion.fuse`)."""
 
 from __future__ import annotations
 

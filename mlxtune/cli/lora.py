@@ -1,4 +1,4 @@
-"""`mlxtune lora`: flags -> `mlxtune.train.lora(...)`.
+"""`mlxtune lora`: flags -> `mlxtune.train.lora(...)` (the function `mlxtune.lora`).
 
 Every flag is generated from a TrainingArgs field (name, type and help text live there), so the CLI,
 the Python keywords and the YAML keys cannot drift apart. Flags default to "not given" so that only
