@@ -19,9 +19,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from .adapters import model_adapter_arrays
-from .errors import ConfigError
-from .layers import adapter_weights, transformer_blocks
+from .adapters import AdapterConfig, check_fits, model_adapter_arrays
+from .layers import transformer_blocks
 from .loss import evaluate_loss, model_parts, prepare_batch, token_loss
 from .schedule import learning_rate_at
 from .settings import TrainingArgs
@@ -152,11 +151,7 @@ class MLXEngine:
 
     def load_adapter_arrays(self, weights: dict, source: str) -> None:
         """Put saved LoRA tensors into the model, after checking they fit its LoRA layers."""
-        ours = adapter_weights(self.model)
-        bad = sorted(set(weights) ^ set(ours)) or [k for k in weights if tuple(weights[k].shape) != tuple(ours[k].shape)]
-        if bad:
-            raise ConfigError(f"--resume: {source} does not fit this run's LoRA layers ({bad[0]}): use the rank, "
-                              "--lora-layers and --target-modules it was trained with, or a new --adapter-file")
+        check_fits(self.model, AdapterConfig.of_model(self.model), weights, source)
         self.model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=False)
         mx.eval(self.model.parameters())
 

@@ -56,6 +56,16 @@ def resolve_model_path(path_or_id: str | os.PathLike, revision: str | None = Non
     return Path(local)
 
 
+def read_json(path: Path):
+    """A model directory's JSON file (tokenizer_config.json, ...), or None when it does not exist."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e}): restore it from the base model") from None
+
+
 def read_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.exists():

@@ -12,11 +12,11 @@ impossible (the template drops earlier answers) we say so (`TemplateMaskError`) 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, DataError
+from .model_files import read_json
 
 # Used when a tokenizer has no chat template of its own (documented in the README and `--help`).
 DEFAULT_CHAT_TEMPLATE = (
@@ -56,25 +56,16 @@ def read_model_template(model_dir: Path, tok_config: dict | None = None) -> str 
     else chat_template.json (the places transformers looks, in its order)."""
     model_dir = Path(model_dir)
     if tok_config is None:
-        tok_config = _read_json(model_dir / "tokenizer_config.json") or {}
+        tok_config = read_json(model_dir / "tokenizer_config.json") or {}
     template = tok_config.get("chat_template")
     if template:
         return template
     if (model_dir / "chat_template.jinja").exists():
         return (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    data = _read_json(model_dir / "chat_template.json")
+    data = read_json(model_dir / "chat_template.json")
     if isinstance(data, dict) and data.get("chat_template"):
         return data["chat_template"]
     return None
-
-
-def _read_json(path: Path):
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}): restore it from the base model") from None
 
 
 def template_for(tokenizer, override: str | None = None) -> str:

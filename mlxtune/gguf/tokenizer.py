@@ -20,6 +20,7 @@ from sentencepiece import sentencepiece_model_pb2
 from tokenizers import Tokenizer
 
 from ..errors import ConfigError, ExportError
+from ..model_files import read_json
 from ..templates import read_model_template
 
 # gguf.TokenType values (identical to SentencePiece's piece types).
@@ -125,8 +126,8 @@ def read_tokenizer(model_dir, config: dict | None = None, pre_tokenizer: str | N
     """Everything `add_tokenizer` writes, without a writer (useful to inspect or test)."""
     model_dir = Path(model_dir)
     config = config or {}
-    tok_json = _read_json(model_dir / "tokenizer.json")
-    tok_config = _read_json(model_dir / "tokenizer_config.json") or {}
+    tok_json = read_json(model_dir / "tokenizer.json")
+    tok_config = read_json(model_dir / "tokenizer_config.json") or {}
     kind = (tok_json or {}).get("model", {}).get("type")
     byte_level = kind == "BPE" and not _is_spm_style(tok_json)
     spm_file = model_dir / "tokenizer.model"
@@ -167,15 +168,6 @@ def read_tokenizer(model_dir, config: dict | None = None, pre_tokenizer: str | N
 
 
 # --- readers -------------------------------------------------------------------------------------------
-
-def _read_json(path: Path):
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path} is not valid JSON ({e}): restore it from the base model") from None
-
 
 def _added_tokens(tok_json, tok_config) -> dict[int, tuple[str, bool]]:
     """id -> (content, special) from tokenizer.json and tokenizer_config.json's added_tokens_decoder."""
