@@ -55,9 +55,10 @@ class LoRALinear(nn.Module):
         z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
         return y + (self.scale * z).astype(y.dtype)
 
-    def delta(self) -> mx.array:
-        """The dense update (out, in) that fusing adds to the base weight."""
-        return self.scale * (self.lora_a @ self.lora_b).T
+    def delta(self, dtype: mx.Dtype | None = None) -> mx.array:
+        """The dense update (out, in) that fusing adds to the base weight, computed in `dtype` if given."""
+        a, b = (self.lora_a, self.lora_b) if dtype is None else (self.lora_a.astype(dtype), self.lora_b.astype(dtype))
+        return self.scale * (a @ b).T
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
         """A plain layer with the update merged; a quantized base is re-quantized unless `dequantize`."""
@@ -70,7 +71,9 @@ class LoRALinear(nn.Module):
         else:
             weight = linear.weight
             dtype = weight.dtype
-        weight = (weight.astype(mx.float32) + self.delta().astype(mx.float32)).astype(dtype)
+        # at least float32 for the sum (a float64 model, as fuse's parity check uses, stays float64)
+        acc = mx.float64 if dtype == mx.float64 else mx.float32
+        weight = (weight.astype(acc) + self.delta(acc)).astype(dtype)
         out_dims, in_dims = weight.shape
         has_bias = "bias" in linear
         fused = nn.Linear(in_dims, out_dims, bias=has_bias)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -32,26 +31,15 @@ from mlxtune.loss import evaluate_loss, loss_fn, model_parts
 from mlxtune.models import load
 from mlxtune.settings import training_args
 
-WORDS = "the quick brown fox jumps over lazy dog hello how are you today fine thank".split()
+from tiny import WORDS, write_chat_data
+
 FAST = dict(steps_per_report=5, steps_per_eval=0, val_batches=2, plot=True, verbose=False)
-
-
-def _chat_rows(n: int, rng: random.Random) -> str:
-    rows = []
-    for _ in range(n):
-        q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10)))
-        rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": q.upper()[:16]}]})
-    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 @pytest.fixture(scope="module")
 def chat_data(tmp_path_factory):
     """train/valid/test chat jsonl with varied lengths (user text, then its upper-case echo as the answer)."""
-    out = tmp_path_factory.mktemp("chat")
-    rng = random.Random(0)
-    for name, n in (("train", 24), ("valid", 8), ("test", 8)):
-        (out / f"{name}.jsonl").write_text(_chat_rows(n, rng))
-    return out
+    return write_chat_data(tmp_path_factory.mktemp("chat"), seed=0)
 
 
 def _reference_loss(model, records) -> tuple[float, float]:

@@ -46,6 +46,33 @@ def make_bpe_tokenizer(out: Path, vocab_size: int = 400, chat_template: str = CH
     return out
 
 
+WORDS = "the quick brown fox jumps over lazy dog hello how are you today fine thank".split()
+
+
+def echo_chat_rows(n: int, rng, turns: int = 1) -> str:
+    """JSONL of n chats whose answers upper-case (a prefix of) the user's words: learnable by a tiny model."""
+    rows = []
+    for _ in range(n):
+        messages = []
+        for _ in range(rng.randint(1, turns) if turns > 1 else 1):
+            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10)))
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": q.upper()[:16]}]
+        rows.append({"messages": messages})
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def write_chat_data(out: Path, seed: int = 0, turns: int = 1, sizes=(("train", 24), ("valid", 8), ("test", 8))) -> Path:
+    """A data folder of echo chats (train/valid/test.jsonl), one seeded stream over the splits."""
+    import random
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for name, n in sizes:
+        (out / f"{name}.jsonl").write_text(echo_chat_rows(n, rng, turns))
+    return out
+
+
 TINY_CONFIGS = {
     "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
