@@ -35,6 +35,8 @@ from .layers import LoRALinear, adapter_weights, apply_lora, base_dtype, lora_mo
 FORMAT_VERSION = 1
 ADAPTER_NAMES = ("adapters.npz", "adapters.safetensors", "adapter_model.safetensors")
 CONFIG_NAME = "adapter_config.json"
+DEFAULT_STEM = "adapters"  # adapters.npz / adapters.safetensors + adapter_config.json: the layout mlx-lm loads
+_CHECKPOINT_PREFIX = re.compile(r"^\d{7}_")
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # (Hugging Face prefix, mlx-lm prefix) where the two name the same module differently: transformers 5
@@ -120,6 +122,18 @@ def find_adapter_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def run_stem(file: Path) -> str:
+    """The name an adapter's files share: `run2` for run2.npz and for its checkpoints 0000100_run2.npz."""
+    return _CHECKPOINT_PREFIX.sub("", file.stem)
+
+
+def config_path(adapter_file: Path) -> Path:
+    """Where an adapter's config is: adapter_config.json for adapters.npz / .safetensors (mlx-lm's layout),
+    `NAME.adapter_config.json` for any other name, so that several adapters can share a folder."""
+    stem = run_stem(adapter_file)
+    return adapter_file.parent / (CONFIG_NAME if stem == DEFAULT_STEM else f"{stem}.{CONFIG_NAME}")
+
+
 def read_weights(file: Path) -> dict[str, mx.array]:
     """The tensors of an .npz or .safetensors adapter (or checkpoint) file."""
     try:
@@ -136,9 +150,11 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, mx.a
     file = find_adapter_file(path)
     if file.name == PEFT_WEIGHTS:
         return read_peft(file.parent)  # PEFT layout: names and orientation differ
-    cfg_file = file.parent / CONFIG_NAME
+    cfg_file = config_path(file)
+    if not cfg_file.exists() and (file.parent / CONFIG_NAME).exists():
+        cfg_file = file.parent / CONFIG_NAME  # a renamed adapter file beside the folder's one config
     if not cfg_file.exists():
-        raise AdapterError(f"{file.parent} has no {CONFIG_NAME} beside {file.name}: copy it from the training output directory")
+        raise AdapterError(f"{file.parent} has no {cfg_file.name} beside {file.name}: copy it from the training output directory")
     try:
         config = AdapterConfig.from_json(json.loads(cfg_file.read_text()), str(cfg_file))
     except json.JSONDecodeError as e:
@@ -150,16 +166,26 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, mx.a
 
 
 def write_adapter_files(path: Path, weights: dict[str, np.ndarray], config: AdapterConfig | None) -> Path:
-    """The adapter tensors (.npz, or .safetensors by suffix) and, if given, adapter_config.json beside them."""
+    """The adapter tensors (.npz, or .safetensors by suffix) and, with a config, the config beside them.
+
+    With a config (a finished adapter, not a checkpoint) an .npz also gets its .safetensors twin with the
+    same tensors, so that mlx-lm's own tools (`mlx_lm.generate --adapter-path`, `mlx_lm.fuse`) load the folder.
+    """
+    _write_tensors(path, weights)
+    if config is not None:
+        if path.suffix == ".npz":
+            _write_tensors(path.with_suffix(".safetensors"), weights)
+        write_text_atomic(config_path(path), json.dumps(config.to_json(), indent=2) + "\n")
+    return path
+
+
+def _write_tensors(path: Path, weights: dict[str, np.ndarray]) -> None:
     if path.suffix == ".safetensors":
         with atomic_file(path) as tmp:
             mx.save_safetensors(str(tmp), {k: mx.array(v) for k, v in weights.items()})
     else:
         with atomic_file(path, suffix=".npz") as tmp:
             np.savez(tmp, **weights)
-    if config is not None:
-        write_text_atomic(path.parent / CONFIG_NAME, json.dumps(config.to_json(), indent=2) + "\n")
-    return path
 
 
 def model_adapter_arrays(model: nn.Module) -> dict[str, np.ndarray]:
@@ -373,7 +399,7 @@ def import_peft(peft_dir: str | os.PathLike, out_file: str | os.PathLike, *, for
     out_file = Path(out_file).expanduser()
     if out_file.suffix not in (".npz", ".safetensors"):
         raise AdapterError(f"--to {out_file}: name the output adapters.npz or adapters.safetensors")
-    cfg_out = out_file.parent / CONFIG_NAME
+    cfg_out = config_path(out_file)
     if out_file.parent.resolve() == peft_dir.resolve():
         raise AdapterError(f"--to {out_file} is inside the PEFT directory, whose {CONFIG_NAME} it would replace: "
                            "write it to another directory")

@@ -3,7 +3,9 @@
 A checkpoint is two files beside the adapter: `NNNNNNN_adapters.npz` (the LoRA tensors, same layout as the
 adapter) and `NNNNNNN_state.npz` (the optimizer state as numpy arrays, its step count included so the
 learning-rate schedule continues, and a JSON `meta` with the iteration, trained tokens and a fingerprint of
-the settings). The state file is written first: a checkpoint counts only once both files are complete.
+the settings, the data and the chat template). The state file is written first: a checkpoint counts only
+once both files are complete. Every file of a run is named after its adapter file (`RunFiles`), so runs
+can share a folder: `run2.npz` has `0000100_run2.npz`, `0000100_run2.state.npz`, `run2.metrics.jsonl`.
 The one thing to know: the data order and the dropout noise are functions of (seed, iteration), so loading
 a checkpoint and continuing repeats the uninterrupted run bit for bit; the fingerprint refuses a resume
 whose settings would break that.
@@ -20,48 +22,87 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapters import read_adapter, read_weights, write_adapter_files
+from .adapters import DEFAULT_STEM, config_path, read_adapter, read_weights, run_stem, write_adapter_files
 from .errors import ConfigError
 from .files import atomic_file, write_text_atomic
 from .settings import TrainingArgs
 
-CHECKPOINT_RE = re.compile(r"^(\d{7})_adapters\.(npz|safetensors)$")
 # Settings that change what an iteration computes; a resumed run must have the same ones.
 FINGERPRINT_KEYS = ["rank", "alpha", "dropout", "target_modules", "batch_size", "grad_accumulation", "learning_rate",
                     "lr_schedule", "lr_end", "lr_decay_steps", "warmup", "optimizer", "weight_decay", "max_grad_norm",
                     "max_seq_length", "pack", "train_on_inputs", "seed"]
 
 
-def settings_fingerprint(args: TrainingArgs, adapter_modules: list[str], base: str | None) -> dict:
+def settings_fingerprint(args: TrainingArgs, adapter_modules: list[str], base: str | None, *,
+                         data: str | None = None, template: str | None = None) -> dict:
+    """What a resumed run must share with its checkpoint: settings, modules, base, data and template identity."""
     keys = list(FINGERPRINT_KEYS)
     if args.lr_schedule != "constant" and not args.lr_decay_steps:
         keys.append("iters")  # the decay length depends on it
     fp = {k: getattr(args, k) for k in keys}
     fp["modules"] = sorted(adapter_modules)
     fp["base_model"] = base
+    fp["data"] = data
+    fp["template"] = template
     return fp
 
 
-def find_checkpoints(folder: Path) -> list[tuple[int, Path, Path]]:
-    """(iteration, adapter, state) for every complete checkpoint in `folder`, oldest first."""
-    out = []
-    if folder.is_dir():
-        for f in folder.iterdir():
-            m = CHECKPOINT_RE.match(f.name)
-            state = folder / f"{m.group(1)}_state.npz" if m else None
-            if m and state.exists():
-                out.append((int(m.group(1)), f, state))
-    return sorted(out)
+@dataclass(frozen=True)
+class RunFiles:
+    """Every file of one training run, named after its adapter file (the default `adapters` keeps the
+    short names mlx-lm users know: metrics.jsonl, loss.png, NNNNNNN_adapters.npz, NNNNNNN_state.npz)."""
+
+    adapter: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.adapter.parent
+
+    @property
+    def stem(self) -> str:
+        return run_stem(self.adapter)
+
+    def _named(self, name: str) -> Path:
+        return self.folder / (name if self.stem == DEFAULT_STEM else f"{self.stem}.{name}")
+
+    @property
+    def metrics(self) -> Path:
+        return self._named("metrics.jsonl")
+
+    @property
+    def plot(self) -> Path:
+        return self._named("loss.png")
+
+    @property
+    def config(self) -> Path:
+        return config_path(self.adapter)
+
+    def checkpoint(self, it: int) -> Path:
+        return self.folder / f"{it:07d}_{self.stem}{self.adapter.suffix}"
+
+    def state(self, it: int) -> Path:
+        return self.folder / f"{it:07d}_{'state' if self.stem == DEFAULT_STEM else self.stem + '.state'}.npz"
+
+    def checkpoints(self) -> list[tuple[int, Path, Path]]:
+        """(iteration, adapter, state) for every complete checkpoint of this run, oldest first."""
+        pattern = re.compile(rf"^(\d{{7}})_{re.escape(self.stem)}\.(npz|safetensors)$")
+        out = []
+        if self.folder.is_dir():
+            for f in self.folder.iterdir():
+                m = pattern.match(f.name)
+                if m and self.state(int(m.group(1))).exists():
+                    out.append((int(m.group(1)), f, self.state(int(m.group(1)))))
+        return sorted(out)
 
 
-def save_checkpoint(folder: Path, it: int, adapter: dict[str, np.ndarray], optimizer: dict[str, np.ndarray],
-                    meta: dict, suffix: str) -> Path:
+def save_checkpoint(files: RunFiles, it: int, adapter: dict[str, np.ndarray], optimizer: dict[str, np.ndarray],
+                    meta: dict) -> Path:
     """State first, adapter second, each atomically. Returns the adapter file of the checkpoint."""
     state = {f"opt.{k}": v for k, v in optimizer.items()}
     state["meta"] = np.array(json.dumps(meta))
-    with atomic_file(folder / f"{it:07d}_state.npz", suffix=".npz") as tmp:
+    with atomic_file(files.state(it), suffix=".npz") as tmp:
         np.savez(tmp, **state)
-    return write_adapter_files(folder / f"{it:07d}_adapters{suffix}", adapter, None)
+    return write_adapter_files(files.checkpoint(it), adapter, None)
 
 
 def read_state(state_file: Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -85,29 +126,41 @@ class Resume:
     val_loss: list[tuple[int, float]] = field(default_factory=list)
 
 
-def resume_point(args: TrainingArgs, fingerprint: dict, metrics_file: Path) -> Resume:
-    """The newest checkpoint beside `args.adapter_file` (or the adapter's own weights when there is none).
+# Fingerprint keys with a message of their own (the others are plain settings).
+# A template change changes the token ids too, so it is named first.
+IDENTITY = {
+    "template": "another chat template (or none): resume with the same --chat-template and tokenizer",
+    "data": "other training data (its examples or their token ids differ): resume with the same --data and "
+            "tokenizer",
+}
 
-    Refuses, with one line each: no checkpoint and no adapter, settings that differ from the checkpoint's,
-    and a checkpoint already at or past `args.iters`. Metrics the interrupted run wrote after its last
-    checkpoint are dropped, so metrics.jsonl reads as if the run had never stopped.
+
+def resume_point(args: TrainingArgs, fingerprint: dict, files: RunFiles) -> Resume:
+    """The newest checkpoint of this run (or the adapter's own weights when there is none).
+
+    Refuses, with one line each: no checkpoint and no adapter, settings, data or chat template that differ
+    from the checkpoint's, and a checkpoint already at or past `args.iters`. Metrics the interrupted run wrote
+    after its last checkpoint are dropped, so metrics.jsonl reads as if the run had never stopped.
     """
-    adapter_file = Path(args.adapter_file)
-    folder = adapter_file.parent
-    found = find_checkpoints(folder)
+    found = files.checkpoints()
     if not found:
-        if not adapter_file.exists():
-            raise ConfigError(f"--resume: no checkpoint (NNNNNNN_adapters{adapter_file.suffix} + NNNNNNN_state.npz) "
-                              f"and no {adapter_file.name} in {folder}; train without --resume first")
+        if not files.adapter.exists():
+            raise ConfigError(f"--resume: no checkpoint ({files.checkpoint(0).name.replace('0000000', 'NNNNNNN')} + "
+                              f"{files.state(0).name.replace('0000000', 'NNNNNNN')}) and no {files.adapter.name} in "
+                              f"{files.folder}; train without --resume first")
         # An adapter without optimizer state (e.g. mlx-lm's adapters.safetensors): start from its weights.
-        _, weights = read_adapter(adapter_file)
-        return Resume(0, weights, None, adapter_file)
+        _, weights = read_adapter(files.adapter)
+        return Resume(0, weights, None, files.adapter)
     start, ckpt, state_file = found[-1]
     optimizer, meta = read_state(state_file)
     old = meta.get("settings", {})
     # A setting newer than the checkpoint is absent from it: the checkpoint ran with that setting's default.
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingArgs)}
-    diff = [k for k in fingerprint if old.get(k, defaults.get(k)) != fingerprint[k]]
+    diff = [k for k in fingerprint if old.get(k, defaults.get(k, fingerprint[k])) != fingerprint[k]]
+    identity = [k for k in IDENTITY if k in diff]
+    if identity:
+        raise ConfigError(f"--resume: the checkpoint {ckpt} was trained on {IDENTITY[identity[0]]}, "
+                          "or pass a new --adapter-file")
     if diff:
         k = diff[0]
         hint = " (a decaying --lr-schedule is tied to --iters; train longer with --lr-schedule constant)" if k == "iters" else ""
@@ -117,7 +170,7 @@ def resume_point(args: TrainingArgs, fingerprint: dict, metrics_file: Path) -> R
         raise ConfigError(f"--resume: the newest checkpoint {ckpt} is already at iteration {start}; "
                           f"pass a larger --iters to continue")
     resume = Resume(start, read_weights(ckpt), optimizer, ckpt, int(meta.get("trained_tokens", 0)))
-    resume.train_loss, resume.val_loss = rewind_metrics(metrics_file, start)
+    resume.train_loss, resume.val_loss = rewind_metrics(files.metrics, start)
     return resume
 
 
@@ -136,11 +189,10 @@ def rewind_metrics(metrics_file: Path, upto: int) -> tuple[list, list]:
     return train, val
 
 
-def clear_run(folder: Path, metrics_file: Path) -> None:
-    """Remove a replaced run's metrics and checkpoints (the user passed --force)."""
-    if metrics_file.exists():
-        metrics_file.unlink()
-    for _, adapter, state in find_checkpoints(folder):
+def clear_run(files: RunFiles) -> None:
+    """Remove a replaced run's metrics and checkpoints (the user passed --force); other runs' files stay."""
+    if files.metrics.exists():
+        files.metrics.unlink()
+    for _, adapter, state in files.checkpoints():
         adapter.unlink()
         state.unlink()
-

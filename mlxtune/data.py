@@ -23,8 +23,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tqdm.auto import tqdm
 
 from . import templates
@@ -33,7 +33,7 @@ from .files import atomic_dir, atomic_file
 from .model_files import read_config, resolve_model_path
 from .models import load_tokenizer
 
-CACHE_VERSION = 2  # bump whenever the records a file turns into change (masking, text EOS, ...)
+CACHE_VERSION = 3  # bump whenever the records a file turns into change (masking, text EOS, ...)
 CHUNK = 512  # records tokenized per batch call
 PAD_MULTIPLE = 8  # batch lengths are rounded up to this so the compiled train step sees few shapes
 SPLITS = ("train", "valid", "test")
@@ -324,7 +324,7 @@ def record_tools(record_json: dict | str) -> list | None:
 
 @dataclass
 class _Options:
-    template: str
+    template: str | None  # None: the tokenizer has no chat template (plain prompt + completion + EOS)
     train_on_inputs: bool
     keys: Keys
 
@@ -354,7 +354,11 @@ def records_from(tokenizer, raw: list[tuple[int, Any]], fmt: Format, opts: _Opti
         except DataError as e:
             convs.append(e)
     ok = [c for c in convs if not isinstance(c, DataError)]
-    done = iter(templates.chat_to_ids_many(tokenizer, ok, template=opts.template, train_on_inputs=opts.train_on_inputs))
+    if opts.template is None:
+        done = iter(_plain_records(tokenizer, ok, fmt, opts))
+    else:
+        done = iter(templates.chat_to_ids_many(tokenizer, ok, template=opts.template,
+                                               train_on_inputs=opts.train_on_inputs))
     out = []
     for (line, rec), conv in zip(raw, convs):
         result = conv if isinstance(conv, DataError) else next(done)
@@ -363,6 +367,18 @@ def records_from(tokenizer, raw: list[tuple[int, Any]], fmt: Format, opts: _Opti
         if isinstance(result, DataError):
             raise result if str(result).startswith(f"{path}:") else _fail(f"{path}:{line}", str(result), rec)
         out.append(Record(*result))
+    return out
+
+
+def _plain_records(tokenizer, conversations, fmt: Format, opts: _Options) -> list:
+    """No chat template: prompt/completion-like records as prompt + completion + EOS; chats are an error."""
+    out: list = []
+    for messages, tools in conversations:
+        if fmt in (Format.CHAT, Format.SHAREGPT) or tools or [m["role"] for m in messages] != ["user", "assistant"]:
+            out.append(DataError(templates.NO_TEMPLATE))
+        else:
+            out.append(templates.plain_ids(tokenizer, messages[0]["content"], messages[1]["content"],
+                                           opts.train_on_inputs))
     return out
 
 
@@ -386,7 +402,7 @@ def _cache_file(cache_dir: Path, path: Path, fingerprint: str, opts: _Options) -
     h = hashlib.sha256()
     h.update(path.read_bytes())
     h.update(f"{CACHE_VERSION}|{fingerprint}|{opts.train_on_inputs}|{opts.keys}|".encode())
-    h.update(opts.template.encode())
+    h.update((opts.template if opts.template is not None else "\0no template").encode())
     return cache_dir / f"{h.hexdigest()[:32]}.npz"
 
 
@@ -439,6 +455,16 @@ def tokenize_file(path: str | os.PathLike, tokenizer, opts: _Options, cache_dir:
 
 
 # ------------------------------------------------------------------------------- splitting and truncating
+
+
+def records_fingerprint(records: Sequence[Record]) -> str:
+    """A short hash of exactly what training sees: every record's token ids and loss mask, in order."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(np.asarray(r.ids, np.int32).tobytes())
+        h.update(np.packbits(np.asarray(r.mask, bool)).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
 
 
 def split_indices(n: int, valid_split: float, test_split: float, seed: int) -> dict[str, list[int]]:
@@ -717,6 +743,7 @@ class DataReport:
     examples: list[Record]  # the first n training examples as they will be trained (after truncation)
     tokenizer: Any = None  # the tokenizer used, to decode `examples` (see `highlight`)
     padding: dict[str, float] = field(default_factory=dict)  # "bucketed"/"packed" -> padding share of train batches
+    rendering: str = ""  # how conversations become text, and why (templates.describe_rendering)
 
     def length_stats(self, split: str) -> dict[str, int]:
         x = np.asarray(self.lengths[split])
@@ -776,7 +803,8 @@ def inspect_dataset(model, data, *, n: int = 3, max_seq_length: int = 2048, vali
     if train:
         padding = {"bucketed": padding_fraction(train, batch_size, max_seq_length=max_seq_length, seed=seed),
                    "packed": padding_fraction(train, batch_size, max_seq_length=max_seq_length, seed=seed, pack=True)}
-    return DataReport(formats, lengths, max_seq_length, truncated, dropped, train[:n], tokenizer, padding)
+    rendering = templates.describe_rendering(tokenizer, templates.read_template_option(chat_template))
+    return DataReport(formats, lengths, max_seq_length, truncated, dropped, train[:n], tokenizer, padding, rendering)
 
 
 def highlight(tokenizer, record: Record, color: bool = False) -> str:
@@ -833,7 +861,8 @@ def convert_dataset(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, 
     def render_text(messages, tools):
         if tokenizer is not None:
             return templates.render(tokenizer, messages, tools=tools, template=templates.template_for(tokenizer, template))
-        return jinja2.Template(template or templates.DEFAULT_CHAT_TEMPLATE).render(
+        # Sandboxed like every template we render: a data file's template must not reach Python internals.
+        return ImmutableSandboxedEnvironment().from_string(template or templates.CHATML_TEMPLATE).render(
             messages=messages, tools=tools, add_generation_prompt=False)
 
     out = []

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .adapters import AdapterConfig, read_weights, write_adapter_files
-from .checkpoints import clear_run, find_checkpoints, resume_point, save_checkpoint
+from .checkpoints import RunFiles, clear_run, resume_point, save_checkpoint
 from .errors import TrainingError
 from .report import Reporter, train_line, val_line, write_loss_png
 from .settings import TrainingArgs
@@ -81,19 +81,17 @@ def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, arg
     """Train for `args.iters` steps (from the newest checkpoint with `args.resume`); returns a TrainResult.
 
     `batches(start)` yields the training batches from step `start` on. Writes the adapter, checkpoints,
-    metrics.jsonl and loss.png beside `args.adapter_file`.
+    metrics and the loss plot beside `args.adapter_file`, named after it (`checkpoints.RunFiles`).
     """
-    adapter_file = Path(args.adapter_file)
-    folder = adapter_file.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    suffix = adapter_file.suffix
-    metrics_file, plot_file = folder / "metrics.jsonl", folder / "loss.png"
+    files = RunFiles(Path(args.adapter_file))
+    adapter_file = files.adapter
+    files.folder.mkdir(parents=True, exist_ok=True)
     callbacks = list(callbacks)
-    result = TrainResult(adapter_file=adapter_file, metrics_file=metrics_file, plot_file=plot_file if args.plot else None)
-    log = Reporter(verbose, metrics_file)
+    result = TrainResult(adapter_file=adapter_file, metrics_file=files.metrics, plot_file=files.plot if args.plot else None)
+    log = Reporter(verbose, files.metrics)
 
     start = 0
-    resume = resume_point(args, fingerprint, metrics_file) if args.resume else None
+    resume = resume_point(args, fingerprint, files) if args.resume else None
     if resume is not None and resume.optimizer is not None:
         engine.load_adapter_arrays(resume.adapter, str(resume.source))
         engine.load_optimizer_arrays(resume.optimizer)
@@ -102,9 +100,9 @@ def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, arg
     else:
         if resume is not None:
             engine.load_adapter_arrays(resume.adapter, str(resume.source))
-            log.line(f"note: {folder} has no checkpoint with optimizer state; starting from the weights in "
+            log.line(f"note: {files.folder} has no checkpoint with optimizer state; starting from the weights in "
                      f"{adapter_file} at iteration 0")
-        clear_run(folder, metrics_file)
+        clear_run(files)
 
     def validate(it: int) -> None:
         if not valid_records:
@@ -117,20 +115,20 @@ def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, arg
         log.record(report)
         result.val_loss.append((it, loss))
         if args.plot:
-            write_loss_png(plot_file, result.train_loss, result.val_loss)
+            write_loss_png(files.plot, result.train_loss, result.val_loss)
         if _wants_stop(callbacks, report):
             raise _Stop()
 
     def checkpoint(it: int, announce: bool = True) -> None:
         meta = {"iteration": it, "trained_tokens": result.trained_tokens, "settings": fingerprint}
         adapter = engine.adapter_arrays()
-        ck = save_checkpoint(folder, it, adapter, engine.optimizer_arrays(), meta, suffix)
+        ck = save_checkpoint(files, it, adapter, engine.optimizer_arrays(), meta)
         if announce:
             write_adapter_files(adapter_file, adapter, adapter_config)
             log.line(f"Iter {it}: Saved adapter weights to {adapter_file} and {ck}.")
 
     def last_good() -> str:
-        found = find_checkpoints(folder)
+        found = files.checkpoints()
         if not found:
             return "no checkpoint was saved yet"
         it, ck, _ = found[-1]
@@ -192,7 +190,7 @@ def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, arg
     result.iterations = it
     write_adapter_files(adapter_file, engine.adapter_arrays(), adapter_config)
     if args.plot:
-        write_loss_png(plot_file, result.train_loss, result.val_loss)
+        write_loss_png(files.plot, result.train_loss, result.val_loss)
     if args.save_every and it % args.save_every == 0:  # the final step is a checkpoint too (resume can extend it)
         checkpoint(it, announce=False)
     log.line(f"{'Stopped early at iteration ' + str(it) + '. ' if result.stopped_early else ''}"

@@ -79,7 +79,8 @@ class TrainingArgs:
     test_batches: int = field(default=-1, metadata={"help": "Test batches for --test (-1 = the whole set)."})
     plot: bool = field(default=True, metadata={"help": "Write loss.png beside the adapter."})
     chat_template: str | None = field(default=None, metadata={
-        "help": "A Jinja chat template file to use instead of the tokenizer's."})
+        "help": "A Jinja chat template file to use instead of the tokenizer's, or chatml (without any, prompt/completion "
+                "data trains as prompt + completion + EOS and chat data is refused)."})
     prompt_key: str | None = field(default=None, metadata={
         "help": "Field holding the prompt, when your records name it differently."})
     completion_key: str | None = field(default=None, metadata={"help": "Field holding the completion/answer."})

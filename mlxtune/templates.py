@@ -18,8 +18,8 @@ from pathlib import Path
 from .errors import ConfigError, DataError
 from .model_files import read_json
 
-# Used when a tokenizer has no chat template of its own (documented in the README and `--help`).
-DEFAULT_CHAT_TEMPLATE = (
+# `--chat-template chatml`: ChatML, for a model without a template of its own that should learn one.
+CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
@@ -39,10 +39,12 @@ def hf_tokenizer(tokenizer):
 
 
 def read_template_option(template: str | Path | None) -> str | None:
-    """The `--chat-template` option: a file holding a Jinja template, or the template text itself."""
+    """The `--chat-template` option: a file holding a Jinja template, the template text itself, or `chatml`."""
     if template is None:
         return None
     text = str(template)
+    if text == "chatml":
+        return CHATML_TEMPLATE
     if "{{" in text or "{%" in text:
         return text
     path = Path(text).expanduser()
@@ -68,14 +70,71 @@ def read_model_template(model_dir: Path, tok_config: dict | None = None) -> str 
     return None
 
 
-def template_for(tokenizer, override: str | None = None) -> str:
-    """The template text used for `tokenizer`: the override, its own, or the ChatML default."""
+def template_for(tokenizer, override: str | None = None) -> str | None:
+    """The template text used for `tokenizer`: the override, else its own; None when it has none.
+
+    Without a template nothing is invented: prompt/completion data trains `prompt + completion + EOS`
+    (see `plain_ids`) and chat data is an error that suggests --chat-template.
+    """
     if override:
         return override
     own = getattr(hf_tokenizer(tokenizer), "chat_template", None)
     if isinstance(own, dict):  # several named templates: the default one is what generation uses
         own = own.get("default") or next(iter(own.values()), None)
-    return own or DEFAULT_CHAT_TEMPLATE
+    return own or None
+
+
+def describe_rendering(tokenizer, override: str | None = None) -> str:
+    """One line saying how conversations become text for this tokenizer, and why."""
+    if override:
+        return "the --chat-template given"
+    if template_for(tokenizer) is not None:
+        return "the tokenizer's own chat template"
+    return ("no chat template (the tokenizer has none): prompt + completion + EOS, as plain text; chat data "
+            "needs --chat-template FILE (or --chat-template chatml)")
+
+
+NO_TEMPLATE = ("this model's tokenizer has no chat template, so a conversation (chat messages, a system "
+               "prompt or tools) cannot be rendered: pass --chat-template FILE (or --chat-template chatml), or "
+               "give prompt/completion records, which train as prompt + completion + EOS")
+
+
+def document_ids(tokenizer, text: str) -> list[int]:
+    """Plain text as one document: the tokenizer's BOS (if it adds one), the text, then EOS."""
+    hf = hf_tokenizer(tokenizer)
+    ids = list(hf.encode(text, add_special_tokens=True))
+    if hf.eos_token_id is not None and (not ids or ids[-1] != hf.eos_token_id):
+        ids.append(hf.eos_token_id)
+    return ids
+
+
+def plain_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """What generation starts from without a chat template: BOS (if the tokenizer adds one) + the prompt."""
+    hf = hf_tokenizer(tokenizer)
+    ids = list(hf.encode(prompt, add_special_tokens=True))
+    if ids and hf.eos_token_id is not None and ids[-1] == hf.eos_token_id and len(ids) > 1:
+        ids = ids[:-1]  # a tokenizer that appends EOS to every encoding: generation must not start after it
+    return ids
+
+
+def plain_ids(tokenizer, prompt: str, completion: str, train_on_inputs: bool = False) -> tuple[list[int], list[bool]]:
+    """Without a chat template: ids of `prompt + completion + EOS`, the completion and EOS trained.
+
+    Prompt and completion are joined as they are (the separator is the data's, as in mlx-lm's completions).
+    Where a token spans the join, it belongs to the completion.
+    """
+    full = document_ids(tokenizer, prompt + completion)
+    if train_on_inputs:
+        return full, [False] + [True] * (len(full) - 1)
+    head = plain_prompt_ids(tokenizer, prompt)
+    if full[: len(head)] == head:
+        start = len(head)
+    else:
+        hf = hf_tokenizer(tokenizer)
+        enc = hf(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)
+        offsets = [tuple(o) for o in enc["offset_mapping"]]
+        start = next((k for k, (_, e) in enumerate(offsets) if e > len(prompt)), len(offsets))
+    return full, [False] * start + [True] * (len(full) - start)
 
 
 def render(tokenizer, messages: list[dict], *, tools: list | None = None, template: str,
@@ -106,8 +165,15 @@ def special_ids(tokenizer) -> set[int]:
 
 
 def prompt_ids(tokenizer, messages: list[dict], *, tools: list | None = None, template: str | None = None) -> list[int]:
-    """Token ids of `messages` followed by the assistant header: what generation starts from."""
+    """Token ids of `messages` followed by the assistant header: what generation starts from.
+
+    Without a chat template only a single user message can be a prompt (its plain text, as trained).
+    """
     template = template_for(tokenizer, template)
+    if template is None:
+        if tools or len(messages) != 1 or messages[0].get("role") != "user":
+            raise DataError(NO_TEMPLATE)
+        return plain_prompt_ids(tokenizer, messages[0].get("content") or "")
     return encode(tokenizer, render(tokenizer, messages, tools=tools, template=template, add_generation_prompt=True))
 
 
@@ -202,6 +268,8 @@ def chat_to_ids_many(tokenizer, conversations: list[tuple[list[dict], list | Non
                      train_on_inputs: bool = False, specials: set[int] | None = None) -> list:
     """`chat_to_ids` of many (messages, tools) pairs: one result per pair, a DataError where it failed."""
     template = template_for(tokenizer, template)
+    if template is None:
+        return [DataError(NO_TEMPLATE)] * len(conversations)
     specials = special_ids(tokenizer) if specials is None else specials
     plans: list = []
     for messages, tools in conversations:

@@ -9,6 +9,7 @@ one is a module of its own, so another engine or another loss plugs in without a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -20,7 +21,7 @@ import mlx.nn as nn
 
 from .adapters import AdapterConfig, load_adapter
 from .checkpoints import settings_fingerprint
-from .data import iterate_batches, load_dataset, padding_fraction
+from .data import iterate_batches, load_dataset, padding_fraction, records_fingerprint
 from .defaults import DEFAULT_LORA_CONFIG, fill_in
 from .errors import ConfigError, DataError
 from .layers import apply_lora, count_parameters
@@ -29,6 +30,7 @@ from .loss import evaluate_loss
 from .mlx_engine import MLXEngine, make_optimizer
 from .models import load_model
 from .settings import TrainingArgs, normalize_keys, read_config_file, training_args
+from .templates import read_template_option, template_for
 
 
 def _fmt_count(n: int) -> str:
@@ -124,8 +126,11 @@ def lora(model: Any = None, data: Any = None, *, tokenizer: Any = None, config: 
         return iterate_batches(splits.train, needed, max_seq_length=args.max_seq_length, seed=args.seed,
                                start_step=start, loop=True, shuffle=True, pack=pack)
 
-    result = train(engine, batches, splits.valid, args, adapter_config=adapter_config,
-                   fingerprint=settings_fingerprint(args, modules, base_model), callbacks=callbacks, verbose=verbose)
+    template = template_for(tokenizer, read_template_option(args.chat_template))
+    fingerprint = settings_fingerprint(args, modules, base_model, data=records_fingerprint(splits.train),
+                                       template=hashlib.sha256(template.encode()).hexdigest()[:16] if template else None)
+    result = train(engine, batches, splits.valid, args, adapter_config=adapter_config, fingerprint=fingerprint,
+                   callbacks=callbacks, verbose=verbose)
     if args.test:
         _run_test(model, splits.test, args, result, say)
     return result

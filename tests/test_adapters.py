@@ -6,6 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import mlxtune
 from mlxtune.adapters import adapter_info, export_peft, import_peft, read_peft, save_adapter
 from mlxtune.errors import AdapterError
 from mlxtune.fusion import fuse
@@ -266,3 +267,30 @@ def test_cli_export_to_gguf_writes_a_llama_cpp_lora(hf_dirs, tmp_path, capsys):
     before = out.read_bytes()
     assert cli(*args) == 1 and "already exists" in capsys.readouterr().err  # kept unless --force
     assert out.read_bytes() == before
+
+
+def test_mlx_lm_own_tools_load_and_fuse_an_mlxtune_adapter_folder(tiny_llama, tmp_path):
+    """The folder mlxtune lora writes is one mlx-lm's loader and mlx_lm.fuse take as they are."""
+    import subprocess
+    import sys
+
+    from mlx_lm.utils import load as mlx_lm_load
+
+    from tiny import write_chat_data
+
+    data = write_chat_data(tmp_path / "data")
+    result = mlxtune.lora(str(tiny_llama), str(data), adapter_file=tmp_path / "run" / "adapters.npz", iters=4,
+                          batch_size=2, learning_rate=1e-2, lora_layers=2, target_modules="all-linear",
+                          verbose=False, steps_per_eval=0, save_every=0)
+    folder = result.adapter_file.parent
+    assert (folder / "adapters.safetensors").exists()
+    ours, _ = load(tiny_llama, adapter_file=result.adapter_file)
+    expected = np.array(ours(mx.array(IDS)))
+    assert np.abs(expected - np.array(load(tiny_llama)[0](mx.array(IDS)))).max() > 1e-3  # the adapter matters
+    theirs, _ = mlx_lm_load(str(tiny_llama), adapter_path=str(folder))
+    np.testing.assert_allclose(np.array(theirs(mx.array(IDS))), expected, atol=1e-5)
+    fused = tmp_path / "mlx-lm-fused"
+    proc = subprocess.run([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(tiny_llama), "--adapter-path",
+                           str(folder), "--save-path", str(fused)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_allclose(np.array(load(fused)[0](mx.array(IDS))), expected, atol=1e-4)

@@ -164,11 +164,54 @@ def test_tools_reach_the_template_and_stay_untrained(toks, tmp_path):
     assert data.record_tools(record) == tools
 
 
-def test_tokenizer_without_template_gets_the_chatml_default(toks, tmp_path):
+def test_without_a_template_completions_train_prompt_completion_eos(tmp_path):
+    bare = load_style_tokenizer(tmp_path / "bare", "chatml", template="")
+    rows = [{"prompt": "table: cities\nQ: largest?\nA:", "completion": " SELECT name FROM cities"},
+            {"instruction": "Name a colour.", "output": " Blue."}]
+    [completion, alpaca] = load_train(write_jsonl(tmp_path / "p.jsonl", rows[:1]), bare) + load_train(
+        write_jsonl(tmp_path / "a.jsonl", rows[1:]), bare)
+    hf = bare._tokenizer
+    for rec, (prompt, answer) in ((completion, (rows[0]["prompt"], rows[0]["completion"])),
+                                  (alpaca, (rows[1]["instruction"], rows[1]["output"]))):
+        assert rec.ids == hf.encode(prompt + answer, add_special_tokens=True) + [hf.eos_token_id]
+        [trained] = runs(rec)
+        assert hf.decode(trained[:-1]) == answer and trained[-1] == hf.eos_token_id  # the answer and EOS only
+        assert "<|im_start|>" not in hf.decode(rec.ids)  # no template was invented
+    # the same text is what generation starts from
+    assert templates.prompt_ids(bare, [{"role": "user", "content": rows[0]["prompt"]}]) == hf.encode(
+        rows[0]["prompt"], add_special_tokens=True)
+
+
+def test_without_a_template_eval_and_generate_prompt_exactly_as_training_did(tmp_path):
+    from mlxtune.evaluation import prompts_and_answers
+    from mlxtune.generation import render_prompt, stop_token_ids
+
+    bare = load_style_tokenizer(tmp_path / "bare", "chatml", template="")
+    rows = [{"prompt": f"Q: item {i}?\nA:", "completion": f" answer {i}"} for i in range(4)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    records = load_train(path, bare)
+    prompts, answers = prompts_and_answers(bare, data.read_records(path), path)
+    for rec, prompt, answer, row in zip(records, prompts, answers, rows):
+        start = rec.mask.index(True)
+        assert prompt == rec.ids[:start]  # generation starts where training's answer started
+        assert answer == row["completion"] and rec.ids[-1] in stop_token_ids(bare)  # and stops where it ended
+        assert render_prompt(bare, row["prompt"]) == prompt  # mlxtune generate --prompt does the same
+    with pytest.raises(DataError, match="no chat template"):
+        render_prompt(bare, "hi", system="Be brief.")
+
+
+def test_without_a_template_chat_data_is_refused_and_chatml_is_a_choice(toks, tmp_path):
     bare = load_style_tokenizer(tmp_path / "bare", "chatml", template="")
     path = write_jsonl(tmp_path / "c.jsonl", [chat(*CONVERSATION)])
-    [got], [want] = load_train(path, bare), load_train(path, toks["chatml"])
+    with pytest.raises(DataError, match=r"c\.jsonl:1: this model's tokenizer has no chat template.*--chat-template"):
+        load_train(path, bare)
+    with pytest.raises(DataError, match="no chat template"):  # a system prompt needs a template too
+        load_train(write_jsonl(tmp_path / "s.jsonl", [{"prompt": "a", "completion": "b", "system": "Be brief."}]), bare)
+    [got], [want] = load_train(path, bare, chat_template="chatml"), load_train(path, toks["chatml"])
     assert (got.ids, got.mask) == (want.ids, want.mask)
+    assert "no chat template" in templates.describe_rendering(bare)
+    assert templates.describe_rendering(bare, "chatml") == "the --chat-template given"
+    assert templates.describe_rendering(toks["chatml"]) == "the tokenizer's own chat template"
 
 
 def test_turn_rendered_differently_when_not_last_is_found_by_its_text(toks, tmp_path):
@@ -547,6 +590,7 @@ def test_cli_inspect_convert_split(tiny_llama, tmp_path):
                    "--max-seq-length", "20"])
     assert r.exit_code == 0, r.output
     assert "chat.jsonl" not in r.output and "train.jsonl: chat" in r.output
+    assert "rendering: the tokenizer's own chat template" in r.output
     assert "train: 7 examples" in r.output and "valid: 2 examples" in r.output
     assert "10 examples longer than --max-seq-length 20 will be truncated" in r.output
     assert "padding in training batches of 4: " in r.output

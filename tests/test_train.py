@@ -28,6 +28,7 @@ from mlxtune.data import iterate_batches, load_dataset
 from mlxtune.errors import ConfigError, TrainingError
 from mlxtune.layers import LoRALinear
 from mlxtune.loss import evaluate_loss, loss_fn, model_parts
+from mlxtune.model_files import copy_tokenizer_files
 from mlxtune.models import load
 from mlxtune.settings import training_args
 
@@ -120,9 +121,7 @@ def test_qlora_on_a_4bit_model(tiny_llama, chat_data, tmp_path):
     config = json.loads((Path(tiny_llama) / "config.json").read_text())
     config["quantization"] = {"group_size": 32, "bits": 4}
     (qdir / "config.json").write_text(json.dumps(config))
-    for f in Path(tiny_llama).iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, qdir)
+    copy_tokenizer_files(Path(tiny_llama), qdir)
     qmodel, tok = load(qdir)
     frozen = np.array(qmodel.model.layers[1].self_attn.q_proj.weight)
     valid = load_dataset(str(chat_data), tok).valid
@@ -215,6 +214,45 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_llama, chat_
     iters = [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()]
     assert iters == [2, 4, 6, 8, 10, 12, 12]  # the killed run's reports after checkpoint 4 were dropped
     assert resumed.trained_tokens == whole.trained_tokens
+
+
+def test_resume_refuses_other_data_or_another_chat_template(tiny_llama, chat_data, tmp_path):
+    folder = tmp_path / "r"
+    settings = dict(RESUME, lr_schedule="constant")  # so that --iters may grow on resume
+    mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=folder / "adapters.npz", **dict(settings, iters=4))
+    other = write_chat_data(tmp_path / "other", seed=1)
+    with pytest.raises(ConfigError, match=r"--resume: the checkpoint .*0000004_adapters.npz was trained on other "
+                                          r"training data .*same --data"):
+        mlxtune.lora(str(tiny_llama), str(other), adapter_file=folder / "adapters.npz", resume=True, **settings)
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(ConfigError, match=r"trained on another chat template .*same --chat-template"):
+        mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=folder / "adapters.npz", resume=True,
+                     chat_template=str(template), **settings)
+    resumed = mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=folder / "adapters.npz", resume=True, **settings)
+    assert resumed.iterations == 12  # the same data and template resume
+
+
+def test_two_runs_share_a_folder_without_touching_each_other(tiny_llama, chat_data, tmp_path):
+    from mlxtune.adapters import read_adapter
+
+    folder = tmp_path / "runs"
+    first = dict(RESUME, iters=4, rank=8)
+    mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=folder / "adapters.npz", **first)
+    mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=folder / "run2.npz", **dict(first, rank=4))
+    names = sorted(p.name for p in folder.iterdir())
+    for name in ("adapters.npz", "adapters.safetensors", "adapter_config.json", "metrics.jsonl", "loss.png",
+                 "0000004_adapters.npz", "0000004_state.npz", "run2.npz", "run2.safetensors",
+                 "run2.adapter_config.json", "run2.metrics.jsonl", "run2.loss.png", "0000004_run2.npz",
+                 "0000004_run2.state.npz"):
+        assert name in names, (name, names)
+    assert read_adapter(folder / "adapters.npz")[0].rank == 8 and read_adapter(folder / "run2.npz")[0].rank == 4
+    # replacing the second run deletes its own checkpoints only
+    mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=folder / "run2.npz", force=True,
+                 **dict(first, rank=4, save_every=0))
+    assert (folder / "0000004_adapters.npz").exists() and (folder / "0000004_state.npz").exists()
+    assert not (folder / "0000004_run2.npz").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_llama, chat_data, tmp_path):

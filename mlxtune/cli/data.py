@@ -37,7 +37,8 @@ def _bar(count: int, most: int, width: int = 40) -> str:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the train/valid/test split.")
 @click.option("--train-on-inputs", is_flag=True, help="Train on prompt tokens too, not only the answers.")
 @click.option("--chat-template", default=None, type=click.Path(dir_okay=False),
-              help="Jinja chat template file replacing the tokenizer's (default: its own, else ChatML).")
+              help="Jinja chat template file replacing the tokenizer's, or `chatml` (default: its own; without one, "
+                   "prompt/completion data trains as prompt + completion + EOS).")
 @click.option("--prompt-key", default=None, help="Field holding the prompt (default: prompt).")
 @click.option("--completion-key", default=None, help="Field holding the answer (default: completion).")
 @click.option("--text-key", default=None, help="Field holding plain text (default: text).")
@@ -64,6 +65,7 @@ def inspect_cmd(model, data, n, max_seq_length, valid_split, test_split, seed, t
                              messages_key=messages_key, batch_size=batch_size)
     for file, fmt in report.formats.items():
         click.echo(f"{file}: {fmt}")
+    click.echo(f"rendering: {report.rendering}")
     for split, lengths in report.lengths.items():
         stats = report.length_stats(split)
         if not stats:
