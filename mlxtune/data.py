@@ -538,8 +538,7 @@ def _resolve_inputs(data) -> list[tuple[Path, str | None]]:
 
 def _load_untruncated(data, tokenizer, *, valid_split, test_split, seed, train_on_inputs, chat_template,
                       keys: Keys, cache) -> tuple[dict[str, list[Record]], dict[str, str], int]:
-    template = templates.template_for(tokenizer, templates.read_template_option(chat_template))
-    opts = _Options(template=template, train_on_inputs=train_on_inputs, keys=keys)
+    opts = _options(tokenizer, chat_template, train_on_inputs, keys)
     cache_dir = None
     if cache:
         cache_dir = default_cache_dir() if cache is True else Path(cache)
@@ -561,6 +560,21 @@ def _load_untruncated(data, tokenizer, *, valid_split, test_split, seed, train_o
         if split is not None:
             held_out += len(parts["valid"])
     return splits, formats, held_out
+
+
+def _options(tokenizer, chat_template, train_on_inputs: bool, keys: Keys) -> _Options:
+    template = templates.template_for(tokenizer, templates.read_template_option(chat_template))
+    return _Options(template=template, train_on_inputs=train_on_inputs, keys=keys)
+
+
+def file_records(path: str | os.PathLike, tokenizer, *, limit: int | None = None, max_seq_length: int = 2048,
+                 chat_template: str | None = None) -> list[Record]:
+    """The records of the first `limit` rows of one file, in file order, truncated as training truncates them
+    (a row with nothing left to train is left out). What evaluation scores the loss on: the same rows it
+    generates for, whatever truncation drops."""
+    _, records, _ = tokenize_file(path, tokenizer, _options(tokenizer, chat_template, False, _keys()))
+    kept = (truncate(r, max_seq_length, _bos_id(tokenizer)) for r in records[:limit])
+    return [r for r in kept if r is not None]
 
 
 def _keys(prompt_key=None, completion_key=None, text_key=None, messages_key=None) -> Keys:

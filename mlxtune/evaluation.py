@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, generate_step
 from tqdm.auto import tqdm
 
-from .data import load_dataset, read_records, record_tools, split_prompt_answer
+from .data import file_records, read_records, record_tools, split_prompt_answer
 from .defaults import fill_in
 from .errors import ConfigError, DataError, FallbackWarning
 from .files import atomic_file
@@ -193,11 +193,9 @@ def _greedy_batched(model, tokenizer, prompts, max_tokens, batch_size, stops, an
 
 def split_loss(model, tokenizer, file: Path, *, limit: int | None = None, batch_size: int = 16,
                max_seq_length: int = 2048, chat_template: str | None = None) -> float:
-    """Mean loss per answer token over the (first `limit`) records of a file, with training's own loss."""
-    # No split fractions: every record of the file lands in `train`, in file order.
-    splits = load_dataset(str(file), tokenizer, valid_split=0.0, test_split=0.0, max_seq_length=max_seq_length,
-                          chat_template=chat_template, cache=False)
-    records = splits.train[:limit]
+    """Mean loss per answer token over the first `limit` rows of a file (the rows exact match scores), with
+    training's own loss."""
+    records = file_records(file, tokenizer, limit=limit, max_seq_length=max_seq_length, chat_template=chat_template)
     if not records:
         raise DataError(f"{file}: no records left to compute the loss on (all longer than --max-seq-length?)")
     return float(evaluate_loss(model, records, batch_size, max_seq_length))

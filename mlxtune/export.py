@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 from gguf import GGUFReader
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tqdm.auto import tqdm
@@ -207,16 +208,24 @@ def llama3_system_prefix(template: str | None) -> str | None:
     return prefix
 
 
+class TemplateRenderError(ExportError):
+    """The Jinja chat template cannot be rendered outside its app (it needs context we do not give it)."""
+
+
 def _render(template: str | None, messages: list[dict]) -> str | None:
-    """The Jinja chat template rendered as transformers does (BOS left out), or None if it cannot be."""
+    """The Jinja chat template rendered as transformers does (BOS left out); None without a template.
+
+    Raises TemplateRenderError for a template that fails here (raise_exception, strftime_now and other
+    helpers only its app defines, or a bug): the caller says what it could not do.
+    """
     if not template:
         return None
     try:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token="",
                                                 eos_token="")
-    except Exception:  # a template that needs more context than we give it
-        return None
+    except (jinja2.TemplateError, TypeError) as e:
+        raise TemplateRenderError(f"{type(e).__name__}: {e}") from None
 
 
 def stop_tokens(info: GGUFChatInfo, family: str | None) -> list[str]:
@@ -250,7 +259,12 @@ def modelfile_text(info: GGUFChatInfo, from_ref: str, adapter_ref: str | None = 
     if adapter_ref:
         lines.append(f"ADAPTER {adapter_ref}")
     if family:
-        template = go_template(family, info.chat_template or "", info.eos)
+        try:
+            template = go_template(family, info.chat_template or "", info.eos)
+        except TemplateRenderError as e:
+            notes.append(f"the chat template cannot be rendered here ({e}): the {family} TEMPLATE is written in "
+                         "its common form; compare it with the Jinja template before relying on it")
+            template = go_template(family, "", info.eos)
         lines.append(f'TEMPLATE """{template}"""')
     elif info.chat_template:
         notes.append("the chat template is not one of ChatML, Llama-3, Mistral [INST], Gemma, Phi-3: no TEMPLATE "
@@ -264,7 +278,11 @@ def modelfile_text(info: GGUFChatInfo, from_ref: str, adapter_ref: str | None = 
     stops = stop_tokens(info, family)
     lines.extend(f"PARAMETER stop {_quote(s)}" for s in stops)
     if system is None and family == "chatml":
-        system = default_system_prompt(info.chat_template)
+        try:
+            system = default_system_prompt(info.chat_template)
+        except TemplateRenderError as e:
+            notes.append(f"the chat template cannot be rendered here ({e}), so a default system prompt it may add "
+                         "is not written as SYSTEM: pass --system TEXT to set one")
         if system:
             notes.append("the chat template adds a default system prompt when none is given: written as SYSTEM")
     if system:

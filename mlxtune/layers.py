@@ -162,6 +162,12 @@ def apply_lora(model: nn.Module, *, lora_layers: int | None = 16, rank: int = 8,
                     continue
                 seen.add(leaf)
                 path = f"{block_prefix}{i}.{name}"
+                out_dims, in_dims = m.weight.shape
+                in_dims = in_dims * 32 // m.bits if isinstance(m, nn.QuantizedLinear) else in_dims
+                if rank > min(in_dims, out_dims):
+                    raise ConfigError(f"--rank {rank} is larger than {path} ({out_dims} x {in_dims}): a LoRA update "
+                                      f"of that layer has at most rank {min(in_dims, out_dims)}; use --rank "
+                                      f"{min(in_dims, out_dims)} or less, or leave the layer out with --target-modules")
                 _replace(model, path, LoRALinear.from_base(m, rank, alpha, dropout))
                 chosen.append(path)
         if targets is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .data import iterate_batches, round_up
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, FallbackWarning
 
 
 @dataclass
@@ -71,21 +72,25 @@ def model_parts(model: nn.Module) -> ModelParts:
             try:
                 split = parts.head(parts.body(ids)).astype(mx.float32)
                 same = split.shape == full.shape and mx.allclose(full, split, rtol=1e-3, atol=1e-3).item()
-            except Exception:  # an inner model with another calling convention
+            except TypeError:  # an inner model with another calling convention
                 same = False
             if not same:
                 parts.body = parts.head = None
+                warnings.warn(f"{type(model).__module__}: the body/head split does not reproduce the model's logits, "
+                              "so the loss runs the vocabulary projection on every position (slower, more memory)",
+                              FallbackWarning, stacklevel=2)
         # Packing check: two rows, each holding two examples, must score as the examples do alone.
         # (Two rows with different layouts catch attention code that broadcasts a per-row mask wrongly.)
         a, b = ids[:1, :5], ids[1:, :3]
         seg = mx.array([[1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 2, 2, 2, 2, 2]])
         rows = mx.concatenate([mx.concatenate([a, b], 1), mx.concatenate([b, a], 1)])
-        packed = _logits(model, parts, rows, seg)
-        la, lb = _logits(model, parts, a, None), _logits(model, parts, b, None)
-        alone = mx.concatenate([mx.concatenate([la, lb], 1), mx.concatenate([lb, la], 1)])
-        parts.packing = bool(mx.allclose(packed, alone, rtol=1e-3, atol=1e-3).item())
-    except Exception:  # an architecture whose attention rejects a per-row mask: train unpacked
-        parts.packing = False
+        try:
+            packed = _logits(model, parts, rows, seg)
+            la, lb = _logits(model, parts, a, None), _logits(model, parts, b, None)
+            alone = mx.concatenate([mx.concatenate([la, lb], 1), mx.concatenate([lb, la], 1)])
+            parts.packing = bool(mx.allclose(packed, alone, rtol=1e-3, atol=1e-3).item())
+        except ValueError:  # attention that cannot broadcast a per-row mask: training says so when --pack is asked
+            parts.packing = False
     finally:
         model.train(was_training)
     object.__setattr__(model, "_mlxtune_parts", parts)

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from .errors import ModelLoadError
 
@@ -41,18 +41,21 @@ def resolve_model_path(path_or_id: str | os.PathLike, revision: str | None = Non
     text = str(path_or_id)
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise ModelLoadError(f"model path {text} does not exist (give a model directory or a hub id like org/name)")
+    first = Path(text.split("/")[0]).expanduser()
+    if first.is_dir():  # "models/qwen" with a local models/ folder is a path, not a hub id
+        have = ", ".join(sorted(p.name for p in first.iterdir() if p.is_dir())[:8]) or "no folders"
+        raise ModelLoadError(f"no such local path {text} ({first}/ has: {have}); a hub id would be org/name")
+    missing = f"no such local path {text}, and as a hub id it"
     try:
         local = snapshot_download(text, revision=revision, allow_patterns=["*.safetensors", *TOKENIZER_PATTERNS])
     except LocalEntryNotFoundError:
         raise ModelLoadError(
-            f"model {text} is not a local directory, not in the local Hugging Face cache, and the hub cannot be reached "
-            "(offline or HF_HUB_OFFLINE=1): download it once with network access, or pass a local directory"
-        ) from None
+            f"{missing} is not in the local Hugging Face cache and the hub cannot be reached (offline or "
+            "HF_HUB_OFFLINE=1): download it once with network access, or pass a local directory") from None
     except RepositoryNotFoundError:
-        raise ModelLoadError(f"model {text} is not a local directory and was not found on the Hugging Face hub "
-                             "(check the path or id, or log in)") from None
-    except Exception as e:  # network errors come in many types
-        raise ModelLoadError(f"could not fetch {text} from the Hugging Face hub: {type(e).__name__}: {e}") from None
+        raise ModelLoadError(f"{missing} was not found on the Hugging Face hub (check the path or id, or log in)") from None
+    except (HfHubHTTPError, HFValidationError, OSError) as e:  # network and hub errors
+        raise ModelLoadError(f"{missing} could not be fetched from the Hugging Face hub: {type(e).__name__}: {e}") from None
     return Path(local)
 
 

@@ -48,6 +48,17 @@ def lora(model: Any = None, data: Any = None, *, tokenizer: Any = None, config: 
     file of the same names, which the keywords override. With neither model nor data, the bundled demo
     runs. Each callback gets every report dict (train and val) and may return True to stop training.
     """
+    # Training seeds MLX's global generator (dropout noise is a function of seed and step). MLX offers no way to
+    # put a key back, so one number is drawn from the caller's stream first and the stream is re-seeded with it
+    # afterwards: what the caller draws next depends on the caller's seed, never on training's.
+    follow = int(mx.random.randint(0, 2**31 - 1, shape=()).item())
+    try:
+        return _lora(model, data, tokenizer=tokenizer, config=config, callbacks=callbacks, verbose=verbose, **kwargs)
+    finally:
+        mx.random.seed(follow)
+
+
+def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> TrainResult:
     preloaded = isinstance(model, nn.Module)
     explicit = normalize_keys({k: v for k, v in kwargs.items() if v is not None}, "argument")
     file_values = read_config_file(config) if config is not None else {}

@@ -127,8 +127,22 @@ def test_bad_model_is_one_line_error(case, needles, broken_models, tmp_path, mon
 def test_uncached_hub_id_offline_is_one_line_error(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
     r = subprocess_cli("generate", "--model", "some-org/some-model", "--prompt", "hi", env=env)
-    assert_one_line_error(r.returncode, r.stderr, "some-org/some-model", "offline", "not in the local",
-                          "not a local directory")
+    assert_one_line_error(r.returncode, r.stderr, "no such local path some-org/some-model", "offline",
+                          "not in the local")
+
+
+def test_a_missing_local_path_that_looks_like_a_hub_id_is_not_fetched(tmp_path, monkeypatch, capsys):
+    import mlxtune.model_files as model_files
+
+    (tmp_path / "models" / "qwen-4bit").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a local-looking path went to the hub")
+
+    monkeypatch.setattr(model_files, "snapshot_download", no_hub)
+    code, out, err = inprocess_cli(["generate", "--model", "models/qwen-4bt", "--prompt", "hi"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "no such local path models/qwen-4bt", "qwen-4bit")
 
 
 def test_usage_errors_exit_2(monkeypatch, capsys):

@@ -146,6 +146,20 @@ def test_loss_and_perplexity_equal_direct_computation(loaded, own_answers, tmp_p
     assert result.perplexity == pytest.approx(math.exp(expected), rel=1e-3)
 
 
+def test_limit_scores_loss_and_generation_on_the_same_rows(loaded, own_answers, tmp_path):
+    """--limit k is the first k rows for both numbers, even when truncation leaves out a row before k."""
+    model, tok = loaded
+    folder = write_split(tmp_path / "all", own_answers)
+    rows = (folder / "test.jsonl").read_text().splitlines()
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "test.jsonl").write_text("\n".join(rows[:3]) + "\n")
+    limited = mlxtune.evaluate(model, tok, data=folder, limit=3, max_tokens=MAX_TOKENS, progress=False)
+    alone = mlxtune.evaluate(model, tok, data=first, max_tokens=MAX_TOKENS, progress=False)
+    assert limited.n == 3 and limited.predictions == alone.predictions
+    assert limited.test_loss == pytest.approx(alone.test_loss, rel=1e-6)
+
+
 def test_bad_data_is_a_clear_error(loaded, tmp_path):
     model, tok = loaded
     with pytest.raises(DataError, match="has no valid.jsonl"):

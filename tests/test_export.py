@@ -508,3 +508,17 @@ def test_llama31_system_block(tmp_path, go_renderer):
     conversations = CONVERSATIONS + WITH_SYSTEM
     assert go_renderer(modelfile_template(text), conversations) == [
         jinja_render(LLAMA31, conv, "<|eot_id|>") for conv in conversations]
+
+
+def test_a_template_that_cannot_render_here_is_said_not_dropped(tmp_path):
+    """A ChatML template calling a helper only its app defines: the Modelfile is written and a note says what is
+    missing (it used to lose the SYSTEM line in silence)."""
+    needs_app = CHATML_TEMPLATE.replace("{% for message in messages %}",
+                                        "{{ strftime_now('%Y') }}{% for message in messages %}", 1)
+    model = chat_gguf(tmp_path / "app.gguf", needs_app, ["<|im_start|>", "<|im_end|>"], "<|im_end|>")
+    result = export_ollama(model)
+    assert result.family == "chatml" and 'TEMPLATE """' in result.modelfile.read_text()
+    [note] = [n for n in result.notes if "cannot be rendered here" in n]
+    assert "UndefinedError" in note and "--system" in note
+    with_system = export_ollama(model, out=tmp_path / "s", system="Be brief.")
+    assert 'SYSTEM """Be brief."""' in with_system.modelfile.read_text()

@@ -25,7 +25,7 @@ import pytest
 import mlxtune
 from mlxtune.cli import run
 from mlxtune.data import iterate_batches, load_dataset
-from mlxtune.errors import ConfigError, TrainingError
+from mlxtune.errors import ConfigError, FallbackWarning, TrainingError
 from mlxtune.layers import LoRALinear
 from mlxtune.loss import evaluate_loss, loss_fn, model_parts
 from mlxtune.model_files import copy_tokenizer_files
@@ -424,3 +424,52 @@ def test_field_names_can_be_mapped(tiny_llama, tmp_path):
     with pytest.raises(Exception, match="qa.jsonl:1"):  # without the mapping no format matches
         mlxtune.lora(str(tiny_llama), str(tmp_path / "qa.jsonl"), adapter_file=tmp_path / "n" / "adapters.npz",
                      iters=2, batch_size=2, **FAST)
+
+
+def test_a_body_head_split_that_does_not_match_is_said_and_not_used(tiny_llama, monkeypatch):
+    import mlxtune.loss as loss
+
+    model, _ = load(tiny_llama)
+    assert model_parts(model).body is not None  # the fast path, silently, for a model it fits
+    real = loss._find_parts
+
+    def off_by_a_bit(m):
+        parts = real(m)
+        head = parts.head
+        parts.head = lambda h: head(h) * 1.01
+        return parts
+
+    monkeypatch.setattr(loss, "_find_parts", off_by_a_bit)
+    other, _ = load(tiny_llama)
+    with pytest.warns(FallbackWarning, match="vocabulary projection on every position"):
+        parts = model_parts(other)
+    assert parts.body is None and parts.head is None
+
+
+def test_repeated_data_flags_mix_the_datasets(tiny_llama, chat_data, tmp_path, monkeypatch, capsys):
+    extra = write_chat_data(tmp_path / "extra", seed=5, sizes=(("train", 10), ("valid", 2)))
+    code, stdout, err = cli(["lora", "--model", tiny_llama, "--data", chat_data, "--data", extra, "--iters", 1,
+                             "--batch-size", 2, "--steps-per-eval", 0, "--adapter-file", tmp_path / "m" / "a.npz"],
+                            monkeypatch, capsys)
+    assert code == 0, err
+    assert "Data: 34 train, 10 valid, 8 test examples" in stdout  # 24 + 10 train, 8 + 2 valid: both were read
+
+
+def test_training_leaves_the_callers_random_stream_to_the_caller(tiny_llama, chat_data, tmp_path):
+    draws = []
+    for seed in (1, 2):  # training with another seed (and dropout) must not change what the caller draws next
+        mx.random.seed(7)
+        mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=tmp_path / f"s{seed}" / "adapters.npz", iters=2,
+                     batch_size=2, dropout=0.1, seed=seed, **FAST)
+        draws.append(np.array(mx.random.uniform(shape=(4,))))
+    np.testing.assert_array_equal(draws[0], draws[1])
+    mx.random.seed(8)
+    mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=tmp_path / "s3" / "adapters.npz", iters=2,
+                 batch_size=2, dropout=0.1, seed=1, **FAST)
+    assert not np.array_equal(np.array(mx.random.uniform(shape=(4,))), draws[0])  # but the caller's seed does
+
+
+def test_rank_larger_than_a_layer_is_refused(tiny_llama, chat_data, tmp_path):
+    with pytest.raises(ConfigError, match=r"--rank 40 is larger than model.layers.\d+.self_attn.[kv]_proj \(32 x 64\)"):
+        mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=tmp_path / "r" / "adapters.npz", iters=1,
+                     batch_size=2, rank=40, **FAST)

@@ -24,6 +24,9 @@ def _flag_options(fn):
         if isinstance(f.default, bool):
             fn = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=text)(fn)
             continue
+        if f.name == "data":  # repeatable: several datasets are mixed
+            fn = click.option(flag, "data", multiple=True, help=f"{f.metadata['help']} Repeat to mix datasets.")(fn)
+            continue
         names = [flag, "--num-layers"] if f.name == "lora_layers" else [flag]
         kind = type(f.default) if f.default is not None else str
         fn = click.option(*names, f.name, type=kind, default=None, help=text,
@@ -50,5 +53,6 @@ def lora_command(config, **flags):
     """
     from ..train import lora
 
-    model, data = flags.pop("model"), flags.pop("data")
+    model, data = flags.pop("model"), list(flags.pop("data"))
+    data = None if not data else data[0] if len(data) == 1 else data
     lora(model, data, config=config, **{k: v for k, v in flags.items() if v is not None})
