@@ -30,9 +30,22 @@ setup: $(BIN)/python system-deps
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
 	-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
+# The wheel is built here, into a folder named after the version and the flags, and installed from there:
+# pip's own wheel cache would hand back a wheel built earlier with other flags (a native AVX512 build rounds
+# F16 otherwise than the tests' emulation of this portable one).
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_WHEELS := .whl/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(shell echo "$(LLAMA_CMAKE_ARGS)" | cksum | cut -d' ' -f1)
+
 setup-test: $(BIN)/python system-deps
-	@if [ "$$(uname -m)" = "x86_64" ]; then export CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)"; fi; \
-	  $(BIN)/pip install -q -e ".[test]"
+	@if [ "$$(uname -m)" = "x86_64" ]; then \
+	  if ! ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	    echo "building llama.cpp (llama-cpp-python $(LLAMA_CPP_VERSION)) with portable flags: several minutes, once"; \
+	    CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel -q --no-cache-dir --no-deps --no-binary llama-cpp-python \
+	      "llama-cpp-python==$(LLAMA_CPP_VERSION)" -w $(LLAMA_WHEELS); \
+	  fi; \
+	  $(BIN)/pip install -q --no-deps --force-reinstall $(LLAMA_WHEELS)/llama_cpp_python-*.whl; \
+	fi
+	$(BIN)/pip install -q -e ".[test]"
 
 train: setup
 	$(BIN)/mlxtune lora --iters 1000

@@ -348,6 +348,11 @@ def export_lmstudio(gguf, publisher: str = "mlxtune", name: str | None = None, m
         raise ExportError(f"--gguf {src}: no such file (write one with `mlxtune gguf --model DIR --outfile FILE`)")
     if src.suffix.lower() != ".gguf":
         raise ExportError(f"--gguf {src}: LM Studio only lists files ending in .gguf; rename it")
+    with open(src, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ExportError(f"--gguf {src} is not a GGUF file (it starts with {magic!r}, not b'GGUF'): write one with "
+                          "`mlxtune gguf --model DIR --outfile FILE`")
     for flag, part in (("--publisher", publisher), ("--name", name)):
         if part is not None and (not part or "/" in part or part in (".", "..")):
             raise ExportError(f"{flag} {part!r}: give one folder name (no '/')")

@@ -1,6 +1,8 @@
 """Atomic file and directory writes: a crash at any moment leaves the user's old files intact.
 
-Everything mlxtune writes goes to a temporary sibling first and is renamed into place at the end.
+Everything mlxtune writes goes to a temporary sibling first and is renamed into place at the end. The data
+is flushed to disk (fsync) before the rename and the folder after it: otherwise a power cut soon after a
+rename can leave an empty file under the final name on some filesystems.
 """
 
 from __future__ import annotations
@@ -34,11 +36,35 @@ def atomic_file(path: str | os.PathLike, suffix: str = ""):
     os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield Path(tmp)
+        _fsync(Path(tmp))
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data (or a folder's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line so that a crash never leaves half of it: one write() of the whole line, then fsync.
+
+    (A torn last line is still possible on power loss; readers skip a line that does not parse.)
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, (line.rstrip("\n") + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -64,6 +90,10 @@ def atomic_dir(path: str | os.PathLike, force: bool = False, flag: str = "--forc
         raise MlxtuneError(f"cannot write to {path.parent}: {e.strerror}") from None
     try:
         yield tmp
+        for f in sorted(tmp.rglob("*")):
+            if not f.is_symlink():
+                _fsync(f)
+        _fsync(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -72,6 +102,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False, flag: str = "--forc
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

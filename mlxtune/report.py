@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # files only: never open a window, never need a display
 
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
 
-from .files import atomic_file  # noqa: E402
+from .files import append_line, atomic_file  # noqa: E402
 
 
 class Reporter:
@@ -35,8 +35,7 @@ class Reporter:
 
     def record(self, entry: dict) -> None:
         if self.metrics is not None:
-            with open(self.metrics, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            append_line(self.metrics, json.dumps(entry))
 
 
 def train_line(it: int, report: dict) -> str:

@@ -39,6 +39,23 @@ def quiet(fd: int = 2):
         os.close(devnull)
 
 
+def build_features() -> str:
+    """The CPU features this llama.cpp build uses, as it reports them (e.g. 'AVX2 = 1 | F16C = 1 | ...')."""
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode()
+
+
+def emulated_f16_build() -> bool:
+    """Whether this is the portable AVX2/F16C build whose F16 rounding the tests emulate exactly (the Makefile's).
+
+    A native build on an AVX512 machine rounds F16 matmuls otherwise: its logits are held to the measured
+    bound only.
+    """
+    features = build_features()
+    return "AVX512" not in features and "F16C = 1" in features
+
+
 def load(path: str | os.PathLike, n_ctx: int = 128):
     """A llama_cpp.Llama for `path` with full-precision KV cache and logits for every position."""
     from llama_cpp import Llama

@@ -522,3 +522,11 @@ def test_a_template_that_cannot_render_here_is_said_not_dropped(tmp_path):
     assert "UndefinedError" in note and "--system" in note
     with_system = export_ollama(model, out=tmp_path / "s", system="Be brief.")
     assert 'SYSTEM """Be brief."""' in with_system.modelfile.read_text()
+
+
+def test_lmstudio_refuses_a_file_that_is_not_gguf(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a model")
+    with pytest.raises(ExportError, match=r"model.gguf is not a GGUF file \(it starts with b'PK\\x03\\x04'"):
+        export_lmstudio(fake, "me", "x", tmp_path / "models")
+    assert not (tmp_path / "models").exists()

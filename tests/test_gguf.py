@@ -151,8 +151,12 @@ def test_float_files_give_the_mlx_logits(arch, tmp_path_factory, tmp_path):
     ref16 = mlx_logits(model, TEST_IDS, f16_weights=True, gguf_gelu=gemma)[0]
     got16 = llamacpp.logits(to_gguf(model, tmp_path / f"{arch}-f16.gguf", "f16", **QUIET), TEST_IDS)
     per_position = np.abs(got16 - ref16).max(-1)
-    # measured: median position 3e-6..6e-6 on every arch; the worst position 5e-6 (llama, qwen2) to 4.3e-3 (phi3)
-    assert np.median(per_position) <= 2e-5 and per_position.max() <= 6e-3, f"{arch} f16: {per_position}"
+    # measured with the Makefile's portable build: median position 3e-6..6e-6 on every arch, the worst position
+    # 5e-6 (llama, qwen2) to 4.3e-3 (phi3). A native AVX512 build rounds otherwise (median 9e-4..1.6e-3 seen),
+    # so the exact emulation is asserted for the build it emulates and the measured bound for every build.
+    if llamacpp.emulated_f16_build():
+        assert np.median(per_position) <= 2e-5, f"{arch} f16: {per_position}"
+    assert np.median(per_position) <= 2e-3 and per_position.max() <= 6e-3, f"{arch} f16: {per_position}"
     assert (got16.argmax(-1) == ref16.argmax(-1)).all()
 
     half = cached_hf_model(tmp_path_factory, arch, dtype="float16")
@@ -609,3 +613,40 @@ def test_bf16_checkpoint_f16_file_equals_the_float32_path(tmp_path_factory, tmp_
     save_torch(tensors, broken / "model.safetensors")
     with pytest.raises(ExportError, match="up_proj.weight has NaN"):
         to_gguf(broken, tmp_path / "nan.gguf", "f16", **QUIET)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_values_beyond_float16_are_refused_not_written_as_inf(dtype, tmp_path):
+    """f16 holds |x| <= 65504: a larger weight used to pass the finite check and land in the file as inf."""
+    import mlx.core as mx
+
+    from hf_models import make_hf_model
+
+    big = make_hf_model(tmp_path / "big", "llama", dtype=dtype)
+    weights = mx.load(str(big / "model.safetensors"))
+    name = "model.layers.1.mlp.up_proj.weight"
+    w = weights[name]
+    weights[name] = w.at[3, 5].add(mx.array(1e5, w.dtype) - w[3, 5])  # bf16 rounds it to 99840: still > 65504
+    mx.save_safetensors(str(big / "model.safetensors"), weights, metadata={"format": "pt"})
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep me")
+    with pytest.raises(ExportError, match=r"up_proj.weight has values beyond float16's range .*bf16, f32 or q8_0"):
+        to_gguf(big, out, "f16", force=True, **QUIET)
+    assert out.read_bytes() == b"keep me"
+    to_gguf(big, tmp_path / "ok.gguf", "f32", **QUIET)  # f32 holds it
+
+
+def test_a_file_that_fails_verification_never_replaces_the_old_one(tmp_path_factory, tmp_path, monkeypatch):
+    import mlxtune.gguf.writer as writer
+
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep me")
+
+    def fails(path, planned, name=None):
+        assert Path(path) != out and Path(path).exists()  # it checks the new file before the rename
+        raise ExportError(f"verify: {name} is wrong")
+
+    monkeypatch.setattr(writer, "verify_gguf", fails)
+    with pytest.raises(ExportError, match="verify: .*m.gguf is wrong"):
+        to_gguf(cached_hf_model(tmp_path_factory, "llama"), out, "f16", force=True, **QUIET)
+    assert out.read_bytes() == b"keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import ConfigError, ExportError
 from ..model_files import resolve_model_path
 from .quants import FileType
-from .writer import verify_gguf, write_gguf
+from .writer import write_gguf
 
 TYPES = [t.value for t in FileType]
 
@@ -37,10 +37,7 @@ def to_gguf(model: str | os.PathLike, outfile: str | os.PathLike, type: str = "f
         raise ExportError(f"--outfile {out} is a directory: give a file name like {out / 'model.gguf'}")
     if out.exists() and not force:
         raise ExportError(f"{out} already exists: choose another --outfile or pass --force to replace it")
-    planned = write_gguf(model_dir, out, ftype, pre_tokenizer=pre_tokenizer, progress=progress, log=log)
-    if verify:
-        verify_gguf(out, planned)
-        log(f"verified {out}: {len(planned)} tensors, shapes and types as written")
+    write_gguf(model_dir, out, ftype, pre_tokenizer=pre_tokenizer, progress=progress, verify=verify, log=log)
     return out
 
 

@@ -106,7 +106,8 @@ def encode(rows: np.ndarray, qtype: Q) -> np.ndarray:
     if qtype == Q.F32:
         return rows
     if qtype == Q.F16:
-        return rows.astype(np.float16)
+        with np.errstate(over="ignore"):  # beyond 65504 becomes inf, which the writer refuses (_checked_f16)
+            return rows.astype(np.float16)
     n, cols = rows.shape
     if qtype in (Q.Q4_K, Q.Q6_K):
         fn = quantize_q4_k if qtype == Q.Q4_K else quantize_q6_k

@@ -206,6 +206,14 @@ def _check_complete(planned: list[Planned], arch: archmod.Arch, cfg: dict) -> No
 # ---------------------------------------------------------------- streaming into GGUFWriter
 
 
+def _checked_f16(values: np.ndarray, source: str) -> np.ndarray:
+    """float16 values from finite inputs: an infinity here is an input beyond float16's range (65504)."""
+    if not np.isfinite(values).all():
+        raise ExportError(f"tensor {source} has values beyond float16's range (|x| > 65504): write this model as "
+                          "--type bf16, f32 or q8_0 instead of f16")
+    return values
+
+
 def _non_finite(source: str) -> ExportError:
     return ExportError(f"tensor {source} has NaN or infinite values: the model is broken, fix it before exporting")
 
@@ -243,7 +251,7 @@ class _Streamed:
             bits = self.plan.read_bf16(a, b)
             if ((bits & 0x7F80) == 0x7F80).any():  # exponent all ones: infinity or NaN
                 raise _non_finite(self.plan.source)
-            return bf16_to_f16(bits).view(np.float16)
+            return _checked_f16(bf16_to_f16(bits).view(np.float16), self.plan.source)
         rows = self.plan.read(a, b)
         if self.plan.qtype == Q.Q8_0:
             out, finite = quantize_q8_0_checked(np.ascontiguousarray(rows, dtype=np.float32))
@@ -254,6 +262,8 @@ class _Streamed:
         if not np.isfinite(np.add.reduce(rows, axis=None, dtype=np.float64)):
             raise _non_finite(self.plan.source)
         out = encode(rows, self.plan.qtype)
+        if self.plan.qtype == Q.F16:
+            out = _checked_f16(out, self.plan.source)
         return out.reshape(-1) if len(self.plan.shape) == 1 else out
 
     def tofile(self, f) -> None:
@@ -295,8 +305,12 @@ def _kv_value(w: gguf.GGUFWriter, key: str):
 
 
 def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer: str | None = None,
-               progress: bool = True, workers: int | None = None, log=print) -> list[Planned]:
-    """Convert `model_dir` into `outfile` (written atomically). Returns the tensors written."""
+               progress: bool = True, workers: int | None = None, verify: bool = True, log=print) -> list[Planned]:
+    """Convert `model_dir` into `outfile` (written atomically). Returns the tensors written.
+
+    With `verify`, the file is read back and checked before it is renamed into place: a bad file never
+    replaces a good one (with --force), nothing is left behind.
+    """
     config = normalize_config(read_config(model_dir))
     arch, cfg = archmod.resolve_arch(config, str(model_dir / "config.json"))
     index = index_tensors(model_dir)
@@ -345,6 +359,9 @@ def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        if verify:
+            verify_gguf(tmp, planned, name=outfile)
+            log(f"verified {outfile}: {len(planned)} tensors, shapes and types as written")
     return planned
 
 
@@ -364,27 +381,31 @@ REQUIRED_KEYS = ["general.architecture", "{arch}.context_length", "{arch}.embedd
                  "{arch}.attention.head_count", "tokenizer.ggml.model", "tokenizer.ggml.tokens"]
 
 
-def verify_gguf(path: Path, planned: list[Planned]) -> None:
-    """Read `path` back and check keys, tensor names, shapes and types against what was planned."""
+def verify_gguf(path: Path, planned: list[Planned], name: Path | None = None) -> None:
+    """Read `path` back and check keys, tensor names, shapes and types against what was planned.
+
+    `name` is the file the messages speak of (the final name, while `path` is still the temporary file).
+    """
+    shown = name or path
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as e:
-        raise ExportError(f"verify: {path} cannot be read back as GGUF ({type(e).__name__}: {e})") from None
+    except (ValueError, OSError, IndexError, KeyError) as e:  # what GGUFReader raises on a malformed file
+        raise ExportError(f"verify: {shown} cannot be read back as GGUF ({type(e).__name__}: {e})") from None
     arch = reader.fields["general.architecture"].contents()
     missing = [k.format(arch=arch) for k in REQUIRED_KEYS if k.format(arch=arch) not in reader.fields]
     if reader.fields.get("tokenizer.ggml.model") and reader.fields["tokenizer.ggml.model"].contents() == "gpt2":
         if "tokenizer.ggml.merges" not in reader.fields:
             missing.append("tokenizer.ggml.merges")
     if missing:
-        raise ExportError(f"verify: {path} lacks required keys {', '.join(missing)}")
+        raise ExportError(f"verify: {shown} lacks required keys {', '.join(missing)}")
     found = {t.name: t for t in reader.tensors}
     for p in planned:
         t = found.pop(p.name, None)
         if t is None:
-            raise ExportError(f"verify: tensor {p.name} is missing from {path}")
+            raise ExportError(f"verify: tensor {p.name} is missing from {shown}")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         if t.tensor_type != p.qtype or shape != tuple(p.shape):
-            raise ExportError(f"verify: tensor {p.name} is {t.tensor_type.name} {shape} in {path}, "
+            raise ExportError(f"verify: tensor {p.name} is {t.tensor_type.name} {shape} in {shown}, "
                               f"expected {p.qtype.name} {tuple(p.shape)}")
     if found:
-        raise ExportError(f"verify: unexpected tensors in {path}: {', '.join(sorted(found))}")
+        raise ExportError(f"verify: unexpected tensors in {shown}: {', '.join(sorted(found))}")
