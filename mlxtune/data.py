@@ -23,6 +23,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tqdm.auto import tqdm
@@ -845,7 +846,10 @@ def _from_messages(messages: list[dict], tools: list | None, to: Format, where: 
             raise _fail(where, "only a single user turn and its answer (no system message, no tools) fit "
                         "{\"prompt\", \"completion\"}: convert --to chat instead", record)
         return {"prompt": messages[0]["content"], "completion": messages[1]["content"]}
-    return {"text": render_text(messages, tools)}
+    try:
+        return {"text": render_text(messages, tools)}
+    except DataError as e:
+        raise _fail(where, str(e), record) from None
 
 
 def convert_dataset(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, model=None,
@@ -874,10 +878,16 @@ def convert_dataset(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, 
 
     def render_text(messages, tools):
         if tokenizer is not None:
-            return templates.render(tokenizer, messages, tools=tools, template=templates.template_for(tokenizer, template))
+            own = templates.template_for(tokenizer, template)
+            if own is None:
+                raise DataError(templates.NO_TEMPLATE)
+            return templates.render(tokenizer, messages, tools=tools, template=own)
         # Sandboxed like every template we render: a data file's template must not reach Python internals.
-        return ImmutableSandboxedEnvironment().from_string(template or templates.CHATML_TEMPLATE).render(
-            messages=messages, tools=tools, add_generation_prompt=False)
+        try:
+            return ImmutableSandboxedEnvironment().from_string(template or templates.CHATML_TEMPLATE).render(
+                messages=messages, tools=tools, add_generation_prompt=False)
+        except jinja2.TemplateError as e:  # SecurityError (the sandbox said no), syntax and undefined names
+            raise DataError(f"the chat template cannot render this record: {type(e).__name__}: {e}") from None
 
     out = []
     for line, record in raw:

@@ -601,3 +601,16 @@ def test_cli_inspect_convert_split(tiny_llama, tmp_path):
     p = _cli("data", "inspect", "--model", tiny_llama, "--data", bad, env_cache=tmp_path / "cache")
     assert p.returncode == 1 and p.stderr.strip().count("\n") == 0
     assert p.stderr.startswith(f"error: {bad}:2: record is in chat format")
+
+
+def test_convert_renders_user_templates_in_a_sandbox(tmp_path):
+    src = write_jsonl(tmp_path / "c.jsonl", [chat("Say hi", "Hello")])
+    escape = tmp_path / "escape.jinja"
+    escape.write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(DataError, match=r"c\.jsonl:1: the chat template cannot render this record: SecurityError"):
+        data.convert_dataset(src, tmp_path / "out.jsonl", "text", chat_template=str(escape))
+    assert not (tmp_path / "out.jsonl").exists()
+    fine = tmp_path / "fine.jinja"
+    fine.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    data.convert_dataset(src, tmp_path / "out.jsonl", "text", chat_template=str(fine))
+    assert json.loads((tmp_path / "out.jsonl").read_text()) == {"text": "user: Say hi\nassistant: Hello\n"}
