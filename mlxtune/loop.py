@@ -21,8 +21,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .adapters import AdapterConfig, read_weights, write_adapter_files
-from .checkpoints import RunFiles, clear_run, resume_point, save_checkpoint
-from .errors import TrainingError
+from .checkpoints import Resume, RunFiles, clear_run, resume_point, save_checkpoint
+from .distributed import World
+from .errors import ConfigError, MlxtuneError, TrainingError
 from .report import Reporter, train_line, val_line, write_loss_png
 from .settings import TrainingArgs
 
@@ -75,6 +76,42 @@ def _wants_stop(callbacks, report: dict) -> bool:
     return stop
 
 
+def _agreed(world: World, stop: bool) -> bool:
+    """A stop every rank takes together (a callback may answer on one rank only)."""
+    return stop if world.size == 1 else bool(world.all_max(np.array([int(stop)]))[0])
+
+
+def _resume(engine: Engine, args: TrainingArgs, fingerprint: dict, files: RunFiles, world: World) -> Resume:
+    """The resume point, read by rank 0 and handed to every rank through the framework's collectives (the
+    other ranks need no copy of the checkpoint on their own disk)."""
+    if world.size == 1:
+        return resume_point(args, fingerprint, files)
+    found, error = None, None
+    if world.main:
+        try:
+            found = resume_point(args, fingerprint, files)
+        except MlxtuneError as e:
+            error = e
+    kind = 0 if found is None else 1 if found.optimizer is None else 2
+    head = world.broadcast({"kind": np.array([kind]), "start": np.array([found.iteration if found else 0]),
+                            "tokens": np.array([found.trained_tokens if found else 0])} if world.main else None,
+                           like={k: np.zeros(1, np.int64) for k in ("kind", "start", "tokens")})
+    kind = int(head["kind"][0])
+    if kind == 0:
+        raise error if world.main else ConfigError(f"rank {world.rank}: rank 0 cannot resume this run (its message "
+                                                   "says why)")
+    to_numpy = (lambda d: {k: np.array(v) for k, v in d.items()}) if world.main else (lambda d: None)
+    adapter = world.broadcast(to_numpy(found.adapter) if world.main else None, like=engine.adapter_arrays())
+    optimizer = None
+    if kind == 2:
+        optimizer = world.broadcast(found.optimizer if world.main else None, like=engine.optimizer_arrays())
+    resume = Resume(int(head["start"][0]), adapter, optimizer, found.source if world.main else files.adapter,
+                    int(head["tokens"][0]))
+    if world.main:
+        resume.train_loss, resume.val_loss = found.train_loss, found.val_loss
+    return resume
+
+
 def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, args: TrainingArgs, *,
           adapter_config: AdapterConfig, fingerprint: dict, callbacks: Iterable[Callable] = (),
           verbose: bool = True) -> TrainResult:
@@ -83,15 +120,17 @@ def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, arg
     `batches(start)` yields the training batches from step `start` on. Writes the adapter, checkpoints,
     metrics and the loss plot beside `args.adapter_file`, named after it (`checkpoints.RunFiles`).
     """
+    world = getattr(engine, "world", None) or World()
     files = RunFiles(Path(args.adapter_file))
     adapter_file = files.adapter
-    files.folder.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        files.folder.mkdir(parents=True, exist_ok=True)
     callbacks = list(callbacks)
     result = TrainResult(adapter_file=adapter_file, metrics_file=files.metrics, plot_file=files.plot if args.plot else None)
-    log = Reporter(verbose, files.metrics)
+    log = Reporter(verbose and world.main, files.metrics if world.main else None)  # only rank 0 writes
 
     start = 0
-    resume = resume_point(args, fingerprint, files) if args.resume else None
+    resume = _resume(engine, args, fingerprint, files, world) if args.resume else None
     if resume is not None and resume.optimizer is not None:
         engine.load_adapter_arrays(resume.adapter, str(resume.source))
         engine.load_optimizer_arrays(resume.optimizer)
@@ -102,7 +141,8 @@ def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, arg
             engine.load_adapter_arrays(resume.adapter, str(resume.source))
             log.line(f"note: {files.folder} has no checkpoint with optimizer state; starting from the weights in "
                      f"{adapter_file} at iteration 0")
-        clear_run(files)
+        if world.main:
+            clear_run(files)
 
     def validate(it: int) -> None:
         if not valid_records:
@@ -114,12 +154,14 @@ def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, arg
         report = {"iteration": it, "val_loss": loss, "val_time": took}
         log.record(report)
         result.val_loss.append((it, loss))
-        if args.plot:
+        if args.plot and world.main:
             write_loss_png(files.plot, result.train_loss, result.val_loss)
-        if _wants_stop(callbacks, report):
+        if _agreed(world, _wants_stop(callbacks, report)):
             raise _Stop()
 
     def checkpoint(it: int, announce: bool = True) -> None:
+        if not world.main:
+            return
         meta = {"iteration": it, "trained_tokens": result.trained_tokens, "settings": fingerprint}
         adapter = engine.adapter_arrays()
         ck = save_checkpoint(files, it, adapter, engine.optimizer_arrays(), meta)
@@ -128,9 +170,9 @@ def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, arg
             log.line(f"Iter {it}: Saved adapter weights to {adapter_file} and {ck}.")
 
     def last_good() -> str:
-        found = files.checkpoints()
+        found = files.checkpoints() if world.main else []
         if not found:
-            return "no checkpoint was saved yet"
+            return "no checkpoint was saved yet" if world.main else "rank 0 keeps the checkpoints"
         it, ck, _ = found[-1]
         engine.load_adapter_arrays(read_weights(ck), str(ck))
         return f"the last good checkpoint is {ck} (iteration {it}), also loaded back into the model"
@@ -144,8 +186,8 @@ def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, arg
             validate(0)
         except _Stop:
             result.stopped_early = True
-    bar = tqdm(total=args.iters, initial=start, desc="Training", unit="it", disable=not verbose or result.stopped_early,
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(total=args.iters, initial=start, desc="Training", unit="it",
+               disable=not (verbose and world.main) or result.stopped_early, dynamic_ncols=True, leave=False)
     log.bar = bar
     try:
         while it < args.iters and not result.stopped_early:
@@ -175,7 +217,7 @@ def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, arg
                 log.record(report)
                 result.train_loss.append((it, train_loss))
                 window_loss, window_tokens, window_real, window_steps, window_time = 0.0, 0.0, 0, 0, 0.0
-                if _wants_stop(callbacks, report):
+                if _agreed(world, _wants_stop(callbacks, report)):
                     result.stopped_early = True
             if not result.stopped_early and (it == args.iters or (args.steps_per_eval and it % args.steps_per_eval == 0)):
                 try:
@@ -188,9 +230,10 @@ def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, arg
         bar.close()
         log.bar = None
     result.iterations = it
-    write_adapter_files(adapter_file, engine.adapter_arrays(), adapter_config)
-    if args.plot:
-        write_loss_png(files.plot, result.train_loss, result.val_loss)
+    if world.main:
+        write_adapter_files(adapter_file, engine.adapter_arrays(), adapter_config)
+        if args.plot:
+            write_loss_png(files.plot, result.train_loss, result.val_loss)
     if args.save_every and it % args.save_every == 0:  # the final step is a checkpoint too (resume can extend it)
         checkpoint(it, announce=False)
     log.line(f"{'Stopped early at iteration ' + str(it) + '. ' if result.stopped_early else ''}"

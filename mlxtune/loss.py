@@ -12,6 +12,7 @@ function mlx-lm's model files call, without touching those files.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import warnings
 from collections.abc import Callable
@@ -215,12 +216,15 @@ def loss_fn(model: nn.Module, batch) -> tuple[mx.array, mx.array]:
     return total / mx.maximum(n, 1), n
 
 
-def evaluate_loss(model: nn.Module, records, batch_size: int, max_seq_length: int, num_batches: int = -1) -> float:
-    """Mean loss per target token over `records` (the first `num_batches` batches; -1 = all), unpacked, in order."""
+def evaluate_sums(model: nn.Module, records, batch_size: int, max_seq_length: int, num_batches: int = -1, *,
+                  share: tuple[int, int] = (0, 1)) -> tuple[float, float]:
+    """(sum of token losses, target tokens) over the first `num_batches` batches of `records` (-1 = all),
+    unpacked, in order. `share=(rank, size)`: only rows rank::size of each batch (a rank's part of the sums)."""
     if not records:
         raise DataError("no records to evaluate (the split is empty)")
     parts = model_parts(model)
     gather = parts.body is not None
+    rank, size = share
     was_training = model.training
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
@@ -230,12 +234,23 @@ def evaluate_loss(model: nn.Module, records, batch_size: int, max_seq_length: in
         for i, batch in enumerate(batches):
             if num_batches != -1 and i >= num_batches:
                 break
-            arrays = prepare_batch(batch, gather)
-            s, n = token_loss(model, parts, arrays, gather)
+            if size > 1:
+                rows = slice(rank, None, size)
+                batch = dataclasses.replace(batch, inputs=batch.inputs[rows], targets=batch.targets[rows],
+                                            loss_mask=batch.loss_mask[rows])
+                if not len(batch.inputs):
+                    continue
+            s, n = token_loss(model, parts, prepare_batch(batch, gather), gather)
             total, count = total + s, count + n
             mx.eval(total, count)
     finally:
         model.train(was_training)
-    if count.item() == 0:
+    return total.item(), count.item()
+
+
+def evaluate_loss(model: nn.Module, records, batch_size: int, max_seq_length: int, num_batches: int = -1) -> float:
+    """Mean loss per target token over `records` (the first `num_batches` batches; -1 = all), unpacked, in order."""
+    total, count = evaluate_sums(model, records, batch_size, max_seq_length, num_batches)
+    if count == 0:
         raise DataError("the evaluation records carry no target tokens (is every completion empty or truncated?)")
-    return (total / count).item()
+    return total / count

@@ -10,6 +10,7 @@ default, see `mlxtune.loss`), so another objective plugs in without another loop
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from functools import partial
 
@@ -17,11 +18,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .adapters import AdapterConfig, check_fits, model_adapter_arrays
+from .distributed import World
+from .errors import DataError, TrainingError
 from .layers import transformer_blocks
-from .loss import evaluate_loss, model_parts, prepare_batch, token_loss
+from .loss import evaluate_sums, model_parts, prepare_batch, token_loss
 from .schedule import learning_rate_at
 from .settings import TrainingArgs
 
@@ -60,19 +63,82 @@ def checkpoint_blocks(model: nn.Module) -> None:
         block.__class__ = made[cls]
 
 
-def _slice_batch(batch, lo: int, hi: int):
-    """Rows lo:hi of a Batch (for gradient accumulation)."""
-    seg = None if batch.segments is None else batch.segments[lo:hi]
-    return dataclasses.replace(batch, inputs=batch.inputs[lo:hi], targets=batch.targets[lo:hi],
-                               loss_mask=batch.loss_mask[lo:hi], segments=seg)
+def _rows(batch, rows: slice):
+    """The rows `rows` of a Batch: a micro-batch, or a rank's share (n_real, a report number, stays the batch's)."""
+    seg = None if batch.segments is None else batch.segments[rows]
+    return dataclasses.replace(batch, inputs=batch.inputs[rows], targets=batch.targets[rows],
+                               loss_mask=batch.loss_mask[rows], segments=seg)
+
+
+class MLXWorld(World):
+    """`mx.distributed` (ring over TCP/Thunderbolt, JACCL, MPI, NCCL): what `mlx.launch` sets up."""
+
+    def __init__(self, group, backend: str):
+        self.group, self.backend = group, backend
+        self.rank, self.size = group.rank(), group.size()
+
+    def _run(self, fn, values: np.ndarray) -> np.ndarray:
+        try:
+            out = fn(mx.array(np.asarray(values)), group=self.group, stream=mx.cpu)
+            mx.eval(out)
+        except RuntimeError as e:  # the ring backend's "connection to a peer was lost" when a rank dies
+            raise self.lost(e) from None
+        return np.array(out)
+
+    def all_sum(self, values):
+        return self._run(mx.distributed.all_sum, values)
+
+    def all_max(self, values):
+        return self._run(mx.distributed.all_max, values)
+
+    def all_gather(self, values):
+        values = np.asarray(values)
+        return self._run(mx.distributed.all_gather, values[None]).reshape(self.size, *values.shape)
+
+    def broadcast(self, arrays, like):
+        # a sum in which only rank 0 brings something: rank 0's arrays everywhere, exactly
+        return {k: self.all_sum(np.asarray(arrays[k]) if self.main else np.zeros_like(np.asarray(ref)))
+                for k, ref in like.items()}
+
+    def lost(self, error):
+        others = sorted({(self.rank - 1) % self.size, (self.rank + 1) % self.size} - {self.rank})
+        who = " or ".join(f"rank {r}" for r in others)
+        return TrainingError(f"rank {self.rank}: the connection to {who} was lost ({error}): that rank stopped or "
+                             "died; the others stop too. Resume all ranks with --resume (any number of ranks that "
+                             "divides --batch-size)")
+
+
+def mlx_world() -> World:
+    """The world `mlx.launch` started this process in, or a single process."""
+    group = mx.distributed.init()
+    if group.size() == 1:
+        return World()
+    return MLXWorld(group, _backend_name())
+
+
+def _backend_name() -> str:
+    # mlx.launch says little about the backend it chose: read the traces each one leaves in the environment
+    env = os.environ
+    if "MLX_IBV_DEVICES" in env or "MLX_JACCL_COORDINATOR" in env:
+        return "jaccl"
+    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
+        return "mpi"
+    if "NCCL_HOST_IP" in env or "MLX_NCCL" in env:
+        return "nccl"
+    return "ring"
 
 
 class MLXEngine:
-    """Trains the LoRA layers `model` carries with `optimizer`; what `mlxtune.loop.train` calls on MLX."""
+    """Trains the LoRA layers `model` carries with `optimizer`; what `mlxtune.loop.train` calls on MLX.
+
+    With a multi-process `world` each rank takes rows `rank::size` of every global batch, and the loss sums,
+    token counts and gradients are summed over the ranks inside the compiled step, before the update.
+    """
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, args: TrainingArgs, *,
-                 loss: Callable = token_loss):
+                 loss: Callable = token_loss, world: World | None = None):
         self.model, self.optimizer, self.args = model, optimizer, args
+        self.world = world or World()
         self.parts = model_parts(model)
         self.gather = self.parts.body is not None
         self.packing = self.parts.packing
@@ -83,6 +149,21 @@ class MLXEngine:
         self._state = [model.state, optimizer.state, mx.random.state]
         value_and_grad = nn.value_and_grad(model, lambda m, *arrays: loss(m, self.parts, list(arrays), self.gather))
         clip = args.max_grad_norm
+        group = getattr(self.world, "group", None)
+
+        def everywhere(total, n, grads):
+            # one all-sum of every gradient, flattened together, plus the loss sum and the token count
+            if group is None:
+                return total, n, grads
+            flat = tree_flatten(grads)
+            packed = mx.concatenate([total.reshape(1).astype(mx.float32), n.reshape(1).astype(mx.float32)]
+                                    + [g.reshape(-1).astype(mx.float32) for _, g in flat])
+            summed = mx.distributed.all_sum(packed, group=group)
+            out, at = [], 2
+            for k, g in flat:
+                out.append((k, summed[at:at + g.size].reshape(g.shape).astype(g.dtype)))
+                at += g.size
+            return summed[0], summed[1], tree_unflatten(out)
 
         def finish(grads, n):
             grads = tree_map(lambda g: g / mx.maximum(n, 1), grads)
@@ -96,6 +177,7 @@ class MLXEngine:
         @partial(mx.compile, inputs=self._state, outputs=self._state)
         def step(*arrays):
             (total, n), grads = value_and_grad(model, *arrays)
+            total, n, grads = everywhere(total, n, grads)
             return total, n, finish(grads, n)
 
         @partial(mx.compile, inputs=self._state, outputs=self._state)
@@ -104,34 +186,45 @@ class MLXEngine:
             return total, n, tree_map(mx.add, acc, grads)
 
         @partial(mx.compile, inputs=self._state, outputs=self._state)
-        def apply(acc, n):
-            return finish(acc, n)
+        def apply(acc, total, n):
+            total, n, acc = everywhere(total, n, acc)
+            return total, n, finish(acc, n)
 
         self._step, self._accumulate, self._apply = step, accumulate, apply
 
     def step(self, batch, iteration: int) -> tuple[float, float, float]:
-        """One optimizer step on `batch`: (sum of token losses, target tokens, gradient norm before clipping)."""
+        """One optimizer step on the global `batch`: (sum of token losses, target tokens, gradient norm before
+        clipping), over every rank."""
         mx.random.seed(self.args.seed * 1_000_003 + iteration)  # dropout noise is a function of (seed, step): exact resume
         self.optimizer.learning_rate = learning_rate_at(self.args, iteration)
-        accum = self.args.grad_accumulation
-        if accum == 1:
-            arrays = prepare_batch(batch, self.gather)
-            total, n, norm = self._step(*arrays)
-        else:
-            rows = batch.inputs.shape[0]
-            size = -(-rows // accum)
-            acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
-            total, n = mx.array(0.0), mx.array(0.0)
-            for lo in range(0, rows, size):
-                arrays = prepare_batch(_slice_batch(batch, lo, lo + size), self.gather)
-                t, c, acc = self._accumulate(acc, *arrays)
-                total, n = total + t, n + c
-            norm = self._apply(acc, n)
-        mx.eval(self._state, total, n, norm)
+        world, accum = self.world, self.args.grad_accumulation
+        mine = _rows(batch, slice(world.rank, None, world.size)) if world.size > 1 else batch
+        try:
+            if accum == 1:
+                total, n, norm = self._step(*prepare_batch(mine, self.gather))
+            else:
+                rows = mine.inputs.shape[0]
+                size = -(-rows // accum)
+                acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
+                total, n = mx.array(0.0), mx.array(0.0)
+                for lo in range(0, rows, size):
+                    t, c, acc = self._accumulate(acc, *prepare_batch(_rows(mine, slice(lo, lo + size)), self.gather))
+                    total, n = total + t, n + c
+                total, n, norm = self._apply(acc, total, n)
+            mx.eval(self._state, total, n, norm)
+        except RuntimeError as e:  # a collective failed: another rank went away
+            if world.size == 1:
+                raise
+            raise world.lost(e) from None
         return total.item(), n.item(), norm.item()
 
     def evaluate(self, records, num_batches: int = -1) -> float:
-        return evaluate_loss(self.model, records, self.args.batch_size, self.args.max_seq_length, num_batches)
+        total, count = evaluate_sums(self.model, records, self.args.batch_size, self.args.max_seq_length, num_batches,
+                                     share=(self.world.rank, self.world.size))
+        total, count = self.world.all_sum(np.array([total, count], np.float64))
+        if count == 0:
+            raise DataError("the evaluation records carry no target tokens (is every completion empty or truncated?)")
+        return float(total / count)
 
     def learning_rate(self) -> float:
         return self.optimizer.learning_rate.item()
@@ -140,13 +233,15 @@ class MLXEngine:
         mx.reset_peak_memory()
 
     def peak_memory(self) -> float:
-        """Peak memory in GB since the last reset."""
-        return mx.get_peak_memory() / 1e9
+        """Peak memory in GB since the last reset: the largest over the ranks."""
+        return float(self.world.all_max(np.array([mx.get_peak_memory() / 1e9], np.float64))[0])
 
     def adapter_arrays(self) -> dict[str, np.ndarray]:
         return model_adapter_arrays(self.model)
 
     def optimizer_arrays(self) -> dict[str, np.ndarray]:
+        """The whole optimizer state (initialized first, so its shapes are known before the first step)."""
+        self.optimizer.init(self.model.trainable_parameters())
         return {k: np.array(v) for k, v in tree_flatten(self.optimizer.state)}
 
     def load_adapter_arrays(self, weights: dict, source: str) -> None:

@@ -23,11 +23,12 @@ from .adapters import AdapterConfig, load_adapter
 from .checkpoints import settings_fingerprint
 from .data import iterate_batches, load_dataset, padding_fraction, records_fingerprint
 from .defaults import DEFAULT_LORA_CONFIG, fill_in
+from .distributed import check_same_run
 from .errors import ConfigError, DataError
 from .layers import apply_lora, count_parameters
 from .loop import TrainResult, train
 from .loss import evaluate_loss
-from .mlx_engine import MLXEngine, make_optimizer
+from .mlx_engine import MLXEngine, make_optimizer, mlx_world
 from .models import load_model
 from .settings import TrainingArgs, normalize_keys, read_config_file, training_args
 from .templates import read_template_option, template_for
@@ -76,7 +77,8 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
     args = training_args(config, base=base, **explicit, **({} if preloaded else {"model": str(filled.model)}),
                          data=data_arg if isinstance(data_arg, (str, os.PathLike)) else None)
     lora_layers_explicit = "lora_layers" in explicit or "lora_layers" in file_values
-    say = (lambda text: print(text, flush=True)) if verbose else (lambda text: None)
+    world = mlx_world()  # several ranks under mlx.launch: only rank 0 speaks and writes
+    say = (lambda text: print(text, flush=True)) if verbose and world.main else (lambda text: None)
     if filled.note:
         say(filled.note)
 
@@ -122,9 +124,9 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
         raise ConfigError(f"--batch-size {args.batch_size}{accumulation} needs at least {needed} training examples but "
                           f"{data_arg} has {len(splits.train)}: lower --batch-size or add data")
     callbacks = list(callbacks)
-    if args.report_to == "wandb":
+    if args.report_to == "wandb" and world.main:
         callbacks.append(_wandb_callback(args))
-    engine = MLXEngine(model, make_optimizer(args), args)
+    engine = MLXEngine(model, make_optimizer(args), args, world=world)
     pack = args.pack and engine.packing
     if args.pack and not engine.packing:
         say("note: this architecture's attention cannot take a packed mask; training unpacked")
@@ -140,6 +142,9 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
     template = template_for(tokenizer, read_template_option(args.chat_template))
     fingerprint = settings_fingerprint(args, modules, base_model, data=records_fingerprint(splits.train),
                                        template=hashlib.sha256(template.encode()).hexdigest()[:16] if template else None)
+    check_same_run(world, fingerprint, args.batch_size)
+    if world.size > 1:
+        say(world.describe())
     result = train(engine, batches, splits.valid, args, adapter_config=adapter_config, fingerprint=fingerprint,
                    callbacks=callbacks, verbose=verbose)
     if args.test:
