@@ -1,0 +1,92 @@
+"""Data-parallel speed on this machine: 2 ranks with 1 thread each against 1 process with 1 thread.
+
+    python benchmarks/distributed.py                    # MLX (mlx.launch, ring) and, if installed, torch (torchrun, gloo)
+    python benchmarks/distributed.py --engines mlx --iters 40
+
+Same model (a random ~25M-parameter llama), data, LoRA settings and global batch for every run; real tokens
+per second between the first and the last report (compilation left out), and the bytes each rank sends per
+step: a ring all-reduce of S bytes sends 2 (N-1)/N * S per rank, and S is every LoRA gradient in float32
+plus the loss sum and token count. The ideal speedup is 2.0x (target >= 1.7x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def build(work: Path) -> tuple[Path, Path]:
+    import train_throughput
+
+    train_throughput.SIZES["25m"] = (512, 6, 1376, 8, 4, 8000)
+    model = train_throughput.build_model(work / "model", "25m")
+    return model, train_throughput.build_data(work / "data", 400, 120, seed=0)
+
+
+def run(cmd: list[str], threads: int = 1) -> str:
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MLXTUNE_NO_OPENBLAS="0")
+    blas = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+    if os.path.exists(blas):
+        env["LD_PRELOAD"] = blas
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if "Iter" not in proc.stdout:
+        raise SystemExit(f"run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def tokens_per_second(stdout: str) -> float:
+    """The mean of the reported rates after the first report (which includes compilation)."""
+    rates = [float(r) for r in re.findall(r"Tokens/sec (\d+)", stdout)]
+    return sum(rates[1:]) / max(len(rates) - 1, 1) if len(rates) > 1 else rates[0]
+
+
+def trainable_bytes(stdout: str) -> int:
+    m = re.search(r"Trainable parameters: [\d.]+% \(([\d.]+)M/", stdout)
+    return int(float(m.group(1)) * 1e6 * 4) + 8
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--engines", default="mlx")
+    a = p.parse_args()
+    work = Path(tempfile.gettempdir()) / "mlxtune-bench-distributed"
+    work.mkdir(exist_ok=True)
+    model, data = build(work)
+    common = ["lora", "--model", str(model), "--data", str(data), "--iters", str(a.iters), "--batch-size",
+              str(a.batch_size), "--steps-per-report", "5", "--steps-per-eval", "0", "--save-every", "0", "--no-plot",
+              "--lora-layers", "-1", "--force"]
+    mlxtune = [str(Path(sys.executable).parent / "mlxtune")]
+    rows = []
+    for engine in a.engines.split(","):
+        if engine == "mlx":
+            one = run(mlxtune + common + ["--adapter-file", str(work / "one" / "adapters.npz")])
+            two = run([str(Path(sys.executable).parent / "mlx.launch"), "-n", "2", "--backend", "ring", *mlxtune,
+                       *common, "--adapter-file", str(work / "two" / "adapters.npz")])
+        else:
+            torch_args = ["--backend", "torch"]
+            one = run(mlxtune + common + torch_args + ["--adapter-file", str(work / "tone" / "adapters.npz")])
+            two = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mlxtune",
+                       *common, *torch_args, "--adapter-file", str(work / "ttwo" / "adapters.npz")])
+        t1, t2 = tokens_per_second(one), tokens_per_second(two)
+        sent = 2 * (2 - 1) / 2 * trainable_bytes(one)
+        rows.append((engine, t1, t2, t2 / t1, sent))
+    print(f"\n{'engine':<8} {'1 process tok/s':>16} {'2 ranks tok/s':>14} {'speedup':>8} {'bytes sent/rank/step':>22}")
+    for engine, t1, t2, ratio, sent in rows:
+        print(f"{engine:<8} {t1:>16.0f} {t2:>14.0f} {ratio:>7.2f}x {sent / 1e6:>19.2f} MB")
+    print(json.dumps({"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
