@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
-from ..errors import ExportError
+from ..errors import ExportError, ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -238,3 +238,156 @@ def extra_tensors(arch: Arch, cfg: dict) -> dict[str, np.ndarray]:
             gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight": np.asarray(short, np.float32),
         }
     return {}
+
+
+# ---------------------------------------------------------------- reading a GGUF file back (the inverse)
+
+# GGUF architecture -> config.json model_type (Mistral files say `llama`: the same network).
+GGUF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+                    "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                  "phi3": "Phi3ForCausalLM"}
+
+
+def qk_unpermutation(rows: int, n_head: int) -> np.ndarray:
+    """Row order turning llama.cpp's interleaved RoPE rows back into HF's half-split layout."""
+    return np.argsort(qk_permutation(rows, n_head))
+
+
+def gguf_names(arch: Arch, n_layers: int, hf_names) -> dict[str, str]:
+    """GGUF name -> HF name for the HF parameter names `hf_names`, through the writer's own namer.
+
+    The mapping runs forward (HF -> GGUF, one table for both directions) over the names the target
+    model has, so the inverse is exact for that model whatever aliases gguf's table holds.
+    """
+    name_of = tensor_namer(arch, n_layers)
+    return {name_of(h): h for h in hf_names}
+
+
+def _llama3_scaling(factors: np.ndarray, dim: int, base: float) -> dict | None:
+    """The llama3 rope_scaling whose frequency factors (see extra_tensors) are `factors`, or None."""
+    factor = float(factors.max())
+    for old_ctx in (8192, *[2 ** k for k in range(4, 21)]):
+        for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0)):
+            cfg = {"rope_theta": base, "head_dim": dim, "hidden_size": dim, "num_attention_heads": 1,
+                   "rope_scaling": {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                                    "high_freq_factor": high, "original_max_position_embeddings": old_ctx}}
+            want = extra_tensors(ARCHES["llama"], cfg)
+            values = next(iter(want.values()))
+            if values.shape == factors.shape and np.allclose(values, factors, rtol=1e-5, atol=0):
+                return cfg["rope_scaling"]
+    return None
+
+
+def config_from_gguf(g, read_f32) -> dict:
+    """config.json for the GGUF file `g` (a reader.GGUFFile): the inverse of `add_metadata`.
+
+    read_f32(name) returns a small F32 tensor (RoPE factors). Raises ModelLoadError for an
+    architecture or setting mlxtune cannot express.
+    """
+    name = g.arch
+    if name not in GGUF_MODEL_TYPES:
+        raise ModelLoadError(f"{g.path}: architecture {name!r} cannot be imported; supported: "
+                             f"{', '.join(GGUF_MODEL_TYPES)}")
+
+    def need(key: str):
+        value = g.get(key)
+        if value is None:
+            raise ModelLoadError(f"{g.path} has no {key.format(arch=name)}: cannot describe the model")
+        if isinstance(value, np.ndarray):
+            if value.size and (value == value.flat[0]).all():
+                return value.flat[0].item()  # a per-layer list with one value
+            raise ModelLoadError(f"{g.path}: {key.format(arch=name)} differs per layer, which mlx-lm's {name} cannot express")
+        return value
+
+    n_head = int(need("{arch}.attention.head_count"))
+    hidden = int(need("{arch}.embedding_length"))
+    embd = g.tensors.get("token_embd.weight")
+    if embd is None:
+        raise ModelLoadError(f"{g.path} has no token_embd.weight: not a complete language model")
+    cfg = {
+        "model_type": GGUF_MODEL_TYPES[name],
+        "architectures": [_ARCHITECTURES[GGUF_MODEL_TYPES[name]]],
+        "hidden_size": hidden,
+        "num_hidden_layers": int(need("{arch}.block_count")),
+        "intermediate_size": int(need("{arch}.feed_forward_length")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(need("{arch}.attention.head_count_kv")
+                                   if g.get("{arch}.attention.head_count_kv") is not None else n_head),
+        "rms_norm_eps": float(need("{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(g.get("{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(g.get("{arch}.context_length", 4096)),
+        "vocab_size": embd.shape[0],
+        "tie_word_embeddings": "output.weight" not in g.tensors,
+    }
+    hd = g.get("{arch}.attention.key_length")
+    if hd is not None:
+        cfg["head_dim"] = int(hd)
+    elif name.startswith("gemma") or name == "qwen3":
+        cfg["head_dim"] = hidden // n_head
+    dim = int(cfg.get("head_dim") or hidden // n_head)
+
+    kind = g.get("{arch}.rope.scaling.type")
+    if kind in ("linear", "yarn"):
+        scaling = {"rope_type": kind, "type": kind, "factor": float(need("{arch}.rope.scaling.factor"))}
+        if kind == "yarn":
+            scaling["original_max_position_embeddings"] = int(need("{arch}.rope.scaling.original_context_length"))
+            for key, hf in (("extrapolation_factor", "yarn_ext_factor"), ("attention_factor", "yarn_attn_factor"),
+                            ("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+                if g.get("{arch}.rope.scaling." + hf) is not None:
+                    scaling[key] = float(g.get("{arch}.rope.scaling." + hf))
+        cfg["rope_scaling"] = scaling
+    elif kind not in (None, "none") and name != "phi3":
+        raise ModelLoadError(f"{g.path}: RoPE scaling {kind!r} cannot be imported (supported: linear, yarn, llama3)")
+    freqs = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+    if freqs in g.tensors:
+        scaling = _llama3_scaling(read_f32(freqs), dim, cfg["rope_theta"]) if name == "llama" else None
+        if scaling is None:
+            raise ModelLoadError(f"{g.path}: tensor {freqs} holds RoPE frequency factors that are not llama3 "
+                                 "scaling: mlx-lm cannot run them")
+        scaling["type"] = "llama3"
+        cfg["rope_scaling"] = scaling
+
+    if name == "llama":
+        cfg["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
+        cfg["mlp_bias"] = "blk.0.ffn_up.bias" in g.tensors
+        rot = g.get("{arch}.rope.dimension_count")
+        if rot is not None and int(rot) != dim:
+            raise ModelLoadError(f"{g.path}: llama.rope.dimension_count {rot} differs from the head size {dim}")
+    elif name.startswith("gemma"):
+        cfg["hidden_activation"] = "gelu_pytorch_tanh"
+        # llama.cpp scales attention by 1/sqrt(head_dim) (see the writer's notes)
+        cfg["query_pre_attn_scalar"] = dim
+        if name == "gemma2":
+            cfg["attn_logit_softcapping"] = float(g.get("{arch}.attn_logit_softcapping", 50.0))
+            cfg["final_logit_softcapping"] = float(g.get("{arch}.final_logit_softcapping", 30.0))
+            cfg["sliding_window"] = int(g.get("{arch}.attention.sliding_window", 4096))
+        elif name == "gemma3":
+            cfg["rope_local_base_freq"] = float(g.get("{arch}.rope.freq_base_swa", 10000.0))
+            if g.get("{arch}.final_logit_softcapping"):
+                cfg["final_logit_softcapping"] = float(g.get("{arch}.final_logit_softcapping"))
+            cfg["sliding_window"] = int(g.get("{arch}.attention.sliding_window", 512))
+            pattern = g.get("{arch}.attention.sliding_window_pattern")
+            n = cfg["num_hidden_layers"]
+            sliding = [bool(x) for x in pattern] if pattern is not None else [(i + 1) % 6 != 0 for i in range(n)]
+            every = sliding.index(False) + 1 if False in sliding else n + 1
+            if sliding != [(i + 1) % every != 0 for i in range(n)]:
+                raise ModelLoadError(f"{g.path}: gemma3 sliding-window layers {sliding} are not periodic, "
+                                     "which mlx-lm's gemma3 cannot express")
+            cfg["sliding_window_pattern"] = every
+            cfg["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
+    elif name == "phi3":
+        rot = int(g.get("{arch}.rope.dimension_count", dim))
+        cfg["partial_rotary_factor"] = rot * n_head / hidden
+        orig = int(g.get("{arch}.rope.scaling.original_context_length", cfg["max_position_embeddings"]))
+        cfg["original_max_position_embeddings"] = orig
+        if g.get("{arch}.attention.sliding_window"):
+            cfg["sliding_window"] = int(g.get("{arch}.attention.sliding_window"))
+        long_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight"
+        short_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight"
+        if long_name in g.tensors and short_name in g.tensors:
+            cfg["rope_scaling"] = {"type": "longrope", "rope_type": "longrope",
+                                   "long_factor": read_f32(long_name).tolist(),
+                                   "short_factor": read_f32(short_name).tolist()}
+    return cfg

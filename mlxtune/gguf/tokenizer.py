@@ -50,6 +50,25 @@ KNOWN_PRE: dict[str, list[str]] = {
 OTHER_PRE = ("deepseek-llm", "deepseek-coder", "falcon", "mpt", "refact", "command-r", "olmo", "dbrx",
              "smaug-bpe", "stablelm2", "chatglm-bpe", "smollm", "codeshell", "tekken", "poro-chat",
              "bloom", "gpt3-finnish", "exaone", "viking", "jais", "chameleon", "minerva-7b")
+# Other names llama.cpp runs with one of the regex sets above (its pre-type switch), for reading GGUF
+# files back; `pre_regexes` resolves them.
+PRE_ALIASES = {
+    "llama3": "llama-bpe", "llama-v3": "llama-bpe", "falcon3": "llama-bpe",
+    "smollm": "starcoder", "refact": "starcoder", "command-r": "starcoder", "codeshell": "starcoder",
+    "exaone": "starcoder", "minerva-7b": "starcoder",
+    "mpt": "gpt-2", "olmo": "gpt-2", "jais": "gpt-2", "phi-2": "gpt-2", "roberta-bpe": "gpt-2",
+    "stablelm2": "qwen2", "megrez": "qwen2",
+}
+# llama.cpp takes a pre-tokenized word that is itself a token whole for these (tokenizer.json's ignore_merges).
+IGNORE_MERGES_PRE = ("llama-bpe",)
+# ... and adds BOS by default (when the file has no add_bos_token key); SentencePiece always does.
+ADD_BOS_PRE = ("llama-bpe", "tekken", "chameleon")
+
+
+def pre_regexes(name: str) -> tuple[str, list[str]] | None:
+    """(canonical name, regexes llama.cpp runs) for pre-tokenizer `name`, or None if we do not know them."""
+    name = PRE_ALIASES.get(name, name)
+    return (name, KNOWN_PRE[name]) if name in KNOWN_PRE else None
 
 CHECK_STRINGS = [
     "Hello world! How are you today?",
