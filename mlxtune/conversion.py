@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, MlxtuneError, ModelLoadError
 from .files import atomic_dir
+from .gguf.importer import ImportResult, import_gguf
+from .gguf.sources import find_gguf, is_gguf_reference
 from .model_files import copy_tokenizer_files, normalize_config, read_config, resolve_model_path
 from .models import model_classes
 from .weights import FLOAT_DTYPES, SHARD_BYTES, read_header, weight_files, write_shards
@@ -168,12 +170,17 @@ def _is_kept(path: str, patterns: list[str]) -> bool:
 # ---------------------------------------------------------------- the verb
 
 
-def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike = "mlx_model", *,
+def convert(hf_path: str | os.PathLike | None = None, mlx_path: str | os.PathLike = "mlx_model", *,
+            gguf: str | os.PathLike | None = None,
             quantize: bool = False, q_bits: int = 4, q_group_size: int = 64, dtype: str | None = None,
             keep_modules=(), dequantize: bool = False, force: bool = False, allow_bin: bool = False,
             revision: str | None = None, shard_bytes: int = SHARD_BYTES, progress: bool = True
-            ) -> ConvertResult:
-    """Convert a Hugging Face checkpoint (or an MLX directory) into an MLX model directory.
+            ) -> ConvertResult | ImportResult:
+    """Convert a Hugging Face checkpoint (or an MLX directory, or a GGUF file) into an MLX model directory.
+
+    gguf: a GGUF file (or `lmstudio:PUBLISHER/NAME`, `ollama:NAME[:TAG]`) instead of `hf_path`; see
+        `mlxtune.gguf.importer.import_gguf`: types MLX holds exactly stay quantized unless `dequantize`,
+        `quantize` re-quantizes with `q_bits`/`q_group_size`. Returns an ImportResult then.
 
     quantize: affine-quantize every Linear/Embedding whose input dim divides `q_group_size` to
         `q_bits`; the others stay float and are listed in the result and README.
@@ -184,6 +191,11 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike = "mlx_model
     Raises ModelLoadError for unreadable input, ConfigError for bad settings, MlxtuneError when the
     output exists (without `force`) or cannot be written.
     """
+    if hf_path is not None and gguf is None and is_gguf_reference(hf_path):
+        hf_path, gguf = None, hf_path
+    if (hf_path is None) == (gguf is None):
+        raise ConfigError("give either --hf-path (a Hugging Face or MLX model) or --gguf (a GGUF file), not both"
+                          if gguf is not None else "give --hf-path (a Hugging Face or MLX model) or --gguf (a GGUF file)")
     if quantize and dequantize:
         raise ConfigError("choose either --quantize or --de-quantize, not both")
     if quantize and q_bits not in Q_BITS:
@@ -195,6 +207,12 @@ def convert(hf_path: str | os.PathLike, mlx_path: str | os.PathLike = "mlx_model
     keep = _keep_patterns(keep_modules)
     if keep and not quantize:
         raise ConfigError("--keep-modules only applies when quantizing: add -q")
+    if gguf is not None:
+        if keep or allow_bin or revision:
+            raise ConfigError("--keep-modules, --allow-bin and --revision do not apply to --gguf")
+        return import_gguf(find_gguf(gguf), mlx_path, dtype=dtype, dequantize=dequantize, quantize=quantize,
+                           q_bits=q_bits, q_group_size=q_group_size, force=force, shard_bytes=shard_bytes,
+                           progress=progress)
     src = resolve_model_path(hf_path, revision)
     out = Path(mlx_path).expanduser()
     if out.resolve() == src.resolve():

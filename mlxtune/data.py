@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from . import templates
 from .errors import ConfigError, DataError
 from .files import atomic_dir, atomic_file
-from .model_files import read_config, resolve_model_path
+from .gguf.sources import resolve_model
+from .model_files import read_config
 from .models import load_tokenizer
 
 CACHE_VERSION = 3  # bump whenever the records a file turns into change (masking, text EOS, ...)
@@ -771,7 +772,7 @@ class DataReport:
 def _tokenizer_of(model_or_tokenizer):
     if not isinstance(model_or_tokenizer, (str, os.PathLike)):
         return model_or_tokenizer
-    path = resolve_model_path(model_or_tokenizer)
+    path = resolve_model(model_or_tokenizer)
     config = read_config(path) if (path / "config.json").exists() else {}
     return load_tokenizer(path, config)
 

@@ -39,7 +39,8 @@ from .errors import AdapterError, ConfigError, ExportError, MlxtuneWarning
 from .files import atomic_dir
 from .gguf import TYPES, to_gguf
 from .layers import LoRALinear, apply_lora, count_parameters, lora_modules
-from .model_files import copy_tokenizer_files, resolve_model_path
+from .gguf.sources import resolve_model
+from .model_files import copy_tokenizer_files
 from .models import load_model
 from .weights import FLOAT_DTYPES, SHARD_BYTES, tensor_shapes, write_shards
 
@@ -108,7 +109,7 @@ def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: s
     save_path = Path(save_path).expanduser()
     _check_flags(save_path, dtype, gguf, gguf_type, force)
     adapter_path = find_adapter_file(adapter_file)
-    base_dir = resolve_model_path(model)
+    base_dir = resolve_model(model)
     _check_not_inside(save_path, {"base model": base_dir, "adapter": adapter_path})
     adapter, weights = read_adapter(adapter_path)
     loaded = load_model(base_dir)

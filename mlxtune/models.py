@@ -22,7 +22,8 @@ from mlx_lm.utils import load_tokenizer as _load_tokenizer
 
 from .adapters import load_adapter
 from .errors import ModelLoadError
-from .model_files import normalize_config, read_config, resolve_model_path
+from .gguf.sources import resolve_model
+from .model_files import normalize_config, read_config
 from .weights import read_header, weight_files
 
 
@@ -82,7 +83,7 @@ def model_classes(config: dict, cfg_file: Path):
 
 def load_model(path_or_id: str | os.PathLike, *, lazy: bool = False, revision: str | None = None) -> LoadedModel:
     """Load model, tokenizer and normalized config (no adapter: see `mlxtune.adapters.load_adapter`)."""
-    path = resolve_model_path(path_or_id, revision)
+    path = resolve_model(path_or_id, revision)
     config = normalize_config(read_config(path))
     model_classes(config, path / "config.json")
     weights = weight_files(path)

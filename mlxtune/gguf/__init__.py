@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError, ExportError
-from ..model_files import resolve_model_path
 from .quants import FileType
+from .sources import resolve_model
 from .writer import write_gguf
 
 TYPES = [t.value for t in FileType]
@@ -31,7 +31,7 @@ def to_gguf(model: str | os.PathLike, outfile: str | os.PathLike, type: str = "f
         ftype = FileType(str(type).lower())
     except ValueError:
         raise ConfigError(f"--type {type!r} is not a GGUF type mlxtune writes; choose one of {', '.join(TYPES)}") from None
-    model_dir = resolve_model_path(model)
+    model_dir = resolve_model(model)
     out = Path(outfile).expanduser()
     if out.is_dir():
         raise ExportError(f"--outfile {out} is a directory: give a file name like {out / 'model.gguf'}")
