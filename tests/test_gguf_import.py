@@ -8,6 +8,7 @@ the quantized values the GGUF block formulas give.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import subprocess
@@ -24,6 +25,7 @@ from gguf.quants import dequantize as gguf_dequantize
 import llamacpp
 from hf_models import make_hf_model
 from spm import make_spm_tokenizer, write_vocab_gguf
+from test_gguf import ggml_gelu
 from mlxtune.gguf import affine, to_gguf
 from mlxtune.gguf.arch import qk_unpermutation
 from mlxtune.gguf.hf_tokenizer import build_tokenizer
@@ -260,7 +262,7 @@ def test_smollm2_round_trip_through_gguf_writer(smol, heldout_ids, tmp_path):
 ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"]
 # K-quants need rows that are whole 256-value blocks: hidden 256, ffn 512
 SHAPE = dict(hidden_size=256, intermediate_size=512, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
-IDS = [1, 17, 42, 99, 7, 256, 300, 12, 5, 88, 130, 64, 200, 33, 150, 77, 310, 21, 9, 101, 45, 260, 180, 11]
+IDS = [1] + np.random.default_rng(0).integers(6, 400, 199).tolist()  # 200 positions, vocabulary of the tiny BPE
 
 
 @pytest.fixture(scope="module")
@@ -286,12 +288,14 @@ def arch_ggufs(tmp_path_factory):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_arch_and_type_imports_and_matches_llamacpp(arch, arch_ggufs, tmp_path):
     hf, paths = arch_ggufs(arch)
+    # mlx-lm's gemma2 has no sliding-window mask: stay inside the window (64) there
+    ids = IDS[:60] if arch == "gemma2" else IDS
     exact = set()
     for kind, path in paths.items():
         out = tmp_path / kind
         r = import_gguf(path, out, progress=False)
         top1, kl = (1.0, 1e-5) if kind == "f32" else (0.95, 1e-2)
-        check_against_llamacpp(path, out, IDS, top1=top1, kl=kl)
+        check_against_llamacpp(path, out, ids, top1=top1, kl=kl)
         exact |= assert_exact_dequantized(path, out, None)
         assert sum(r.fates.values()) == len(read_gguf(path).tensors) - sum(
             1 for n in read_gguf(path).tensors if n.startswith("rope_"))
@@ -306,8 +310,11 @@ def test_float32_import_round_trips_through_the_writer(arch, arch_ggufs, tmp_pat
     out = tmp_path / "imp"
     import_gguf(paths["Q4_K_M"], out, dequantize=True, dtype="float32", progress=False)
     back = to_gguf(out, tmp_path / "back.gguf", "f32", progress=False, log=lambda *a: None)
-    ref = llamacpp.logits(llamacpp.load(back, n_ctx=len(IDS)), IDS)
-    ours = mlx_logits(out, IDS)
+    ids = IDS[:60]
+    ref = llamacpp.logits(llamacpp.load(back, n_ctx=len(ids)), ids)
+    # ggml's GELU rounds through f16 (~2e-3 on gemma2); the reference rounds the same way, as in test_gguf
+    with ggml_gelu() if arch.startswith("gemma") else contextlib.nullcontext():
+        ours = mlx_logits(out, ids)
     assert np.abs(ours - ref).max() <= 2e-3
 
 

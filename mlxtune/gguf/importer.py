@@ -259,6 +259,8 @@ def plan_import(g: GGUFFile, *, dtype: str, dequantize: bool = False, quantize: 
     plan = _Plan(g, config, arch, dtype, dequantize, quantize)
     for gname, hf in names.items():
         t = g.tensors.get(gname)
+        if t is None and hf == "lm_head.weight" and config["tie_word_embeddings"]:
+            continue  # mlx-lm's gemma3 declares a head and drops it when the weights have none (tied)
         if t is None:
             raise ModelLoadError(f"{g.path} has no tensor {gname} (the model's {hf}): the file is incomplete "
                                  "or its metadata does not match its tensors")
