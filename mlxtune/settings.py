@@ -27,7 +27,7 @@ ALIASES = {"num_layers": "lora_layers", "adapter_path": "adapter_file", "steps_p
 class TrainingArgs:
     """Every knob of a LoRA run. YAML keys, Python keyword arguments and CLI flags (`-` -> `_`) are these names."""
 
-    model: str | None = field(default=None, metadata={"help": "Base model: a local MLX/HF directory or a hub id."})
+    model: str | None = field(default=None, metadata={"help": "Base model: an MLX/HF directory, a hub id or a GGUF file."})
     data: str | None = field(default=None, metadata={
         "help": "Dataset: a directory with train/valid/test.jsonl, or one .jsonl file."})
     adapter_file: str = field(default="adapters/adapters.npz", metadata={

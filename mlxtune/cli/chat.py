@@ -9,8 +9,8 @@ from .generate import _default_model
 
 
 @main.command("chat")
-@click.option("--model", "model", default=None, metavar="PATH|ID",
-              help="Model directory or Hugging Face hub id (default: the bundled tiny-chat model).")
+@click.option("--model", "model", default=None, metavar="PATH|ID|GGUF",
+              help="Model directory, Hugging Face hub id or GGUF file (default: the bundled tiny-chat model).")
 @click.option("--adapter-file", default=None, type=click.Path(), help="LoRA adapter to apply (adapters.npz or its folder).")
 @click.option("--system", default=None, help="System message for the whole conversation.")
 @click.option("--max-tokens", "-m", default=512, show_default=True, type=int, help="Longest reply, in tokens.")

@@ -26,7 +26,7 @@ def _bar(count: int, most: int, width: int = 40) -> str:
 
 
 @data_group.command("inspect")
-@click.option("--model", required=True, metavar="PATH|ID", help="Model (only its tokenizer is loaded).")
+@click.option("--model", required=True, metavar="PATH|ID|GGUF", help="Model or GGUF file (only its tokenizer is used).")
 @click.option("--data", required=True, multiple=True, metavar="PATH",
               help="Folder with train/valid/test.jsonl, or a .jsonl/.json file (repeat to mix files).")
 @click.option("-n", "n", default=3, show_default=True, type=int, help="Show this many training examples.")

@@ -8,8 +8,8 @@ from . import main
 
 
 @main.command("eval")
-@click.option("--model", "model", default=None, metavar="PATH|ID",
-              help="Model directory or Hugging Face hub id (default: the bundled tiny-chat model).")
+@click.option("--model", "model", default=None, metavar="PATH|ID|GGUF",
+              help="Model directory, Hugging Face hub id or GGUF file (default: the bundled tiny-chat model).")
 @click.option("--adapter-file", default=None, type=click.Path(), help="LoRA adapter to apply (adapters.npz or its folder).")
 @click.option("--data", default=None, type=click.Path(),
               help="Folder with <split>.jsonl, or one .jsonl file (default: the bundled tool-call data).")

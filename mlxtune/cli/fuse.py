@@ -8,7 +8,8 @@ from . import main
 
 
 @main.command("fuse")
-@click.option("--model", required=True, metavar="PATH|ID", help="Base model directory or Hugging Face hub id.")
+@click.option("--model", required=True, metavar="PATH|ID|GGUF",
+              help="Base model directory, Hugging Face hub id or GGUF file (lmstudio:P/N, ollama:N too).")
 @click.option("--adapter-file", required=True, type=click.Path(),
               help="adapters.npz / adapters.safetensors, a PEFT directory, or the folder holding one.")
 @click.option("--save-path", default="fused_model", show_default=True, type=click.Path(),

@@ -8,8 +8,8 @@ from . import main
 
 
 @main.command("generate")
-@click.option("--model", "model", default=None, metavar="PATH|ID",
-              help="Model directory or Hugging Face hub id (default: the bundled tiny-chat model).")
+@click.option("--model", "model", default=None, metavar="PATH|ID|GGUF",
+              help="Model directory, Hugging Face hub id or GGUF file (default: the bundled tiny-chat model).")
 @click.option("--adapter-file", default=None, type=click.Path(), help="LoRA adapter to apply (adapters.npz or its folder).")
 @click.option("--prompt", "-p", required=True, help="The user message (or raw text with --no-chat); - reads stdin.")
 @click.option("--max-tokens", "-m", default=256, show_default=True, type=int, help="Stop after this many tokens.")

@@ -10,7 +10,8 @@ TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q6_k"]
 
 
 @main.command("gguf")
-@click.option("--model", required=True, help="Fused model directory (float, or MLX-quantized) or hub id.")
+@click.option("--model", required=True,
+              help="Fused model directory (float, or MLX-quantized), hub id or GGUF file (re-encoded).")
 @click.option("--outfile", required=True, type=click.Path(dir_okay=False), help="GGUF file to write.")
 @click.option("--type", "out_type", type=click.Choice(TYPES, case_sensitive=False), default="f16",
               show_default=True, help="Tensor type: float, Q8_0/Q4_0, or llama-quantize's Q4_K_M / Q6_K recipes.")
