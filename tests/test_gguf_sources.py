@@ -188,3 +188,25 @@ def test_damaged_file_is_one_line_error_and_nothing_is_written(case, needle, tin
     code, _, err = inprocess_cli(["convert", "--gguf", str(bad), "--mlx-path", str(out)], monkeypatch, capsys)
     assert_one_line_error(code, err, str(bad), needle)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
+
+
+@pytest.mark.parametrize("how", ["requantize", "bfloat16"])
+def test_convert_options(how, tiny_gguf, tiny_llama, tmp_path):
+    """-q re-quantizes with MLX's settings (8-bit here, so the logits stay close); --de-quantize --dtype bfloat16 gives a bfloat16 float model."""
+    import mlxtune
+
+    if how == "requantize":
+        r = mlxtune.convert(gguf=tiny_gguf, mlx_path=tmp_path / "m", quantize=True, q_bits=8, q_group_size=32,
+                            progress=False)
+        cfg = json.loads((r.path / "config.json").read_text())
+        assert cfg["quantization"]["bits"] == 8 and cfg["quantization"]["group_size"] == 32
+        assert all("re-quantized to 8-bit" in what or what.startswith("cast") for _, what in r.fates)
+    else:
+        r = mlxtune.convert(gguf=tiny_gguf, mlx_path=tmp_path / "m", dequantize=True, dtype="bfloat16", progress=False)
+        assert "quantization" not in json.loads((r.path / "config.json").read_text())
+        weights = mx.load(str(r.path / "model.safetensors"))
+        assert {v.dtype for v in weights.values()} == {mx.bfloat16}
+    ids = mx.array([[1, 17, 42, 99, 7, 256, 300, 12]])
+    ours = np.array(load_model(r.path).model(ids).astype(mx.float32))
+    ref = np.array(load_model(tiny_llama).model(ids).astype(mx.float32))
+    assert np.abs(ours - ref).max() <= 0.05 * np.abs(ref).max()
