@@ -192,7 +192,8 @@ def test_damaged_file_is_one_line_error_and_nothing_is_written(case, needle, tin
 
 @pytest.mark.parametrize("how", ["requantize", "bfloat16"])
 def test_convert_options(how, tiny_gguf, tiny_llama, tmp_path):
-    """-q re-quantizes with MLX's settings (8-bit here, so the logits stay close); --de-quantize --dtype bfloat16 gives a bfloat16 float model."""
+    """-q re-quantizes with MLX's settings (8-bit here, so the logits stay close); --de-quantize --dtype
+    bfloat16 gives a bfloat16 float model."""
     import mlxtune
 
     if how == "requantize":
