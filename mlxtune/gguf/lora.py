@@ -18,8 +18,9 @@ import numpy as np
 from ..adapters import read_adapter
 from ..errors import AdapterError, ExportError
 from ..files import atomic_file
-from ..model_files import normalize_config, read_config, resolve_model_path
+from ..model_files import normalize_config, read_config
 from .arch import qk_permutation, resolve_arch, tensor_namer, text_tensor_name
+from .sources import resolve_model
 
 
 def write_lora_gguf(adapter_file: str | os.PathLike, base_model_dir: str | os.PathLike,
@@ -35,7 +36,7 @@ def write_lora_gguf(adapter_file: str | os.PathLike, base_model_dir: str | os.Pa
         raise ExportError(f"--outfile {out} is a directory: give a file name like {out / 'adapter.gguf'}")
     if out.exists() and not force:
         raise ExportError(f"{out} already exists: choose another --outfile or pass --force to replace it")
-    base_dir = resolve_model_path(base_model_dir)
+    base_dir = resolve_model(base_model_dir)  # a GGUF base too: the LoRA file then goes on top of that very GGUF
     config = normalize_config(read_config(base_dir))
     arch, cfg = resolve_arch(config, str(base_dir / "config.json"))
     name_of = tensor_namer(arch, cfg["num_hidden_layers"])
