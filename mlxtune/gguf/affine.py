@@ -54,7 +54,7 @@ def to_affine(raw: np.ndarray, qtype: Q) -> tuple[np.ndarray, np.ndarray, np.nda
     blocks = raw.reshape(-1, size)
     d = _f16(blocks[:, 0:2])
     if qtype == Q.Q8_0:
-        q = (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        q = blocks[:, 2:] ^ np.uint8(0x80)  # int8 two's complement -> q8 + 128, in one pass
         bias = np.float32(-128) * d
     elif qtype == Q.Q4_0:
         q = _nibbles(blocks[:, 2:])
