@@ -188,8 +188,8 @@ def heldout_ids(smol):
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(smol["f32"].path)(HELDOUT)["input_ids"]
-    assert len(ids) >= 500
-    return ids
+    assert len(ids) >= 512
+    return ids[:512]
 
 
 def test_smollm2_summary_and_files(smol):
@@ -230,6 +230,7 @@ def test_smollm2_tokenizer_loads_in_mlx_lm_and_transformers(smol):
     assert 2 in loaded.tokenizer.eos_token_ids
 
 
+@pytest.mark.slow
 def test_smollm2_float32_import_matches_transformers(smol, heldout_ids):
     """transformers de-quantizes the same GGUF: same top-1 everywhere, max |diff| <= 1e-3 of the largest logit."""
     import torch
@@ -244,9 +245,13 @@ def test_smollm2_float32_import_matches_transformers(smol, heldout_ids):
     assert np.abs(ours - ref).max() <= 1e-3 * np.abs(ref).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["f32", "q"])
 def test_smollm2_matches_llamacpp(smol, heldout_ids, kind):
-    """>= 500 positions of held-out text: top-1 agreement >= 0.95, mean KL <= 1e-2 (F32 KV cache)."""
+    """512 positions of held-out text: top-1 agreement >= 0.95, mean KL <= 1e-2 (F32 KV cache).
+
+    Slow for the quantized import (~40 s alone): MLX's quantized matmul on the CPU is ~25x its dense one.
+    """
     check_against_llamacpp(SMOLLM2, smol[kind].path, heldout_ids)
 
 
