@@ -211,3 +211,24 @@ def test_convert_options(how, tiny_gguf, tiny_llama, tmp_path):
     ours = np.array(load_model(r.path).model(ids).astype(mx.float32))
     ref = np.array(load_model(tiny_llama).model(ids).astype(mx.float32))
     assert np.abs(ours - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_values_beyond_float16_are_refused_by_name(tiny_llama, tmp_path, monkeypatch, capsys):
+    """A float tensor that float16 cannot hold is one line naming it, not a model full of infinities."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp_path / "big"
+    shutil.copytree(tiny_llama, src)
+    weights = load_file(src / "model.safetensors")
+    weights["model.norm.weight"][3] = 1e5
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    path = to_gguf(src, tmp_path / "big.gguf", "f32", **QUIET)
+    code, _, err = inprocess_cli(["convert", "--gguf", str(path), "--mlx-path", str(tmp_path / "o"), "--dtype",
+                                  "float16"], monkeypatch, capsys)
+    # found while streaming, so the progress bar has started: the error is its own last line
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and "Traceback" not in err
+    assert last.startswith("error: ") and "output_norm.weight" in last and "--dtype bfloat16" in last
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))

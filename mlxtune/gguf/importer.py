@@ -44,6 +44,7 @@ CHUNK_VALUES = 1 << 20  # values converted at a time (4 MiB as float32)
 SHARD_BYTES = 5 * 1024**3
 _ST_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "uint32": "U32"}
 _BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "uint32": 4}
+F16_MAX = float(np.finfo(np.float16).max)
 
 
 @dataclass
@@ -112,8 +113,7 @@ def _to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float32":
         return x
     if dtype == "float16":
-        with np.errstate(over="ignore"):
-            return x.astype(np.float16)
+        return x.astype(np.float16)
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     # round to nearest even on the upper 16 bits, as every float32 -> bfloat16 cast does
     return ((bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
@@ -198,10 +198,14 @@ class _Plan:
         if q and quantizable and module and len(shape) == 2 and shape[1] % q["group_size"] == 0:
             self._requantize(hf, module, shape, t, read, align)
             return
-        dtype = self.dtype
+        dtype, path = self.dtype, g.path
 
         def convert(a, b):
-            return [_to_dtype(read(a, b), dtype)]
+            values = read(a, b)
+            if dtype == "float16" and np.abs(values).max(initial=0) > F16_MAX:
+                raise ConfigError(f"{path}: tensor {t.name} holds values beyond float16's range (+-65504): "
+                                  "pass --dtype bfloat16 or float32")
+            return [_to_dtype(values, dtype)]
 
         self.jobs.append(_Job(t, [_Out(hf, dtype, shape)], rows, convert, align, f"de-quantized to {dtype}"
                               if t.qtype not in (Q.F32, Q.F16, Q.BF16) else f"cast to {dtype}"))
