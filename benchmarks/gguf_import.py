@@ -10,7 +10,8 @@ from the kernel, page cache flushed before each run):
   transformers: AutoModelForCausalLM.from_pretrained(dir, gguf_file=F, dtype=float16) and
                 AutoTokenizer.from_pretrained(dir, gguf_file=F), written to D as safetensors, config and
                 tokenizer files (save_pretrained refuses a GGUF-loaded model, so safetensors' save_model)
-Targets: >= 3x faster than transformers, peak RSS below 300 MB plus the largest tensor.
+Targets: >= 3x faster than transformers, peak RSS below 300 MB plus the largest tensor. With --repeat, later
+runs replace the previous output (mlxtune with --force: the new directory is built, then swapped in).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 f, out = Path(sys.argv[1]), sys.argv[2]
 from safetensors.torch import save_model
 model = AutoModelForCausalLM.from_pretrained(f.parent, gguf_file=f.name, dtype=torch.float16)
-Path(out).mkdir()
+Path(out).mkdir(exist_ok=True)
 # save_pretrained refuses a model loaded from GGUF ("quantized with gguf and is not serializable")
 save_model(model, f"{out}/model.safetensors")
 model.config.save_pretrained(out)
@@ -78,9 +79,10 @@ def main() -> None:
         theirs = run([py, "-c", _TRANSFORMERS, str(src), str(out)])
         rows.append((kind, "transformers from_pretrained(gguf_file) + save (float16)", *theirs))
         rows.append((kind, "mlxtune convert --gguf (default: exact types stay quantized)",
-                     *run([py, "-m", "mlxtune", "convert", "--gguf", str(src), "--mlx-path", str(out)])))
+                     *run([py, "-m", "mlxtune", "convert", "--gguf", str(src), "--mlx-path", str(out), "--force"])))
         rows.append((kind, "mlxtune convert --gguf --de-quantize (float16)",
-                     *run([py, "-m", "mlxtune", "convert", "--gguf", str(src), "--mlx-path", str(out), "--de-quantize"])))
+                     *run([py, "-m", "mlxtune", "convert", "--gguf", str(src), "--mlx-path", str(out), "--de-quantize",
+                           "--force"])))
         rows.append((kind, None, largest_tensor_mib(src), src.stat().st_size / 2**20))
 
     print(f"\nmodel: {model} ({args.layers} layers), {os.cpu_count()} CPU cores, median of {args.repeat} run(s), "
