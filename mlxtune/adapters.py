@@ -101,10 +101,16 @@ class AdapterConfig:
         if not layers:
             raise AdapterError("the model carries no LoRA layers: nothing to describe")
         first = next(iter(layers.values()))
-        rank = int(first.lora_a.shape[1])
-        return cls(rank=rank, alpha=first.alpha, dropout=first.dropout_p,
-                   lora_layers=len(_layer_ids(layers)), target_modules=sorted({m.rsplit(".", 1)[-1] for m in layers}),
-                   modules=list(layers), base_model=base_model, dtype=base_dtype(model), mlxtune_version=__version__)
+        return cls.of_modules(list(layers), rank=int(first.lora_a.shape[1]), alpha=first.alpha, dropout=first.dropout_p,
+                              base_model=base_model, dtype=base_dtype(model))
+
+    @classmethod
+    def of_modules(cls, modules: list[str], *, rank: int, alpha: float, dropout: float, base_model: str | None,
+                   dtype: str) -> AdapterConfig:
+        """The config of LoRA layers at `modules` (mlx-lm paths), whichever backend carries them."""
+        return cls(rank=int(rank), alpha=alpha, dropout=dropout, lora_layers=len(_layer_ids(modules)),
+                   target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}), modules=list(modules),
+                   base_model=base_model, dtype=dtype, mlxtune_version=__version__)
 
 
 # --- reading and writing ----------------------------------------------------------------------------------
@@ -190,7 +196,11 @@ def _write_tensors(path: Path, weights: dict[str, np.ndarray]) -> None:
 
 def model_adapter_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's LoRA tensors as float32 numpy arrays; a non-finite one is an error."""
-    weights = {k: np.array(v.astype(mx.float32)) for k, v in adapter_weights(model).items()}
+    return checked_arrays({k: np.array(v.astype(mx.float32)) for k, v in adapter_weights(model).items()})
+
+
+def checked_arrays(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`weights` as they are, or an AdapterError when there are none or one is non-finite (any backend)."""
     if not weights:
         raise AdapterError("the model carries no LoRA layers: nothing to save")
     bad = [k for k, v in weights.items() if not np.isfinite(v).all()]
@@ -281,7 +291,11 @@ def align_to_model(config: AdapterConfig, weights: dict, model) -> tuple[Adapter
     language_model.model.*, but a few keep transformers' model.language_model.*. Unknown names are left
     for the caller's check to report.
     """
-    named = dict(model.named_modules())
+    return align_names(config, weights, set(dict(model.named_modules())))
+
+
+def align_names(config: AdapterConfig, weights: dict, named: set[str]) -> tuple[AdapterConfig, dict]:
+    """`align_to_model` against a set of module paths (what a torch model has, in mlx-lm spelling)."""
     renames = {}
     for module in config.modules:
         if module in named:

@@ -4,8 +4,9 @@ A LoRA layer wraps a frozen `nn.Linear` or `nn.QuantizedLinear` (QLoRA) and adds
 
     y = W x + (alpha / r) * (dropout(x) @ A) @ B        A: (in, r), B: (r, out)
 
-A starts small and random, B at zero, so an untrained adapter leaves the model exactly as it was.
-`LoRALinear.fuse()` gives back a plain layer with W' = W + (alpha / r) * (A @ B).T.
+A starts small and random, B at zero, so an untrained adapter leaves the model exactly as it was. A is
+drawn with numpy from (seed, module path) by `initial_lora_a`, so the MLX and torch backends start from
+the same weights. `LoRALinear.fuse()` gives back a plain layer with W' = W + (alpha / r) * (A @ B).T.
 
 The one thing to know: this module knows no file format. The layers carry everything an adapter file
 records (rank, scale, dropout, module paths); `mlxtune.adapters` reads and writes the files.
@@ -14,9 +15,11 @@ records (rank, scale, dropout, module paths); `mlxtune.adapters` reads and write
 from __future__ import annotations
 
 import math
+import zlib
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from .errors import AdapterError, ConfigError
@@ -25,19 +28,32 @@ ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 
 
+def initial_lora_a(in_dims: int, rank: int, seed: int = 0, path: str = "") -> np.ndarray:
+    """The starting A (in, r) of the LoRA layer at module `path`: uniform in +-1/sqrt(in), float32.
+
+    A function of (seed, path) only, drawn with numpy: every backend starts from the same adapter, and
+    the order in which layers are wrapped does not matter.
+    """
+    rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
+    bound = 1.0 / math.sqrt(in_dims)
+    return rng.uniform(-bound, bound, (in_dims, rank)).astype(np.float32)
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update (see the module docstring)."""
 
     @staticmethod
-    def from_base(linear: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> LoRALinear:
+    def from_base(linear: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, *,
+                  seed: int = 0, path: str = "") -> LoRALinear:
         out_dims, in_dims = linear.weight.shape
         if isinstance(linear, nn.QuantizedLinear):
             in_dims = in_dims * 32 // linear.bits
-        layer = LoRALinear(in_dims, out_dims, rank, alpha, dropout)
+        layer = LoRALinear(in_dims, out_dims, rank, alpha, dropout, seed=seed, path=path)
         layer.linear = linear
         return layer
 
-    def __init__(self, in_dims: int, out_dims: int, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0):
+    def __init__(self, in_dims: int, out_dims: int, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, *,
+                 seed: int = 0, path: str = ""):
         super().__init__()
         if rank <= 0:
             raise ConfigError(f"--rank must be a positive integer, got {rank}")
@@ -46,8 +62,7 @@ class LoRALinear(nn.Module):
         self.dropout_p = float(dropout)
         self.alpha = float(alpha)
         self.scale = alpha / rank
-        bound = 1.0 / math.sqrt(in_dims)
-        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(in_dims, rank))
+        self.lora_a = mx.array(initial_lora_a(in_dims, rank, seed, path))
         self.lora_b = mx.zeros((rank, out_dims))
 
     def __call__(self, x):
@@ -127,11 +142,11 @@ def _is_linear(m) -> bool:
 
 def apply_lora(model: nn.Module, *, lora_layers: int | None = 16, rank: int = 8, alpha: float = 16.0,
                dropout: float = 0.0, target_modules=None, modules: list[str] | None = None,
-               explicit_layers: bool = True) -> list[str]:
+               explicit_layers: bool = True, seed: int = 0) -> list[str]:
     """Freeze `model` and wrap the chosen linear layers in `LoRALinear`, in place.
 
     `modules`, if given, is the exact list of module paths (used when re-applying a saved adapter);
-    otherwise blocks come from `lora_layers` and names from `target_modules`.
+    otherwise blocks come from `lora_layers` and names from `target_modules`. `seed` draws the initial A.
     Returns the module paths now carrying a LoRA layer.
     """
     if rank <= 0:
@@ -150,7 +165,7 @@ def apply_lora(model: nn.Module, *, lora_layers: int | None = 16, rank: int = 8,
             raise AdapterError(f"the adapter targets modules this model does not have: {', '.join(missing[:4])}"
                                f"{' ...' if len(missing) > 4 else ''} (was it trained on another base model?)")
         for path in modules:
-            _replace(model, path, LoRALinear.from_base(named[path], rank, alpha, dropout))
+            _replace(model, path, LoRALinear.from_base(named[path], rank, alpha, dropout, seed=seed, path=path))
         chosen = list(modules)
     else:
         layer_ids = select_layers(len(blocks), lora_layers, explicit_layers)
@@ -168,7 +183,7 @@ def apply_lora(model: nn.Module, *, lora_layers: int | None = 16, rank: int = 8,
                     raise ConfigError(f"--rank {rank} is larger than {path} ({out_dims} x {in_dims}): a LoRA update "
                                       f"of that layer has at most rank {min(in_dims, out_dims)}; use --rank "
                                       f"{min(in_dims, out_dims)} or less, or leave the layer out with --target-modules")
-                _replace(model, path, LoRALinear.from_base(m, rank, alpha, dropout))
+                _replace(model, path, LoRALinear.from_base(m, rank, alpha, dropout, seed=seed, path=path))
                 chosen.append(path)
         if targets is not None:
             unknown = [t for t in targets if t not in seen and t not in ATTENTION_MODULES + MLP_MODULES]

@@ -166,11 +166,13 @@ def _bucket(n: int) -> int:
     return max(64, round_up(n, 1 << max(6, n.bit_length() - 3)))
 
 
-def prepare_batch(batch, gather: bool = True) -> list[mx.array]:
-    """Batch -> the arrays the loss takes: [inputs, targets, weights, index, segments?].
+def batch_arrays(batch, gather: bool = True, bucket: bool = True) -> list[np.ndarray]:
+    """Batch -> the numpy arrays every engine's loss takes: [inputs, targets, weights, index, segments?].
 
     Trailing columns with no loss in any row are dropped: attention is causal, so they cannot change the
-    loss of earlier positions.
+    loss of earlier positions. With `gather`, `index` lists the flat target positions (zero-weighted
+    padding up to a `_bucket` length when `bucket`, so that mx.compile sees few shapes) and `weights` their
+    loss weights; without it, `weights` is the whole flattened mask and there is no index.
     """
     inputs = np.asarray(batch.inputs, np.int32)
     targets = np.asarray(batch.targets, np.int32)
@@ -183,7 +185,7 @@ def prepare_batch(batch, gather: bool = True) -> list[mx.array]:
         segments = segments[:, :length]
     if gather:
         flat = np.flatnonzero(mask.reshape(-1))
-        size = _bucket(len(flat))
+        size = _bucket(len(flat)) if bucket else len(flat)
         index = np.zeros(size, np.int32)
         index[: len(flat)] = flat
         weights = np.zeros(size, np.float32)
@@ -193,7 +195,24 @@ def prepare_batch(batch, gather: bool = True) -> list[mx.array]:
         arrays = [inputs, targets, mask.reshape(-1)]
     if segments is not None:
         arrays.append(segments)
-    return [mx.array(a) for a in arrays]
+    return arrays
+
+
+def micro_batches(batch, accumulation: int) -> list:
+    """The rows of `batch` in `accumulation` slices (gradient accumulation), or [batch] itself."""
+    if accumulation == 1:
+        return [batch]
+    rows = batch.inputs.shape[0]
+    size = -(-rows // accumulation)
+    return [dataclasses.replace(batch, inputs=batch.inputs[lo:lo + size], targets=batch.targets[lo:lo + size],
+                                loss_mask=batch.loss_mask[lo:lo + size],
+                                segments=None if batch.segments is None else batch.segments[lo:lo + size])
+            for lo in range(0, rows, size)]
+
+
+def prepare_batch(batch, gather: bool = True) -> list[mx.array]:
+    """Batch -> the MLX arrays `token_loss` takes (see `batch_arrays`)."""
+    return [mx.array(a) for a in batch_arrays(batch, gather)]
 
 
 def token_loss(model, parts: ModelParts, arrays: list[mx.array], gather: bool) -> tuple[mx.array, mx.array]:

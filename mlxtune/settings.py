@@ -18,6 +18,7 @@ import yaml
 from .errors import ConfigError
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
+BACKENDS = ("auto", "mlx", "torch")
 SCHEDULES = ("constant", "cosine", "linear")
 ALIASES = {"num_layers": "lora_layers", "adapter_path": "adapter_file", "steps_per_save": "save_every",
            "grad_accumulation_steps": "grad_accumulation", "lr": "learning_rate"}
@@ -30,6 +31,12 @@ class TrainingArgs:
     model: str | None = field(default=None, metadata={"help": "Base model: an MLX/HF directory, a hub id or a GGUF file."})
     data: str | None = field(default=None, metadata={
         "help": "Dataset: a directory with train/valid/test.jsonl, or one .jsonl file."})
+    backend: str = field(default="auto", metadata={
+        "help": "auto, mlx or torch (pip install \"mlxtune[torch]\"; CUDA machines). auto: MLX on a GPU, else torch "
+                "when it sees CUDA, else MLX on the CPU (`mlxtune doctor` says which)."})
+    quantize: bool = field(default=False, metadata={
+        "help": "QLoRA on a float base: MLX quantizes it to 4 bits in memory; torch loads it in NF4 with "
+                "bitsandbytes on CUDA (on the CPU torch trains the float base and says so)."})
     adapter_file: str = field(default="adapters/adapters.npz", metadata={
         "help": "Where the adapter goes; checkpoints, metrics.jsonl and loss.png are written beside it."})
     lora_layers: int = field(default=16, metadata={"help": "Adapt the last N transformer blocks (-1 = all). Alias --num-layers."})
@@ -114,6 +121,7 @@ class TrainingArgs:
         need(self.steps_per_report > 0, "steps_per_report", "must be positive", self.steps_per_report)
         need(self.steps_per_eval >= 0, "steps_per_eval", "must be 0 or more", self.steps_per_eval)
         need(self.save_every >= 0, "save_every", "must be 0 (only the final adapter) or more", self.save_every)
+        need(self.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}", self.backend)
         need(self.report_to in ("none", "wandb"), "report_to", "must be none or wandb", self.report_to)
         need(self.lora_layers == -1 or self.lora_layers > 0, "lora_layers", "must be a positive number of blocks or -1 for all",
              self.lora_layers)

@@ -1,9 +1,10 @@
 """LoRA / QLoRA fine-tuning: `mlxtune.lora(...)`, the function behind the `mlxtune lora` verb.
 
-Read it top to bottom: settings (`mlxtune.settings`) -> model and adapter layers -> data (`mlxtune.data`)
--> the engine (`mlxtune.mlx_engine`: loss, compiled step) -> the shared loop (`mlxtune.loop`: reports,
-validation, checkpoints, resume). The one thing to know: this function only assembles those pieces; each
-one is a module of its own, so another engine or another loss plugs in without a second loop.
+Read it top to bottom: settings (`mlxtune.settings`) -> backend (`mlxtune.backends`) -> model and adapter
+layers -> data (`mlxtune.data`) -> the engine (`mlxtune.mlx_engine`, or `mlxtune.torch_engine` with
+`--backend torch`) -> the shared loop (`mlxtune.loop`: reports, validation, checkpoints, resume). The one
+thing to know: this function only assembles those pieces; each one is a module of its own, so the torch
+engine plugs in with the same data, loss, reports, checkpoints and adapter files, not a second loop.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .adapters import AdapterConfig, load_adapter
+from .backends import select_backend, torch_module
 from .checkpoints import settings_fingerprint
 from .data import iterate_batches, load_dataset, padding_fraction, records_fingerprint
 from .defaults import DEFAULT_LORA_CONFIG, fill_in
@@ -81,6 +83,11 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
     say = (lambda text: print(text, flush=True)) if verbose and world.main else (lambda text: None)
     if filled.note:
         say(filled.note)
+    if preloaded and args.backend == "torch":
+        raise ConfigError("a loaded MLX model trains on the mlx backend: pass the model's path for --backend torch")
+    backend = select_backend("mlx" if preloaded else args.backend)
+    say(backend.line())
+    torch_models = torch_module("torch_models") if backend.name == "torch" else None
 
     adapter_file = Path(args.adapter_file)
     test_only = args.test and "iters" not in explicit and adapter_file.exists() and not args.resume
@@ -92,10 +99,17 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
         if tokenizer is None:
             raise ConfigError("a loaded model needs its tokenizer: call mlxtune.lora(model, data, tokenizer=tokenizer)")
         base_model = getattr(model, "_mlxtune_base", None)
+    elif torch_models is not None:
+        loaded = torch_models.load_torch_model(args.model, device=backend.device, quantize=args.quantize, say=say)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        say(torch_models.describe(loaded))
     else:
         loaded = load_model(args.model)
         model, tokenizer = loaded.model, loaded.tokenizer
+    if not preloaded:
         base_model = args.model if not Path(args.model).expanduser().exists() else str(Path(args.model).expanduser().resolve())
+    if args.quantize and torch_models is None:
+        _quantize_in_memory(model, say)
 
     splits = load_dataset(data_arg, tokenizer, valid_split=args.valid_split, test_split=args.test_split, seed=args.seed,
                           max_seq_length=args.max_seq_length, train_on_inputs=args.train_on_inputs,
@@ -104,18 +118,25 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
                           messages_key=args.messages_key, cache=True)
     say(f"Data: {splits.summary()}")
 
+    evaluate = (torch_models.evaluate_loss if torch_models else evaluate_loss)
     if test_only:
-        load_adapter(model, adapter_file, dropout=0.0)
+        (torch_models.load_adapter if torch_models else load_adapter)(model, adapter_file, dropout=0.0)
         say(f"Evaluating {adapter_file} on the test set (no training: pass --iters to train).")
         result = TrainResult(adapter_file=adapter_file)
-        _run_test(model, splits.test, args, result, say)
+        _run_test(lambda records, n: evaluate(model, records, args.batch_size, args.max_seq_length, n), splits.test,
+                  args, result, say)
         return result
 
-    mx.random.seed(args.seed)
-    modules = apply_lora(model, lora_layers=args.lora_layers, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-                         target_modules=args.target_modules, explicit_layers=lora_layers_explicit)
-    adapter_config = AdapterConfig.of_model(model, base_model=base_model)
-    trainable, total = count_parameters(model)
+    lora_kwargs = dict(lora_layers=args.lora_layers, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+                       target_modules=args.target_modules, explicit_layers=lora_layers_explicit, seed=args.seed)
+    if torch_models is not None:
+        modules = torch_models.apply_lora(model, **lora_kwargs)
+        adapter_config = torch_models.adapter_config(model, base_model=base_model)
+        trainable, total = torch_models.count_parameters(model)
+    else:
+        modules = apply_lora(model, **lora_kwargs)
+        adapter_config = AdapterConfig.of_model(model, base_model=base_model)
+        trainable, total = count_parameters(model)
     say(f"Trainable parameters: {100 * trainable / max(total, 1):.3f}% ({_fmt_count(trainable)}/{_fmt_count(total)})")
 
     needed = args.batch_size * args.grad_accumulation
@@ -126,7 +147,10 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
     callbacks = list(callbacks)
     if args.report_to == "wandb" and world.main:
         callbacks.append(_wandb_callback(args))
-    engine = MLXEngine(model, make_optimizer(args), args, world=world)
+    if torch_models is not None:
+        engine = torch_module("torch_engine").TorchEngine(model, args, backend.device)
+    else:
+        engine = MLXEngine(model, make_optimizer(args), args, world=world)
     pack = args.pack and engine.packing
     if args.pack and not engine.packing:
         say("note: this architecture's attention cannot take a packed mask; training unpacked")
@@ -148,8 +172,18 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
     result = train(engine, batches, splits.valid, args, adapter_config=adapter_config, fingerprint=fingerprint,
                    callbacks=callbacks, verbose=verbose)
     if args.test:
-        _run_test(model, splits.test, args, result, say)
+        _run_test(engine.evaluate, splits.test, args, result, say)
     return result
+
+
+def _quantize_in_memory(model, say) -> None:
+    """QLoRA from a float base on MLX: 4-bit, group 64, every linear/embedding layer whose width allows it."""
+    if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
+        say("note: --quantize: the model is already quantized; training on it as it is")
+        return
+    nn.quantize(model, group_size=64, bits=4,
+                class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0)
+    say("Quantized the base model to 4 bits in memory (group size 64) for QLoRA")
 
 
 def _wandb_callback(args: TrainingArgs) -> Callable:
@@ -162,10 +196,11 @@ def _wandb_callback(args: TrainingArgs) -> Callable:
     return lambda report: wandb.log(report, step=report["iteration"])
 
 
-def _run_test(model, records, args: TrainingArgs, result: TrainResult, say) -> None:
+def _run_test(evaluate: Callable, records, args: TrainingArgs, result: TrainResult, say) -> None:
+    """Test loss and perplexity; `evaluate(records, num_batches)` is the backend's evaluate_loss."""
     if not records:
         raise DataError(f"--test: the dataset {args.data} has no test split (add test.jsonl, or set --test-split)")
-    loss = evaluate_loss(model, records, args.batch_size, args.max_seq_length, args.test_batches)
+    loss = evaluate(records, args.test_batches)
     result.test_loss, result.test_perplexity = loss, math.exp(min(loss, 700.0))
     say(f"Test loss {loss:.3f}, Test ppl {result.test_perplexity:.3f}.")
 
