@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -67,6 +68,12 @@ def select_backend(name: str | None = "auto") -> Backend:
         return Backend("torch", "cuda:0", "MLX has no GPU and torch sees CUDA")
     why = "torch sees no CUDA" if torch_installed() else "torch is not installed"
     return Backend("mlx", "cpu", f"MLX has no GPU and {why}")
+
+
+def is_torch_model(model) -> bool:
+    """True for a torch module (a transformers model); never imports torch itself."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.Module)
 
 
 def torch_module(name: str) -> ModuleType:

@@ -1,5 +1,7 @@
 """`mlxtune doctor`: what this machine gives mlxtune (backend, BLAS, versions, memory, torch).
 
+It also says what `--backend auto` picks here and why (`mlxtune.backends.select_backend`).
+
 The one thing to know: on Linux the BLAS line says which library this very process has loaded (read
 from /proc/self/maps), so it shows whether the CLI's OpenBLAS re-exec really happened.
 """
@@ -16,6 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 import mlx.core as mx
 
 from . import __version__
+from .backends import select_backend
 from .blas import blas_in_use, find_openblas
 
 
@@ -33,6 +36,7 @@ class DoctorReport:
     memory_available_gb: float | None
     torch: str               # version, or "not installed"
     torch_cuda: bool
+    auto_backend: str = ""   # what --backend auto picks, and why
     tips: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -54,6 +58,7 @@ class DoctorReport:
             ("mlx-lm", self.mlx_lm),
             ("Memory", mem),
             ("torch", self.torch + (" (CUDA available)" if self.torch_cuda else "")),
+            ("--backend auto", self.auto_backend),
         ]
         out = [f"{k + ':':<10} {v}" for k, v in rows]
         out += [f"tip: {t}" for t in self.tips]
@@ -163,6 +168,8 @@ def doctor() -> DoctorReport:
         torch=torch_version,
         torch_cuda=torch_cuda,
     )
+    picked = select_backend("auto")
+    report.auto_backend = f"{picked.name} ({picked.device}): {picked.reason}"
     if report.blas.startswith("reference"):
         if find_openblas() is None:
             report.tips.append("install OpenBLAS (apt-get install libopenblas0-pthread) for ~10x faster CPU training")

@@ -5,6 +5,7 @@ with the chat template and its generation prompt; the model's greedy reply count
 the final assistant message after stripping whitespace. The one thing to know: prompts run in batches
 (left-padded, one KV cache per batch), and a reply stops being generated as soon as it can no longer match,
 so a model that rambles costs little; mismatched replies are therefore kept only up to where they diverged.
+With `--backend torch` the replies come from `mlxtune.torch_generation` (whole replies, then cut the same way).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, generate_step
 from tqdm.auto import tqdm
 
+from .backends import is_torch_model, torch_module
 from .data import file_records, read_records, record_tools, split_prompt_answer
 from .defaults import fill_in
 from .errors import ConfigError, DataError, FallbackWarning
@@ -130,6 +132,13 @@ def greedy_batch(model, tokenizer, prompts: list[list[int]], *, max_tokens: int 
         raise ConfigError(f"--batch-size must be a positive integer, got {batch_size}")
     tokenizer = wrap_tokenizer(tokenizer)
     stops = stop_token_ids(tokenizer)
+    if is_torch_model(model):
+        hf = getattr(tokenizer, "_tokenizer", tokenizer)
+        pad = hf.pad_token_id if hf.pad_token_id is not None else min(stops, default=0)
+        replies = torch_module("torch_generation").greedy_batch(model, prompts, max_tokens=max_tokens, batch_size=batch_size,
+                                                                stops=stops, pad_id=pad, progress=progress)
+        return [_cut_where_it_diverges(tokenizer, tokens, answers[i] if answers else None)
+                for i, tokens in enumerate(replies)]
     reason = UNBATCHABLE.get(type(model).__module__.rsplit(".", 1)[-1])
     if batch_size > 1 and reason:
         warnings.warn(f"generating one prompt at a time: {reason}", FallbackWarning, stacklevel=2)
@@ -143,6 +152,15 @@ def greedy_batch(model, tokenizer, prompts: list[list[int]], *, max_tokens: int 
 def _finish(tokenizer, tokens: list[int], cut: bool) -> str:
     text = tokenizer.decode(tokens)
     return text + "..." if cut else text
+
+
+def _cut_where_it_diverges(tokenizer, tokens: list[int], answer: str | None) -> str:
+    """A whole reply, cut as `_greedy_one` would have stopped generating it (same text, same "...")."""
+    if answer is not None:
+        for k in range(1, len(tokens) + 1):
+            if cannot_match(tokenizer.decode(tokens[:k]), answer):
+                return _finish(tokenizer, tokens[:k], True)
+    return _finish(tokenizer, tokens, False)
 
 
 def _greedy_one(model, tokenizer, prompt, max_tokens, stops, answer, progress) -> str:
@@ -198,13 +216,14 @@ def split_loss(model, tokenizer, file: Path, *, limit: int | None = None, batch_
     records = file_records(file, tokenizer, limit=limit, max_seq_length=max_seq_length, chat_template=chat_template)
     if not records:
         raise DataError(f"{file}: no records left to compute the loss on (all longer than --max-seq-length?)")
-    return float(evaluate_loss(model, records, batch_size, max_seq_length))
+    loss = torch_module("torch_models").evaluate_loss if is_torch_model(model) else evaluate_loss
+    return float(loss(model, records, batch_size, max_seq_length))
 
 
 def evaluate(model=None, tokenizer=None, *, data=None, adapter_file=None, split: str = "test",
              max_tokens: int = 256, limit: int | None = None, batch_size: int = 32, loss: bool = True,
              max_seq_length: int = 2048, chat_template: str | None = None, early_stop: bool = True,
-             show: int = 0, progress: bool = True) -> EvalResult:
+             show: int = 0, progress: bool = True, backend: str = "auto") -> EvalResult:
     """Score a model on a chat dataset split: exact match (greedy), test loss and perplexity.
 
     `model` is a loaded model (with `tokenizer`) or a path / hub id (then `adapter_file` may name a LoRA
@@ -212,6 +231,7 @@ def evaluate(model=None, tokenizer=None, *, data=None, adapter_file=None, split:
     file (None: the bundled tool-call data). `limit` scores only the first N rows.
     `early_stop` cuts a reply once it cannot match (the score is the same; `predictions` are then cut
     too); the first `show` mismatches are generated again in full so that they can be read.
+    `backend` (auto, mlx, torch) loads a model path with MLX or with transformers (`mlxtune.backends`).
     """
     filled = fill_in(model, data, verb="eval")
     if filled.note:
@@ -219,7 +239,7 @@ def evaluate(model=None, tokenizer=None, *, data=None, adapter_file=None, split:
     model, data = filled.model, filled.data
     if limit is not None and limit <= 0:
         raise ConfigError(f"--limit must be a positive integer, got {limit}")
-    model, tokenizer = resolve(str(model) if isinstance(model, Path) else model, tokenizer, adapter_file)
+    model, tokenizer = resolve(str(model) if isinstance(model, Path) else model, tokenizer, adapter_file, backend)
     file = split_file(data, split)
     chat_template = read_template_option(chat_template)
     rows = read_records(file)[:limit]

@@ -2,7 +2,8 @@
 
 Prompts go through the tokenizer's chat template by default (what the model was tuned on), and generation
 stops at the first EOS or end-of-turn token. The one thing to know: temperature 0 means greedy decoding,
-which is deterministic; the token loop and KV cache are mlx-lm's `generate_step`, the stop rules are ours.
+which is deterministic; the token loop and KV cache are mlx-lm's `generate_step` (or, for a transformers
+model on `--backend torch`, `mlxtune.torch_generation.stream`), the stop rules are ours.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mlx_lm.sample_utils import make_sampler as _make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .adapters import load_adapter
+from .backends import is_torch_model, select_backend, torch_module
 from .errors import ConfigError
 from .models import load_model
 from .templates import prompt_ids
@@ -79,15 +81,25 @@ def stop_token_ids(tokenizer) -> set[int]:
     return stops
 
 
-def resolve(model, tokenizer=None, adapter_file=None):
-    """(model, tokenizer) from a loaded pair, or load them from a path / hub id (with an optional adapter)."""
+def resolve(model, tokenizer=None, adapter_file=None, backend: str = "auto"):
+    """(model, tokenizer) from a loaded pair, or load them from a path / hub id (with an optional adapter).
+
+    A path is loaded by `backend` (auto, mlx or torch; `mlxtune.backends`); a loaded model keeps its own.
+    """
     if isinstance(model, (str, os.PathLike)):
-        loaded = load_model(model)
+        chosen = select_backend(backend)
+        if chosen.name == "torch":
+            loaded = torch_module("torch_models").load_torch_model(model, device=chosen.device)
+        else:
+            loaded = load_model(model)
         model, tokenizer = loaded.model, loaded.tokenizer
     elif tokenizer is None:
         raise ConfigError("generate(model, tokenizer, ...): pass the tokenizer with a loaded model, or a model path")
     if adapter_file is not None:
-        load_adapter(model, adapter_file, dropout=0.0)
+        if is_torch_model(model):
+            torch_module("torch_models").load_adapter(model, adapter_file, dropout=0.0)
+        else:
+            load_adapter(model, adapter_file, dropout=0.0)
     return model, wrap_tokenizer(tokenizer)
 
 
@@ -135,8 +147,13 @@ def generate_ids(model, tokenizer, prompt_ids: list[int], *, max_tokens: int = 2
         raise ConfigError("the prompt is empty: pass some text with --prompt")
     tokenizer = wrap_tokenizer(tokenizer)
     sampler = make_sampler(temp, top_p)
-    if seed is not None:
-        mx.random.seed(seed)
+    if is_torch_model(model):
+        tokens = torch_module("torch_generation").stream(model, prompt_ids, max_tokens=max_tokens, temp=temp, top_p=top_p,
+                                                         seed=seed)
+    else:
+        if seed is not None:
+            mx.random.seed(seed)
+        tokens = (t for t, _ in generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens, sampler=sampler))
     stops = stop_token_ids(tokenizer) if stops is None else set(stops)
     detok = tokenizer.detokenizer
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
@@ -150,8 +167,7 @@ def generate_ids(model, tokenizer, prompt_ids: list[int], *, max_tokens: int = 2
 
     start = time.perf_counter()
     first = None
-    for n, (token, _) in enumerate(generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens,
-                                                  sampler=sampler)):
+    for n, token in enumerate(tokens):
         if first is None:  # the first token arrives when the prompt has been processed
             first = time.perf_counter()
             stats.prompt_seconds = first - start
@@ -171,9 +187,9 @@ def generate_ids(model, tokenizer, prompt_ids: list[int], *, max_tokens: int = 2
 def generate_with_stats(model, tokenizer=None, prompt: str = "", *, adapter_file=None, max_tokens: int = 256,
                         temp: float = 0.0, top_p: float = 0.0, seed: int | None = None, system: str | None = None,
                         chat: bool = True, messages: list[dict] | None = None,
-                        on_text: Callable[[str], None] | None = None) -> Generation:
+                        on_text: Callable[[str], None] | None = None, backend: str = "auto") -> Generation:
     """Like `generate` but also returns token counts and timings."""
-    model, tokenizer = resolve(model, tokenizer, adapter_file)
+    model, tokenizer = resolve(model, tokenizer, adapter_file, backend)
     if messages is not None:
         ids = render_messages(tokenizer, messages)
     else:
@@ -184,20 +200,22 @@ def generate_with_stats(model, tokenizer=None, prompt: str = "", *, adapter_file
 
 def generate(model, tokenizer=None, prompt: str = "", *, adapter_file=None, max_tokens: int = 256,
              temp: float = 0.0, top_p: float = 0.0, seed: int | None = None, system: str | None = None,
-             chat: bool = True, messages: list[dict] | None = None, verbose: bool = False) -> str:
+             chat: bool = True, messages: list[dict] | None = None, verbose: bool = False,
+             backend: str = "auto") -> str:
     """Generate a reply and return its text.
 
     `model` is a loaded model (then pass `tokenizer`) or a model path / hub id (then `adapter_file` may
     name a LoRA adapter to apply). By default the prompt goes through the chat template as a user turn
     (after `system`, if given); `chat=False` sends it as plain text; `messages` gives a whole conversation.
     `temp=0` is greedy and deterministic; `seed` fixes sampling at `temp > 0`. `verbose` streams to stdout.
+    `backend` (auto, mlx, torch) loads a model path with MLX or with transformers (`mlxtune.backends`).
     """
     def show(piece: str) -> None:
         print(piece, end="", flush=True)
 
     result = generate_with_stats(model, tokenizer, prompt, adapter_file=adapter_file, max_tokens=max_tokens,
                                  temp=temp, top_p=top_p, seed=seed, system=system, chat=chat, messages=messages,
-                                 on_text=show if verbose else None)
+                                 on_text=show if verbose else None, backend=backend)
     if verbose:
         print()
         print(result.stats.summary())

@@ -2,6 +2,10 @@ import os
 
 import pytest
 
+# torch's spinning OpenMP threads slow it ~100x on a CPU shared with other processes (see mlxtune/__init__.py);
+# tests import torch before mlxtune can set this, so it is set here, before any test module loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from tiny import make_tiny_model
 
 

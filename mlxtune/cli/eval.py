@@ -26,8 +26,10 @@ from . import main
 @click.option("--output", "-o", default=None, type=click.Path(),
               help="Write every reply, in full, as JSON lines (line, expected, got, match) to this file.")
 @click.option("--force", is_flag=True, help="Replace an existing --output file.")
+@click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]), default="auto", show_default=True,
+              help="mlx, or torch (transformers; pip install \"mlxtune[torch]\"); auto: see `mlxtune doctor`.")
 def eval_cmd(model, adapter_file, data, split, max_tokens, limit, batch_size, show, loss, max_seq_length,
-             chat_template, output, force):
+             chat_template, output, force, backend):
     """Score a model on a chat dataset: exact match of greedy replies, test loss and perplexity.
 
     The prompt of each record is every message before its last assistant turn (rendered with the chat
@@ -38,18 +40,22 @@ def eval_cmd(model, adapter_file, data, split, max_tokens, limit, batch_size, sh
       mlxtune eval --adapter-file adapters/adapters.npz          # bundled model and tool-call data
       mlxtune eval --model model --adapter-file adapters --data data/ --limit 200 --show 3
       mlxtune eval --model fused --data data/valid.jsonl --no-loss -o replies.jsonl
+      mlxtune eval --backend torch --model hf-model --adapter-file adapters --data data/
     """
     from pathlib import Path
 
+    from ..backends import select_backend
     from ..errors import ConfigError
     from ..evaluation import evaluate
 
     if output and Path(output).exists() and not force:  # before the work, not after it
         raise ConfigError(f"--output {output} already exists: choose another file or pass --force to replace it")
 
+    chosen = select_backend(backend)
+    click.echo(chosen.line(), err=True)
     result = evaluate(model, data=data, adapter_file=adapter_file, split=split, max_tokens=max_tokens, limit=limit,
                       batch_size=batch_size, loss=loss, max_seq_length=max_seq_length, chat_template=chat_template,
-                      early_stop=not output, show=show)
+                      early_stop=not output, show=show, backend=chosen.name)
     for m in result.mismatches[:max(show, 0)]:
         click.echo(f"--- {result.file}:{m.line}")
         click.echo(f"expected: {m.expected.strip()}")

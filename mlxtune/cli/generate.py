@@ -19,7 +19,9 @@ from . import main
 @click.option("--system", default=None, help="System message put before the prompt.")
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="Apply the tokenizer's chat template (--no-chat: send the prompt as plain text).")
-def generate_cmd(model, adapter_file, prompt, max_tokens, temp, top_p, seed, system, chat):
+@click.option("--backend", type=click.Choice(["auto", "mlx", "torch"]), default="auto", show_default=True,
+              help="mlx, or torch (transformers; pip install \"mlxtune[torch]\"); auto: see `mlxtune doctor`.")
+def generate_cmd(model, adapter_file, prompt, max_tokens, temp, top_p, seed, system, chat, backend):
     """Generate a reply to a prompt, streaming it as it is produced.
 
     \b
@@ -28,15 +30,19 @@ def generate_cmd(model, adapter_file, prompt, max_tokens, temp, top_p, seed, sys
       mlxtune generate --model model --adapter-file adapters/adapters.npz -p "Set a timer for 5 minutes"
       mlxtune generate --model model --no-chat -p "Once upon a time" --temp 0.8 --seed 1
       cat question.txt | mlxtune generate --model model -p -
+      mlxtune generate --backend torch --model hf-model --adapter-file adapters -p "Hello"
     """
+    from ..backends import select_backend
     from ..generation import generate_with_stats
 
     if prompt == "-":
         prompt = click.get_text_stream("stdin").read().rstrip("\n")
     model = _default_model(model)
+    chosen = select_backend(backend)
+    click.echo(chosen.line(), err=True)
     result = generate_with_stats(model, prompt=prompt, adapter_file=adapter_file, max_tokens=max_tokens, temp=temp,
                                  top_p=top_p, seed=seed, system=system, chat=chat,
-                                 on_text=lambda piece: click.echo(piece, nl=False))
+                                 on_text=lambda piece: click.echo(piece, nl=False), backend=chosen.name)
     click.echo()
     click.echo(result.stats.summary(), err=True)
 
