@@ -104,8 +104,12 @@ class TorchEngine:
         self.optimizer = MLXOptimizer(self.params, args)
         if self.device.type == "cuda":
             torch.use_deterministic_algorithms(True, warn_only=True)
-        if args.grad_checkpoint:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.grad_checkpoint:  # activation_checkpointing_enable: transformers >= 5.2x's name for it
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
 
     def step(self, batch: Batch, iteration: int) -> tuple[float, float, float]:

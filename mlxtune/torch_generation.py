@@ -8,6 +8,7 @@ MLX; batched greedy decoding left-pads the prompts and lets transformers' `gener
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -37,11 +38,13 @@ def stream(model, prompt_ids: list[int], *, max_tokens: int, temp: float = 0.0, 
         torch.manual_seed(seed)
     model.eval()
     ids = torch.tensor([prompt_ids], device=_device(model))
+    # transformers 5.24 renamed past_key_values to cache (the old name warns); earlier 5.x only knows the old one
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     past = None
     with torch.no_grad():
         for _ in range(max_tokens):
-            out = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=ids, use_cache=True, **{name: past})
+            past = getattr(out, name)
             token = _sample(out.logits[0, -1].float(), temp, top_p)
             yield token
             ids = torch.tensor([[token]], device=ids.device)

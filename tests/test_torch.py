@@ -380,3 +380,14 @@ def test_without_torch_the_torch_backend_is_one_line(tiny_llama, chat_data, tmp_
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Backend: mlx (cpu)" in r.stdout
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_llama, chat_data, tmp_path):
+    from mlxtune.errors import TrainingError
+
+    out = tmp_path / "nan" / "adapters.npz"
+    with pytest.raises(TrainingError, match=r"iteration \d+.*non-finite.*last good checkpoint"):
+        mlxtune.lora(str(tiny_llama), str(chat_data), backend="torch", adapter_file=out, iters=30, batch_size=2,
+                     optimizer="sgd", learning_rate=1e9, max_grad_norm=0, steps_per_report=1, **{**QUIET, "save_every": 1})
+    files = list(out.parent.glob("*adapters.npz"))
+    assert files and all(np.isfinite(v).all() for f in files for v in npz(f).values())
