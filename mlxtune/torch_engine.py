@@ -94,6 +94,9 @@ class TorchEngine:
     def __init__(self, model, args: TrainingArgs, device: str):
         self.model, self.args, self.device = model, args, torch.device(device)
         self.name = f"torch ({device})"
+        if self.device.type == "cuda":  # exact resume where CUDA has deterministic kernels (cuBLAS needs the workspace
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # setting before its first matmul)
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.parts = model_parts(model)
         self.gather = self.parts.body is not None
         self.packing = self.parts.packing
@@ -102,8 +105,6 @@ class TorchEngine:
         for p in self.params.values():
             p.requires_grad_(True)
         self.optimizer = MLXOptimizer(self.params, args)
-        if self.device.type == "cuda":
-            torch.use_deterministic_algorithms(True, warn_only=True)
         if args.grad_checkpoint:  # activation_checkpointing_enable: transformers >= 5.2x's name for it
             enable = getattr(model, "activation_checkpointing_enable", None)
             if enable is not None:

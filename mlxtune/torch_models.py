@@ -191,7 +191,7 @@ def adapter_config(model, base_model: str | None = None) -> AdapterConfig:
     if not layers:
         raise AdapterError("the model carries no LoRA layers: nothing to describe")
     first = next(iter(layers.values()))
-    dtype = str(next(first.base.parameters()).dtype).replace("torch.", "")
+    dtype = str(_dtype(model)).replace("torch.", "")  # the compute dtype (an NF4 weight is stored as uint8)
     return AdapterConfig.of_modules(list(layers), rank=first.lora_a.shape[1], alpha=first.alpha, dropout=first.dropout_p,
                                     base_model=base_model, dtype=dtype)
 
@@ -303,7 +303,8 @@ def model_parts(model) -> Parts:
     model.eval()
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([[3, 7, 1, 9, 4, 2, 8, 5], [6, 2, 9, 3, 1, 7, 4, 2]], device=device) % model.config.vocab_size
-    loose = dict(rtol=1e-2, atol=1e-2) if _dtype(model) != torch.float32 else dict(rtol=1e-3, atol=1e-3)
+    # bfloat16 (CUDA) rounds logits to ~3 significant digits; a broken mask moves them by whole units
+    loose = dict(rtol=5e-2, atol=1e-1) if _dtype(model) != torch.float32 else dict(rtol=1e-3, atol=1e-3)
     try:
         with torch.no_grad():
             if parts.body is not None:
