@@ -6,8 +6,9 @@
 
 Every trainer gets the same model, the same data (the bundled tool-call chats, loss on the assistant reply
 only: mlxtune's default; SFTTrainer's completion-only loss on prompt/completion records), the same LoRA
-(rank 16, alpha 32, every linear layer of every block, no dropout), batch 4, constant learning rate 2e-3,
-gradient clipping at 1.0, the same number of steps, unpacked. What each one does with that is its own:
+(rank 16, alpha 32, every linear layer of every block, no dropout), batch 4, AdamW with bias correction
+(PyTorch's; mlxtune's `--bias-correction`, since MLX's Adam without it takes ~3x larger early steps and the
+losses would not be comparable) at a constant 2e-3, gradient clipping at 1.0, the same number of steps, unpacked. What each one does with that is its own:
 mlxtune batches similar lengths together and projects only target positions onto the vocabulary; TRL pads
 each random batch and computes full logits. Each run is its own process (`--child`). Measured:
 - real tokens/s: tokens that predict a next token (padding excluded) per second of training steps
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "toolcall"
 SETTINGS = dict(rank=16, alpha=32.0, dropout=0.0, target_modules="all-linear", lora_layers=-1, batch_size=4,
                 learning_rate=2e-3, lr_schedule="constant", warmup=0, max_grad_norm=1.0, max_seq_length=256, pack=False,
-                optimizer="adamw", weight_decay=0.0)
+                optimizer="adamw", weight_decay=0.0, bias_correction=True)
 # a llama with a 32k vocabulary (untied head), so that the vocabulary projection weighs what it does in real models
 RANDOM = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
               vocab_size=32000, tie_word_embeddings=False)

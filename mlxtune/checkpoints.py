@@ -39,6 +39,8 @@ def settings_fingerprint(args: TrainingArgs, adapter_modules: list[str], base: s
     keys = list(FINGERPRINT_KEYS)
     if args.lr_schedule != "constant" and not args.lr_decay_steps:
         keys.append("iters")  # the decay length depends on it
+    if args.bias_correction:
+        keys.append("bias_correction")  # only when set, like quantize below
     if args.quantize:
         keys.append("quantize")  # a 4-bit base computes other losses (only when set: older checkpoints lack the key)
     fp = {k: getattr(args, k) for k in keys}

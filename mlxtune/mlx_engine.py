@@ -33,9 +33,9 @@ def make_optimizer(args: TrainingArgs) -> optim.Optimizer:
     """The optimizer; its learning rate is set before every step from `mlxtune.schedule` (see MLXEngine.step)."""
     lr = learning_rate_at(args, 1)
     if args.optimizer == "adamw":
-        return optim.AdamW(learning_rate=lr, weight_decay=args.weight_decay)
+        return optim.AdamW(learning_rate=lr, weight_decay=args.weight_decay, bias_correction=args.bias_correction)
     if args.optimizer == "adam":
-        return optim.Adam(learning_rate=lr)
+        return optim.Adam(learning_rate=lr, bias_correction=args.bias_correction)
     return optim.SGD(learning_rate=lr, weight_decay=args.weight_decay)
 
 

@@ -57,6 +57,9 @@ class TrainingArgs:
     warmup: int = field(default=0, metadata={"help": "Steps of linear warmup from 0 to the learning rate."})
     optimizer: str = field(default="adamw", metadata={"help": "adamw, adam or sgd."})
     weight_decay: float = field(default=0.0, metadata={"help": "Weight decay (adamw, sgd)."})
+    bias_correction: bool = field(default=False, metadata={
+        "help": "Adam/AdamW with bias correction, as in PyTorch and Hugging Face trainers. Off: MLX's and mlx-lm's "
+                "Adam, whose steps are ~3x larger over the first few hundred updates."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this (0 = no clipping)."})
     grad_accumulation: int = field(default=1, metadata={
         "help": "Micro-batches per optimizer step; equals a batch of batch-size x N."})

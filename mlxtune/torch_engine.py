@@ -27,7 +27,7 @@ from .torch_models import evaluate_loss as _evaluate_loss
 
 
 class MLXOptimizer:
-    """mlx.optimizers' AdamW / Adam (no bias correction, eps 1e-8, betas 0.9/0.999) and SGD, on torch tensors."""
+    """mlx.optimizers' AdamW / Adam (eps 1e-8, betas 0.9/0.999, bias correction only if asked) and SGD, on torch."""
 
     def __init__(self, params: dict[str, torch.nn.Parameter], args: TrainingArgs):
         self.params, self.args = params, args
@@ -52,7 +52,12 @@ class MLXOptimizer:
                 p.mul_(1 - lr * wd)
             st["m"].mul_(0.9).add_((1 - 0.9) * g)
             st["v"].mul_(0.999).add_((1 - 0.999) * g.square())
-            p.sub_(lr * st["m"] / (st["v"].sqrt() + 1e-8))
+            if self.args.bias_correction:  # as mlx.optimizers.Adam(bias_correction=True), step counted from 1
+                c1 = lr / (1 - 0.9 ** self.step)
+                c2 = (1 - 0.999 ** self.step) ** -0.5
+                p.sub_(c1 * st["m"] / (st["v"].sqrt() * c2 + 1e-8))
+            else:
+                p.sub_(lr * st["m"] / (st["v"].sqrt() + 1e-8))
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"step": np.array(self.step, np.uint64), "learning_rate": np.array(self.lr, np.float32)}

@@ -130,13 +130,13 @@ def test_backends_train_alike(arch, chat_data, tmp_path_factory, tmp_path):
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_backends_train_alike_packed_accumulated_checkpointed(arch, chat_data, tmp_path_factory, tmp_path):
-    """--pack, --grad-accumulation 2 and --grad-checkpoint together. MLX packs every architecture but
+    """--pack, --grad-accumulation 2, --grad-checkpoint and --bias-correction together. MLX packs every architecture but
     gemma2 (mlx-lm's gemma2 broadcasts a per-row mask wrongly); the torch backend packs all of them, and
     packs gemma2 exactly too (test below), but for the same batches this test packs where both can."""
     model_dir = cached_hf_model(tmp_path_factory, arch)
     both_pack = arch != "gemma2"
     mlx_run, torch_run = train_both(model_dir, chat_data, tmp_path, pack=both_pack, grad_accumulation=2,
-                                    grad_checkpoint=True, **PARITY)
+                                    grad_checkpoint=True, bias_correction=True, **PARITY)
     assert_same_training(mlx_run, torch_run)
 
 
