@@ -8,9 +8,10 @@ Every trainer gets the same model, the same data (the bundled tool-call chats, l
 only: mlxtune's default; SFTTrainer's completion-only loss on prompt/completion records), the same LoRA
 (rank 16, alpha 32, every linear layer of every block, no dropout), batch 4, AdamW with bias correction
 (PyTorch's; mlxtune's `--bias-correction`, since MLX's Adam without it takes ~3x larger early steps and the
-losses would not be comparable) at a constant 2e-3, gradient clipping at 1.0, the same number of steps, unpacked. What each one does with that is its own:
-mlxtune batches similar lengths together and projects only target positions onto the vocabulary; TRL pads
-each random batch and computes full logits. Each run is its own process (`--child`). Measured:
+losses would not be comparable) at a constant 2e-3, gradient clipping at 1.0, the same number of steps,
+unpacked. What each one does with that is its own: mlxtune batches similar lengths together and projects
+only target positions onto the vocabulary; TRL pads each random batch and computes full logits.
+Each run is its own process (`--child`). Measured:
 - real tokens/s: tokens that predict a next token (padding excluded) per second of training steps
   (mlxtune: its report; TRL: a callback timing each step, tokens counted in the collator);
 - peak memory: the process's peak RSS from the start of training (VmHWM reset then), and the whole
