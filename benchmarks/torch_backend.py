@@ -3,6 +3,10 @@
     pip install trl            # or: pip install "mlxtune[bench]"
     python benchmarks/torch_backend.py                  # bundled tiny-chat and a random 45M llama, 100 steps
     python benchmarks/torch_backend.py --models bundled --steps 50
+    python benchmarks/torch_backend.py --quantize          # on CUDA: QLoRA (NF4, bitsandbytes) for both
+
+On a CUDA machine both torch trainers run on the GPU in bfloat16 and peak memory is
+torch.cuda.max_memory_allocated from the start of training (not yet run: no GPU was available).
 
 Every trainer gets the same model, the same data (the bundled tool-call chats, loss on the assistant reply
 only: mlxtune's default; SFTTrainer's completion-only loss on prompt/completion records), the same LoRA
@@ -78,7 +82,7 @@ def build_random(out: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------- children
 
-def child_ours(model: str, backend: str, out: str, steps: int) -> dict:
+def child_ours(model: str, backend: str, out: str, steps: int, quantize: bool) -> dict:
     import mlxtune
     from mlxtune import mlx_engine
 
@@ -88,13 +92,20 @@ def child_ours(model: str, backend: str, out: str, steps: int) -> dict:
     reports = []
     result = mlxtune.lora(model, str(DATA), backend=backend, iters=steps, steps_per_report=steps, steps_per_eval=0,
                           val_batches=1, save_every=0, plot=False, verbose=False, adapter_file=f"{out}/adapters.npz",
-                          callbacks=[reports.append], **SETTINGS)
+                          callbacks=[reports.append], quantize=quantize, **SETTINGS)
     train = next(r for r in reports if "train_loss" in r)
+    cuda = backend == "torch" and _cuda()
     return {"adapter": str(result.adapter_file), "tokens_per_second": train["tokens_per_second"],
-            "train_peak_gb": vmhwm_gb(), "train_loss": train["train_loss"]}
+            "train_peak_gb": train["peak_memory"] if cuda else vmhwm_gb(), "train_loss": train["train_loss"]}
 
 
-def child_trl(model_dir: str, out: str, steps: int) -> dict:
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def child_trl(model_dir: str, out: str, steps: int, quantize: bool) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -105,14 +116,23 @@ def child_trl(model_dir: str, out: str, steps: int) -> dict:
     for line in (DATA / "train.jsonl").read_text().splitlines():
         messages = json.loads(line)["messages"]
         rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
+    cuda = _cuda()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    extra = {}
+    if quantize and cuda:
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                          bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32, **extra)
     times: list[float] = []
     tokens: list[int] = []
 
     class Measure(TrainerCallback):
         def on_train_begin(self, *args, **kwargs):
             reset_vmhwm()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
 
         def on_step_begin(self, *args, **kwargs):
             self.tic = time.perf_counter()
@@ -125,7 +145,7 @@ def child_trl(model_dir: str, out: str, steps: int) -> dict:
                        gradient_accumulation_steps=1, learning_rate=s["learning_rate"], lr_scheduler_type="constant",
                        warmup_steps=0, weight_decay=0.0, max_grad_norm=s["max_grad_norm"], max_length=s["max_seq_length"],
                        completion_only_loss=True, packing=False, logging_steps=steps, save_strategy="no", report_to=[],
-                       use_cpu=True, bf16=False, fp16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True)
+                       use_cpu=not cuda, bf16=cuda, fp16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True)
     peft_config = LoraConfig(r=s["rank"], lora_alpha=s["alpha"], lora_dropout=0.0, target_modules="all-linear",
                              task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
@@ -140,7 +160,7 @@ def child_trl(model_dir: str, out: str, steps: int) -> dict:
 
     trainer.data_collator = counting
     metrics = trainer.train().metrics
-    peak = vmhwm_gb()
+    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else vmhwm_gb()
     trainer.model.save_pretrained(f"{out}/peft")
     return {"peft": f"{out}/peft", "tokens_per_second": sum(tokens[:steps]) / sum(times), "train_peak_gb": peak,
             "train_loss": metrics.get("train_loss")}
@@ -157,11 +177,11 @@ def run_child(args: list[str]) -> dict:
 def child_main(argv: list[str]) -> None:
     import resource
 
-    kind, model, out, steps = argv[0], argv[1], argv[2], int(argv[3])
+    kind, model, out, steps, quantize = argv[0], argv[1], argv[2], int(argv[3]), argv[4] == "1"
     if kind == "trl":
-        result = child_trl(model, out, steps)
+        result = child_trl(model, out, steps, quantize)
     else:
-        result = child_ours(model, kind, out, steps)
+        result = child_ours(model, kind, out, steps, quantize)
     result["process_peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     print(json.dumps(result))
 
@@ -186,6 +206,7 @@ def main() -> None:
     parser.add_argument("--models", default="bundled,random-45m", help="bundled, random-45m or both (comma list)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--work", default=None, help="folder for models and adapters (default: a temp dir)")
+    parser.add_argument("--quantize", action="store_true", help="QLoRA: NF4 bases on CUDA (float bases on the CPU)")
     opts = parser.parse_args()
     work = Path(opts.work or tempfile.mkdtemp(prefix="torch-backend-bench-"))
     from mlxtune.adapters import import_peft
@@ -199,7 +220,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
             print(f"{name}: training with {kind} ...", file=sys.stderr, flush=True)
-            r = run_child(["--child", kind, str(model_dir), str(out), str(opts.steps)])
+            r = run_child(["--child", kind, str(model_dir), str(out), str(opts.steps), "1" if opts.quantize else "0"])
             adapter = r.get("adapter") or import_peft(r["peft"], out / "imported" / "adapters.npz", force=True)
             r["val_loss"] = val_loss(model_dir, adapter)
             results[kind] = r
@@ -212,7 +233,8 @@ def main() -> None:
 
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, trl {trl.__version__}, mlx {mx.__version__}; {opts.steps} steps, "
-          f"batch 4, rank 16, all linear layers, unpacked, max length 256, float32\n")
+          f"batch 4, rank 16, all linear layers, unpacked, max length 256, "
+          f"{'bfloat16 on CUDA' if torch.cuda.is_available() else 'float32 on the CPU'}{', NF4' if opts.quantize else ''}\n")
     print("| model | trainer | real tokens/s | training peak RSS | process peak RSS | val loss |")
     print("|---|---|---:|---:|---:|---:|")
     for name, results in rows:
