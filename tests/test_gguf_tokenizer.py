@@ -379,3 +379,17 @@ def test_writing_does_not_import_transformers(tiny_llama, tmp_path):
             "print(sorted(m for m in ('transformers', 'torch', 'mlx_lm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_bundled_model_round_trips_text_through_llama_cpp(tmp_path):
+    """The bundled SentencePiece model has '▁' as a user-defined piece; SentencePiece decodes it as a space and
+    so must llama.cpp (a USER_DEFINED token is printed as its raw text, so it is written NORMAL)."""
+    from mlxtune.defaults import DEFAULT_MODEL
+    from mlxtune.models import load_tokenizer
+
+    llm = vocab_only(DEFAULT_MODEL, tmp_path / "bundled.gguf")
+    tok = load_tokenizer(DEFAULT_MODEL)
+    for text in ["Tell Zoe: I am running late", "<tool_call name=\"send_message\" arguments='{\"to\": \"Zoe\"}'/>"]:
+        ids = llama_ids(llm, text)
+        assert ids == hf_ids(DEFAULT_MODEL, text)
+        assert llm.detokenize(ids).decode() == tok.decode(ids) == text

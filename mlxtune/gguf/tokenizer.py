@@ -209,6 +209,10 @@ def _from_sentencepiece(path: Path, tok_json, tok_config) -> TokenizerInfo:
     tokens = [p.piece for p in proto.pieces]
     scores = [float(p.score) for p in proto.pieces]
     types = [int(p.type) if 1 <= int(p.type) <= 6 else NORMAL for p in proto.pieces]
+    # SentencePiece turns U+2581 into a space when it decodes any piece, user-defined ones included;
+    # llama.cpp prints a USER_DEFINED token's text as it is. A user-defined "▁" (the bundled model has
+    # one) would print as "▁" in every chat app, so such pieces are typed NORMAL, which llama.cpp unescapes.
+    types = [NORMAL if t == USER_DEFINED and "\u2581" in piece else t for t, piece in zip(types, tokens)]
     _apply_added(tokens, types, scores, _added_tokens(tok_json, tok_config))
     info = TokenizerInfo("llama", "default", tokens, types, scores=scores)
     info.add_space_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
