@@ -687,6 +687,11 @@ def _make_batch(records: Sequence[Record], rows: list[list[int]], max_seq_length
                  n_real=int((segments > 0).sum()))
 
 
+def batch_of(records: Sequence[Record], max_seq_length: int = 2048) -> Batch:
+    """One unpacked batch of `records`, row b holding records[b]: for scores that must line up row by row."""
+    return _make_batch(records, [[i] for i in range(len(records))], max_seq_length, False)
+
+
 def _check_batching(records, batch_size: int, max_seq_length: int) -> list[int]:
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size} must be at least 1")

@@ -45,6 +45,14 @@ class Mismatch:
 
 
 @dataclass
+class Reply:
+    """One greedy reply and how it ended."""
+
+    text: str
+    stopped: bool  # ended at EOS / an end-of-turn token (False: hit max_tokens, or cut by early stop)
+
+
+@dataclass
 class EvalResult:
     exact_match: float           # fraction of rows whose stripped reply equals the stripped answer
     n: int                       # rows scored
@@ -126,6 +134,13 @@ def greedy_batch(model, tokenizer, prompts: list[list[int]], *, max_tokens: int 
     With `answers`, a reply stops as soon as `cannot_match` says it cannot equal its answer.
     `progress` (a tqdm bar) is advanced by one per finished prompt.
     """
+    return [r.text for r in greedy_replies(model, tokenizer, prompts, max_tokens=max_tokens, batch_size=batch_size,
+                                           answers=answers, progress=progress)]
+
+
+def greedy_replies(model, tokenizer, prompts: list[list[int]], *, max_tokens: int = 256, batch_size: int = 32,
+                   answers: list[str] | None = None, progress=None) -> list[Reply]:
+    """`greedy_batch`, with whether each reply stopped at an end-of-turn token."""
     if max_tokens <= 0:
         raise ConfigError(f"--max-tokens must be a positive integer, got {max_tokens}")
     if batch_size <= 0:
@@ -137,7 +152,7 @@ def greedy_batch(model, tokenizer, prompts: list[list[int]], *, max_tokens: int 
         pad = hf.pad_token_id if hf.pad_token_id is not None else min(stops, default=0)
         replies = torch_module("torch_generation").greedy_batch(model, prompts, max_tokens=max_tokens, batch_size=batch_size,
                                                                 stops=stops, pad_id=pad, progress=progress)
-        return [_cut_where_it_diverges(tokenizer, tokens, answers[i] if answers else None)
+        return [_cut_where_it_diverges(tokenizer, tokens, answers[i] if answers else None, max_tokens)
                 for i, tokens in enumerate(replies)]
     reason = UNBATCHABLE.get(type(model).__module__.rsplit(".", 1)[-1])
     if batch_size > 1 and reason:
@@ -149,24 +164,26 @@ def greedy_batch(model, tokenizer, prompts: list[list[int]], *, max_tokens: int 
     return _greedy_batched(model, tokenizer, prompts, max_tokens, batch_size, stops, answers, progress)
 
 
-def _finish(tokenizer, tokens: list[int], cut: bool) -> str:
+def _finish(tokenizer, tokens: list[int], cut: bool, stopped: bool) -> Reply:
     text = tokenizer.decode(tokens)
-    return text + "..." if cut else text
+    return Reply(text + "..." if cut else text, stopped and not cut)
 
 
-def _cut_where_it_diverges(tokenizer, tokens: list[int], answer: str | None) -> str:
-    """A whole reply, cut as `_greedy_one` would have stopped generating it (same text, same "...")."""
+def _cut_where_it_diverges(tokenizer, tokens: list[int], answer: str | None, max_tokens: int) -> Reply:
+    """A whole reply, cut as `_greedy_one` would have stopped generating it (same text, same "...").
+    A reply shorter than `max_tokens` ended at a stop token."""
     if answer is not None:
         for k in range(1, len(tokens) + 1):
             if cannot_match(tokenizer.decode(tokens[:k]), answer):
-                return _finish(tokenizer, tokens[:k], True)
-    return _finish(tokenizer, tokens, False)
+                return _finish(tokenizer, tokens[:k], True, False)
+    return _finish(tokenizer, tokens, False, len(tokens) < max_tokens)
 
 
-def _greedy_one(model, tokenizer, prompt, max_tokens, stops, answer, progress) -> str:
-    tokens, cut = [], False
+def _greedy_one(model, tokenizer, prompt, max_tokens, stops, answer, progress) -> Reply:
+    tokens, cut, stopped = [], False, False
     for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
         if token in stops:
+            stopped = True
             break
         tokens.append(token)
         if answer is not None and cannot_match(tokenizer.decode(tokens), answer):
@@ -174,10 +191,10 @@ def _greedy_one(model, tokenizer, prompt, max_tokens, stops, answer, progress) -
             break
     if progress is not None:
         progress.update(1)
-    return _finish(tokenizer, tokens, cut)
+    return _finish(tokenizer, tokens, cut, stopped)
 
 
-def _greedy_batched(model, tokenizer, prompts, max_tokens, batch_size, stops, answers, progress) -> list[str]:
+def _greedy_batched(model, tokenizer, prompts, max_tokens, batch_size, stops, answers, progress) -> list[Reply]:
     # Similar lengths side by side: less left padding in each batch.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in sorted(stops)],
@@ -187,12 +204,15 @@ def _greedy_batched(model, tokenizer, prompts, max_tokens, batch_size, stops, an
         row = dict(zip(uids, order))
         tokens: dict[int, list[int]] = {uid: [] for uid in uids}
         cut: set[int] = set()
+        stopped: set[int] = set()
         while responses := gen.next_generated():
             for r in responses:
                 if r.uid in cut:
                     continue
                 if r.finish_reason != "stop":
                     tokens[r.uid].append(r.token)
+                else:
+                    stopped.add(r.uid)
                 done = r.finish_reason is not None
                 if not done and answers is not None:
                     if cannot_match(tokenizer.decode(tokens[r.uid]), answers[row[r.uid]]):
@@ -203,9 +223,9 @@ def _greedy_batched(model, tokenizer, prompts, max_tokens, batch_size, stops, an
                     progress.update(1)
     finally:
         gen.close()
-    out = [""] * len(prompts)
+    out: list[Reply] = [None] * len(prompts)
     for uid, i in row.items():
-        out[i] = _finish(tokenizer, tokens[uid], uid in cut)
+        out[i] = _finish(tokenizer, tokens[uid], uid in cut, uid in stopped)
     return out
 
 

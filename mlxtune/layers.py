@@ -14,6 +14,7 @@ records (rank, scale, dropout, module paths); `mlxtune.adapters` reads and write
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
@@ -229,6 +230,20 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """Run `model` as its base for a while: every LoRA layer's update is scaled by zero, then restored."""
+    layers = list(lora_modules(model).values())
+    scales = [layer.scale for layer in layers]
+    try:
+        for layer in layers:
+            layer.scale = 0.0
+        yield model
+    finally:
+        for layer, scale in zip(layers, scales):
+            layer.scale = scale
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:

@@ -235,6 +235,30 @@ def loss_fn(model: nn.Module, batch) -> tuple[mx.array, mx.array]:
     return total / mx.maximum(n, 1), n
 
 
+def target_logits(model: nn.Module, batch) -> tuple[mx.array, np.ndarray]:
+    """Float32 logits (N, vocab) at the batch's target positions, row by row, and the N target ids.
+
+    The positions and head are those `token_loss` scores, so the mean cross-entropy of these logits is the
+    training loss; a comparison of two models on the same batch lines up position by position.
+    """
+    parts = model_parts(model)
+    flat = np.flatnonzero(np.asarray(batch.loss_mask).reshape(-1))
+    targets = np.asarray(batch.targets).reshape(-1)[flat]
+    inputs, index = mx.array(np.asarray(batch.inputs, np.int32)), mx.array(flat.astype(np.int32))
+    was_training = model.training
+    model.eval()
+    try:
+        if parts.body is not None:
+            h = parts.body(inputs)
+            logits = parts.head(h.reshape(-1, h.shape[-1])[index])
+        else:
+            logits = model(inputs)
+            logits = logits.reshape(-1, logits.shape[-1])[index]
+    finally:
+        model.train(was_training)
+    return logits.astype(mx.float32), targets
+
+
 def evaluate_sums(model: nn.Module, records, batch_size: int, max_seq_length: int, num_batches: int = -1, *,
                   share: tuple[int, int] = (0, 1)) -> tuple[float, float]:
     """(sum of token losses, target tokens) over the first `num_batches` batches of `records` (-1 = all),
