@@ -205,3 +205,17 @@ def test_adapter_file_is_applied(tiny_llama, own_answers, tmp_path):
     assert result.exact_match == 1.0
     base = mlxtune.evaluate(str(tiny_llama), data=folder, max_tokens=MAX_TOKENS, loss=False, progress=False)
     assert base.exact_match < 1.0
+
+
+def test_replies_say_whether_they_stopped_at_the_end_of_the_turn():
+    from mlxtune.defaults import DEFAULT_MODEL
+    from mlxtune.evaluation import greedy_replies
+
+    model, tok = load(DEFAULT_MODEL)  # trained: it ends its turns with <|im_end|>
+    prompts = [render_prompt(tok, q) for q in QUESTIONS[:4]]
+    for batch_size in (1, 4):
+        cut = greedy_replies(model, tok, prompts, max_tokens=2, batch_size=batch_size)
+        full = greedy_replies(model, tok, prompts, max_tokens=64, batch_size=batch_size)
+        assert not any(r.stopped for r in cut) and all(r.stopped for r in full)
+        assert [r.text for r in full] == greedy_batch(model, tok, prompts, max_tokens=64, batch_size=batch_size)
+        assert all(f.text.startswith(c.text) for c, f in zip(cut, full))
