@@ -94,20 +94,25 @@ class FuseResult:
 def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: str | os.PathLike, *,
          de_quantize: bool = False, dtype: str | None = None, verify: bool | None = None,
          gguf: str | os.PathLike | None = None, gguf_type: str = "f16", force: bool = False,
-         ignore_base_name: bool = False, max_shard_size: int = SHARD_BYTES, log=print) -> FuseResult:
+         ignore_base_name: bool = False, max_shard_size: int = SHARD_BYTES, keep_adapter: bool = False,
+         data: str | os.PathLike | None = None, log=print) -> FuseResult:
     """Merge `adapter_file` into `model` and write the fused model to `save_path`.
 
     model: base model directory or hub id. adapter_file: adapters.npz / adapters.safetensors / a PEFT
     directory (or a directory holding one of these). de_quantize: write a float model from a quantized
     base. dtype: float16 | bfloat16 | float32 (default: float16 when de-quantizing, else the base's dtype).
-    verify: parity check (None = on for models up to 1B parameters; it needs a float64 copy). gguf/gguf_type: also write a GGUF
-    file. force: replace an existing `save_path` (and GGUF file). ignore_base_name: accept an adapter
+    verify: parity check (None = on for models up to 1B parameters; it needs a float64 copy). gguf/gguf_type:
+    also write a GGUF file; keep_adapter: write it with fine-tune-aware quantization for this adapter,
+    measuring activations on `data` (its training data). force: replace an existing `save_path` (and GGUF
+    file). ignore_base_name: accept an adapter
     recorded for a differently named base (e.g. a converted copy); names and shapes are still checked.
     log: where the GGUF writer reports. Raises AdapterError when the adapter does not fit the base,
     ExportError when a check fails; in both cases nothing is written.
     """
     save_path = Path(save_path).expanduser()
     _check_flags(save_path, dtype, gguf, gguf_type, force)
+    if keep_adapter and (gguf is None or data is None):
+        raise ConfigError("--keep-adapter quantizes the GGUF for this adapter: pass --gguf FILE and --data (its training data)")
     adapter_path = find_adapter_file(adapter_file)
     base_dir = resolve_model(model)
     _check_not_inside(save_path, {"base model": base_dir, "adapter": adapter_path})
@@ -159,7 +164,8 @@ def fuse(model: str | os.PathLike, adapter_file: str | os.PathLike, save_path: s
         (tmp / "README.md").write_text(model_card(result, adapter_path, loaded.path))
 
     if gguf is not None:
-        result.gguf = Path(to_gguf(save_path, gguf, gguf_type, force=force, log=log))
+        result.gguf = Path(to_gguf(save_path, gguf, gguf_type, force=force, log=log,
+                                   keep_adapter=adapter_path if keep_adapter else None, data=data))
     return result
 
 

@@ -24,11 +24,16 @@ from . import main
 @click.option("--gguf", "gguf", default=None, type=click.Path(), metavar="FILE",
               help="Also write the fused model as a GGUF file (llama.cpp, Ollama, LM Studio).")
 @click.option("--gguf-type", default="f16", show_default=True, help="GGUF weight type: f32, f16, bf16, q8_0, q4_0, q4_k_m, q6_k.")
+@click.option("--keep-adapter", is_flag=True,
+              help="With --gguf: fine-tune-aware quantization for this adapter (needs --data, its training data).")
+@click.option("--data", default=None, type=click.Path(),
+              help="With --keep-adapter: the adapter's training data (folder with train.jsonl, or a .jsonl file).")
 @click.option("--force", is_flag=True, help="Replace an existing --save-path.")
 @click.option("--ignore-base-name", is_flag=True,
               help="Accept an adapter recorded for a differently named base (e.g. a converted copy); "
                    "module names and shapes are still checked.")
-def fuse_cmd(model, adapter_file, save_path, de_quantize, dtype, verify, gguf, gguf_type, force, ignore_base_name):
+def fuse_cmd(model, adapter_file, save_path, de_quantize, dtype, verify, gguf, gguf_type, keep_adapter, data, force,
+             ignore_base_name):
     """Merge a LoRA adapter into its base model and save a standalone model.
 
     The adapter is checked against the base (module names, shapes, recorded base model). A quantized
@@ -40,11 +45,14 @@ def fuse_cmd(model, adapter_file, save_path, de_quantize, dtype, verify, gguf, g
       mlxtune fuse --model model --adapter-file adapters/adapters.npz --save-path fused --de-quantize
       mlxtune fuse --model Qwen/Qwen2.5-0.5B-Instruct --adapter-file peft_adapter/ --save-path fused
       mlxtune fuse --model model --adapter-file adapters --de-quantize --gguf model.gguf --gguf-type q8_0
+      mlxtune fuse --model model --adapter-file adapters --de-quantize --gguf model.gguf --gguf-type q4_k_m \
+          --keep-adapter --data data/
     """
     from ..fusion import fuse
 
     result = fuse(model, adapter_file, save_path, de_quantize=de_quantize, dtype=dtype, verify=verify,
                   gguf=gguf, gguf_type=gguf_type, force=force, ignore_base_name=ignore_base_name,
+                  keep_adapter=keep_adapter, data=data,
                   log=lambda msg: click.echo(msg, err=True))
 
     a = result.adapter

@@ -19,16 +19,24 @@ TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q6_k"]
               help="llama.cpp pre-tokenizer name for a byte-level BPE tokenizer (default: detected).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Read the file back and check every tensor's shape and type and the required keys.")
+@click.option("--keep-adapter", default=None, type=click.Path(), metavar="ADAPTER",
+              help="The adapter fused into MODEL: quantize so that its fine-tune survives (the tensors it changed "
+                   "most stay at a higher type; the scale search weighs columns by activations on --data).")
+@click.option("--data", default=None, type=click.Path(),
+              help="With --keep-adapter: the adapter's training data (folder with train.jsonl, or a .jsonl file).")
 @click.option("--force", is_flag=True, help="Replace an existing --outfile.")
-def gguf_command(model, outfile, out_type, pre_tokenizer, verify, force):
+def gguf_command(model, outfile, out_type, pre_tokenizer, verify, keep_adapter, data, force):
     """Write MODEL as a GGUF file for llama.cpp, Ollama and LM Studio.
 
     \b
-    Example:
+    Examples:
       mlxtune gguf --model fused --outfile model.gguf --type q4_k_m
+      mlxtune gguf --model fused --outfile model.gguf --type q4_k_m --keep-adapter adapters --data data/
     """
     from ..gguf import to_gguf
 
+    if data is not None and keep_adapter is None:
+        raise click.UsageError("--data is read only with --keep-adapter")
     path = to_gguf(model, outfile, out_type, pre_tokenizer=pre_tokenizer, verify=verify, force=force,
-                   log=lambda msg: click.echo(msg, err=True))
+                   keep_adapter=keep_adapter, data=data, log=lambda msg: click.echo(msg, err=True))
     click.echo(f"wrote {path}")

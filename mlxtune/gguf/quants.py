@@ -44,6 +44,14 @@ class FileType(str, Enum):
             "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M, "q6_k": LlamaFileType.MOSTLY_Q6_K,
         }[self.value]
 
+    @classmethod
+    def from_llama(cls, value: int) -> FileType:
+        """The type whose `general.file_type` is `value` (ValueError for types mlxtune does not write)."""
+        for t in cls:
+            if t.llama_file_type == value:
+                return t
+        raise ValueError(f"file type {value} is not one mlxtune writes")
+
     @property
     def base(self) -> Q:
         return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0,
@@ -100,8 +108,13 @@ def tensor_type(name: str, shape: tuple[int, ...], ftype: FileType, n_layers: in
     return fallback if _fits(fallback, ncols) else Q.F16
 
 
-def encode(rows: np.ndarray, qtype: Q) -> np.ndarray:
-    """Encode float32 `rows` (n, cols) as `qtype`: uint8 (n, row_bytes), or f32/f16 arrays as they are."""
+def encode(rows: np.ndarray, qtype: Q, importance: np.ndarray | None = None) -> np.ndarray:
+    """Encode float32 `rows` (n, cols) as `qtype`: uint8 (n, row_bytes), or f32/f16 arrays as they are.
+
+    `importance` (cols,): how much each column's error costs (an importance matrix, e.g. the mean squared
+    activation feeding that column). The scale searches of Q4_K, Q6_K, Q5_0 and Q4_0 then weigh each
+    value's error by it; Q8_0 and the float types ignore it (as llama.cpp does).
+    """
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     if qtype == Q.F32:
         return rows
@@ -112,12 +125,50 @@ def encode(rows: np.ndarray, qtype: Q) -> np.ndarray:
     if qtype in (Q.Q4_K, Q.Q6_K):
         fn = quantize_q4_k if qtype == Q.Q4_K else quantize_q6_k
         blocks = rows.reshape(-1, QK_K)
+        imp = None if importance is None else np.tile(importance.reshape(-1, QK_K), (n, 1))
         # a few hundred blocks at a time keep the working arrays in cache (about 2x faster)
-        out = [fn(blocks[i:i + _BLOCKS_AT_ONCE]) for i in range(0, len(blocks), _BLOCKS_AT_ONCE)]
+        out = [fn(blocks[i:i + _BLOCKS_AT_ONCE], None if imp is None else imp[i:i + _BLOCKS_AT_ONCE])
+               for i in range(0, len(blocks), _BLOCKS_AT_ONCE)]
         return np.concatenate(out).reshape(n, -1)
     if qtype == Q.Q8_0:
         return quantize_q8_0(rows)
+    if importance is not None and qtype in (Q.Q5_0, Q.Q4_0):
+        return quantize_q_0_weighted(rows, qtype, importance)
     return gguf_quants.quantize(rows, qtype)
+
+
+def _importance_weights(x: np.ndarray, importance: np.ndarray) -> np.ndarray:
+    """Per-value weights for a scale search with an importance matrix: importance * sqrt(sigma^2 + x^2).
+
+    sigma^2 is the block's mean square: the sqrt term keeps small values from counting for nothing.
+    """
+    sigma2 = np.einsum("ij,ij->i", x, x)[:, None] / np.float32(x.shape[1])
+    return (importance * np.sqrt(sigma2 + x * x)).astype(np.float32)
+
+
+def quantize_q_0_weighted(rows: np.ndarray, qtype: Q, importance: np.ndarray) -> np.ndarray:
+    """Q5_0 / Q4_0 bytes of float32 `rows` with each block's scale chosen by an importance-weighted search.
+
+    Layouts as ggml's: Q5_0 is f16 d, 4 bytes of fifth bits, 16 bytes of nibbles (value j low, j + 16 high);
+    Q4_0 is f16 d and the 16 bytes of nibbles; values are stored as q + 16 (q + 8) and decode as d * q.
+    """
+    n, cols = rows.shape
+    nmax = 16 if qtype == Q.Q5_0 else 8
+    x = rows.reshape(-1, 32)
+    w = _importance_weights(x, np.tile(importance.reshape(-1, 32), (n, 1)))
+    d16 = _symmetric_scales(x, nmax, w).astype(np.float16)
+    d = d16.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = _nearest(x / d)
+    q = (np.where(d == 0, 0, np.clip(q, -nmax, nmax - 1)) + nmax).astype(np.uint8)
+    lo, hi = q[:, :16], q[:, 16:]
+    qs = (lo & 0xF) | ((hi & 0xF) << 4)
+    head = d16.view(np.uint8).reshape(-1, 2)
+    if qtype == Q.Q4_0:
+        return np.concatenate([head, qs], axis=1).reshape(n, -1)
+    bits = np.concatenate([lo >> 4, hi >> 4], axis=1).astype(np.uint32)  # fifth bit of value j at bit j
+    qh = (bits << np.arange(32, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)
+    return np.concatenate([head, qh.astype("<u4").view(np.uint8).reshape(-1, 4), qs], axis=1).reshape(n, -1)
 
 
 def quantize_q8_0(rows: np.ndarray) -> np.ndarray:
@@ -198,15 +249,20 @@ def _nearest(x: np.ndarray) -> np.ndarray:
 # 256 values per block: 8 sub-blocks of 32 with a 6-bit scale and a 6-bit min each (relative to the
 # block's f16 d and dmin), values as 4-bit unsigned: x ~ d*sc*q - dmin*m.
 
-def _affine_scales(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[np.ndarray, np.ndarray]:
+def _affine_scales(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                   importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """ggml's make_qkx2_quants for each row of `x` (n, 32): the best (scale, -min) with x ~ scale*q + min.
 
     Weighted least squares over a sweep of trial scales, all rows at once. The error of each trial is
     summed directly from its residuals, as ggml does: expanding it from the fit's running sums cancels
-    catastrophically in float32 and picks a different trial for most blocks.
+    catastrophically in float32 and picks a different trial for most blocks. `importance` (same shape as
+    x) switches the weights to the importance-matrix ones.
     """
     x = x.astype(np.float32, copy=False)
-    w = np.sqrt(np.einsum("ij,ij->i", x, x) / np.float32(x.shape[1]))[:, None] + np.abs(x)
+    if importance is None:
+        w = np.sqrt(np.einsum("ij,ij->i", x, x) / np.float32(x.shape[1]))[:, None] + np.abs(x)
+    else:
+        w = _importance_weights(x, importance)
     xmin = np.minimum(x.min(axis=1), 0).astype(np.float32)
     xmax = x.max(axis=1)
     span = xmax - xmin
@@ -273,11 +329,12 @@ def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     return out
 
 
-def quantize_q4_k(blocks: np.ndarray) -> np.ndarray:
+def quantize_q4_k(blocks: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
     """(n, 256) float32 -> (n, 144) uint8 Q4_K blocks: f16 d, f16 dmin, 12 bytes scales/mins, 128 bytes nibbles."""
     n = blocks.shape[0]
     x = blocks.astype(np.float32, copy=False).reshape(n, 8, 32)
-    scales, mins = _affine_scales(x.reshape(-1, 32), nmax=15, rmin=-1.0, rdelta=0.1, nstep=20)
+    imp = None if importance is None else importance.reshape(-1, 32)
+    scales, mins = _affine_scales(x.reshape(-1, 32), nmax=15, rmin=-1.0, rdelta=0.1, nstep=20, importance=imp)
     scales = scales.reshape(n, 8)
     mins = mins.reshape(n, 8)
     max_scale = scales.max(axis=1)
@@ -306,14 +363,17 @@ def quantize_q4_k(blocks: np.ndarray) -> np.ndarray:
 # 256 values per block: 16 sub-blocks of 16 with an int8 scale (relative to the block's f16 d),
 # values as 6-bit signed (q - 32): x ~ d*sc*(q - 32).
 
-def _symmetric_scales(x: np.ndarray, nmax: int) -> np.ndarray:
-    """ggml's make_qx_quants (rmse_type 1, weights x^2) for each row of `x` (n, 16): the best scale."""
+def _symmetric_scales(x: np.ndarray, nmax: int, w: np.ndarray | None = None) -> np.ndarray:
+    """ggml's make_qx_quants (rmse_type 1) for each row of `x` (n, 16 or 32): the best scale.
+
+    The weights `w` default to x^2 (ggml's choice without an importance matrix).
+    """
     x = x.astype(np.float32, copy=False)
     idx = np.abs(x).argmax(axis=1)
     xmax = np.take_along_axis(x, idx[:, None], axis=1)[:, 0]
     zero = np.abs(xmax) < 1e-15
     xmax = np.where(zero, 1, xmax).astype(np.float32)
-    w = x * x
+    w = x * x if w is None else w
     wx = w * x
 
     q = np.empty_like(x)
@@ -340,11 +400,13 @@ def _symmetric_scales(x: np.ndarray, nmax: int) -> np.ndarray:
     return np.where(zero, 0, scale).astype(np.float32)
 
 
-def quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
+def quantize_q6_k(blocks: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
     """(n, 256) float32 -> (n, 210) uint8 Q6_K blocks: ql[128], qh[64], int8 scales[16], f16 d."""
     n = blocks.shape[0]
     x = blocks.astype(np.float32, copy=False).reshape(n, 16, 16)
-    scales = _symmetric_scales(x.reshape(-1, 16), nmax=32).reshape(n, 16)
+    x16 = x.reshape(-1, 16)
+    w = None if importance is None else _importance_weights(x16, importance.reshape(-1, 16))
+    scales = _symmetric_scales(x16, nmax=32, w=w).reshape(n, 16)
     idx = np.abs(scales).argmax(axis=1)
     max_scale = np.take_along_axis(scales, idx[:, None], axis=1)[:, 0]
     empty = np.abs(max_scale) < 1e-15

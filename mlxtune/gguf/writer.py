@@ -27,11 +27,13 @@ from ..files import atomic_file
 from ..model_files import normalize_config, read_config
 from ..weights import StoredTensor, index_tensors
 from . import arch as archmod
+from .keep_adapter import plan_keep_adapter
 from .quants import FileType, bf16_to_f16, encode, quantize_q8_0_checked, row_bytes, tensor_type
 from .tokenizer import add_tokenizer
 
 CHUNK_VALUES = 1 << 20  # values converted at a time (4 MiB as float32)
 READABLE = ("F32", "F16", "BF16", "U32", "F64")  # stored dtypes the writer converts
+IMPORTANCE_FLOOR = 0.01  # of a tensor's mean column importance
 
 
 # ---------------------------------------------------------------- reading safetensors
@@ -69,6 +71,7 @@ class Planned:
     row_align: int = 1              # chunks start at multiples of this (q/k permutation works per head)
     source: str = ""
     read_bf16: Callable[[int, int], np.ndarray] | None = None  # stored bf16 bits, for the direct F16 path
+    importance: np.ndarray | None = None  # per-column weights for the scale search (--keep-adapter)
 
     @property
     def rows(self) -> int:
@@ -261,7 +264,7 @@ class _Streamed:
         # one summing pass: any NaN or infinity makes the sum non-finite
         if not np.isfinite(np.add.reduce(rows, axis=None, dtype=np.float64)):
             raise _non_finite(self.plan.source)
-        out = encode(rows, self.plan.qtype)
+        out = encode(rows, self.plan.qtype, self.plan.importance)
         if self.plan.qtype == Q.F16:
             out = _checked_f16(out, self.plan.source)
         return out.reshape(-1) if len(self.plan.shape) == 1 else out
@@ -305,11 +308,13 @@ def _kv_value(w: gguf.GGUFWriter, key: str):
 
 
 def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer: str | None = None,
-               progress: bool = True, workers: int | None = None, verify: bool = True, log=print) -> list[Planned]:
+               progress: bool = True, workers: int | None = None, verify: bool = True, keep_adapter=None,
+               data=None, log=print) -> list[Planned]:
     """Convert `model_dir` into `outfile` (written atomically). Returns the tensors written.
 
     With `verify`, the file is read back and checked before it is renamed into place: a bad file never
-    replaces a good one (with --force), nothing is left behind.
+    replaces a good one (with --force), nothing is left behind. keep_adapter / data: the adapter fused into
+    `model_dir` and its training data, for fine-tune-aware quantization (`keep_adapter.py`).
     """
     config = normalize_config(read_config(model_dir))
     arch, cfg = archmod.resolve_arch(config, str(model_dir / "config.json"))
@@ -319,6 +324,11 @@ def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer
         raise ExportError(f"tensor {unreadable} in {index[unreadable].file} has dtype {index[unreadable].dtype}, "
                           "which mlxtune gguf cannot read")
     planned, quantized = plan_tensors(index, arch, cfg, config, ftype)
+    keep = None
+    if keep_adapter is not None:
+        keep = plan_keep_adapter(model_dir, keep_adapter, data, planned, arch, cfg, progress=progress)
+        apply_keep_adapter(planned, keep)
+        log(keep.summary())
     if quantized:
         log(f"note: {model_dir} holds MLX-quantized weights; they are de-quantized and re-quantized as "
             f"{ftype.value}, which loses a little more quality than converting the original float model")
@@ -340,6 +350,11 @@ def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer
                     "llama.cpp needs them equal (check vocab_size in config.json)"
                 )
             w.add_name(_model_name(model_dir, tokens))
+            if keep is not None:
+                # llama-quantize's keys for an imatrix-quantized file
+                w.add_string("quantize.imatrix.dataset", str(keep.data))
+                w.add_uint32("quantize.imatrix.entries_count", len(keep.importance))
+                w.add_uint32("quantize.imatrix.chunks_count", keep.tokens)
             bar = tqdm(total=sum(p.nbytes for p in planned), unit="B", unit_scale=True,
                        desc=f"gguf {ftype.value}", disable=not progress)
             n_workers = workers or min(4, os.cpu_count() or 1)
@@ -363,6 +378,18 @@ def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer
             verify_gguf(tmp, planned, name=outfile)
             log(f"verified {outfile}: {len(planned)} tensors, shapes and types as written")
     return planned
+
+
+def apply_keep_adapter(planned: list[Planned], keep) -> None:
+    """Promote the plan's chosen tensors and attach the importance matrix to every quantized tensor."""
+    promoted = keep.promoted
+    for p in planned:
+        p.qtype = promoted.get(p.name, p.qtype)
+        imp = keep.importance.get(p.name)
+        if imp is not None and p.qtype not in (Q.F32, Q.F16, Q.BF16, Q.Q8_0) and imp.shape == (p.cols,):
+            # relative weights, floored so that a column no example drove still counts a little
+            imp = imp / max(float(imp.mean()), 1e-30)
+            p.importance = np.maximum(imp, IMPORTANCE_FLOOR).astype(np.float32)
 
 
 def _model_name(model_dir: Path, tokens: list | None) -> str:
