@@ -11,11 +11,12 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # OpenBLAS makes the Linux mlx[cpu] wheel ~10x faster; golang renders Ollama templates in the tests;
-# cmake builds llama.cpp for the GGUF checks. macOS needs none of them.
+# cmake builds llama.cpp for the GGUF checks; chromium renders `mlxtune compare --html` pages headless in the
+# tests. macOS needs none of them.
 system-deps:
 	@if [ "$$(uname)" = "Linux" ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
-	  for p in libopenblas0-pthread golang-go cmake build-essential; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  for p in libopenblas0-pthread golang-go cmake build-essential chromium; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \

@@ -23,6 +23,7 @@ _API = {
     "generate": "generation",
     "chat": "generation",
     "evaluate": "evaluation",
+    "compare": "comparison",
     "lora": "train",
     "convert": "conversion",
     "fuse": "fusion",

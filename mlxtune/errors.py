@@ -33,6 +33,10 @@ class ExportError(MlxtuneError):
     """A GGUF or chat-app export cannot be written as asked."""
 
 
+class CheckError(MlxtuneError):
+    """A comparison found that an exported model lost the fine-tune (`compare --check`, `export --verify`)."""
+
+
 class MlxtuneWarning(UserWarning):
     """It worked, but not as asked or not as well as it could (slower path, lost precision): one line."""
 

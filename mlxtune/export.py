@@ -21,7 +21,7 @@ from gguf import GGUFReader
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, ExportError
+from .errors import CheckError, ConfigError, ExportError
 from .files import atomic_file, write_text_atomic
 
 # Go templates for Ollama, one per chat-template family. `$last` marks the final message, after which the
@@ -394,24 +394,41 @@ class ChatExport:
 
 
 def export_chat(model, adapter_file, out, *, app: str = "ollama", gguf_type: str = "q8_0", name: str | None = None,
-                publisher: str = "mlxtune", models_dir=None, force: bool = False) -> ChatExport:
+                publisher: str = "mlxtune", models_dir=None, force: bool = False, keep_adapter: bool = False,
+                verify: bool = False, data=None, n: int | None = None, log=print) -> ChatExport:
     """One shot from an adapter to a chat-ready file: fuse (de-quantized) -> GGUF -> Ollama Modelfile / LM Studio.
 
     out: a new directory receiving `fused/`, `<name>.gguf` and (for Ollama) the Modelfile.
-    app: "ollama", "lmstudio" or "both".
+    app: "ollama", "lmstudio" or "both". keep_adapter: fine-tune-aware quantization (needs `data`).
+    verify: before anything is placed for the app, run `mlxtune compare`'s check on the test split of `data`
+    (the first `n` rows) with the GGUF in llama.cpp; when it fails, CheckError is raised and no Modelfile is
+    written and nothing is copied into LM Studio (fused/ and the GGUF stay in `out` to inspect).
     """
     # Heavy (mlx-lm pulls in transformers): only this one-shot path fuses; exporting a GGUF never needs it.
+    from .comparison import compare
     from .fusion import fuse
 
     if app not in ("ollama", "lmstudio", "both"):
         raise ConfigError(f"--app {app}: choose ollama, lmstudio or both")
+    if (verify or keep_adapter) and data is None:
+        raise ConfigError(f"--{'verify' if verify else 'keep-adapter'} needs --data (the adapter's data folder, "
+                          "with test.jsonl for --verify and train.jsonl for --keep-adapter)")
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"{out} already exists and is not empty: choose another --out or pass --force")
     name = _ollama_name(name or Path(str(model)).name)
     gguf = out / f"{name}-{gguf_type}.gguf"
     fused = out / "fused"
-    fuse(model, adapter_file, fused, de_quantize=True, gguf=gguf, gguf_type=gguf_type, force=force)
+    fuse(model, adapter_file, fused, de_quantize=True, gguf=gguf, gguf_type=gguf_type, force=force,
+         keep_adapter=keep_adapter, data=data, log=log)
+    if verify:
+        checked = compare(model, adapter_file, gguf=[gguf], data=data, n=n, base=False, log=log)
+        try:
+            checked.check()
+        except CheckError as e:
+            raise CheckError(f"{e}; nothing was placed into Ollama or LM Studio (the GGUF is at {gguf})") from None
+        log(f"verified: {checked.stages[-1].stage} keeps {checked.stages[-1].exact_match:.1%} exact match "
+            f"(adapter {checked.stage('adapter').exact_match:.1%}) on {checked.n} rows of {checked.data}")
     result = ChatExport(gguf=gguf, fused=fused)
     if app in ("ollama", "both"):
         result.ollama = export_ollama(gguf, name, out, force=force)

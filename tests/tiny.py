@@ -98,3 +98,38 @@ def make_tiny_model(out: Path, arch: str = "llama", num_layers: int = 2, seed: i
                         metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def gguf_rounded_copy(src: Path, dst: Path, ftype: str = "q4_k_m") -> Path:
+    """A float32 copy of `src` whose every tensor went through the GGUF `ftype` recipe's encoding and back:
+    the model a user holding that GGUF file would fine-tune (its weights sit on the type's grid)."""
+    import shutil
+
+    import mlx.core as mx
+    import numpy as np
+    from gguf import quants as gguf_quants
+
+    from mlxtune.gguf import arch as archmod
+    from mlxtune.gguf.quants import FileType, encode
+    from mlxtune.gguf.writer import plan_tensors
+    from mlxtune.model_files import normalize_config, read_config
+    from mlxtune.weights import index_tensors
+
+    config = normalize_config(read_config(src))
+    arch, cfg = archmod.resolve_arch(config)
+    index = index_tensors(src)
+    planned, _ = plan_tensors(index, arch, cfg, config, FileType(ftype))
+    qtype = {p.source: p.qtype for p in planned}
+    out = {}
+    for name, st in index.items():
+        w = st.read_rows(0, st.shape[0]).astype(np.float32).reshape(st.shape)
+        q = qtype.get(name)
+        if q is not None and w.ndim == 2:  # rows in HF order: blocks never cross rows, so the order does not matter
+            w = gguf_quants.dequantize(encode(w, q), q).reshape(w.shape)
+        out[name] = mx.array(w)
+    dst.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(dst / "model.safetensors"), out, metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, dst / f.name)
+    return dst

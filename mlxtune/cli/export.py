@@ -20,9 +20,17 @@ from . import main
 @click.option("--type", "gguf_type", default="q8_0", show_default=True,
               help="One shot: GGUF type (f32, f16, bf16, q8_0, q4_0, q4_k_m, q6_k).")
 @click.option("--name", default=None, help="One shot: model name (default: the base model's folder name).")
+@click.option("--keep-adapter", is_flag=True,
+              help="One shot: fine-tune-aware quantization for this adapter (needs --data, its data folder).")
+@click.option("--verify", is_flag=True,
+              help="One shot: before placing anything, check the GGUF in llama.cpp against the adapter on the test "
+                   "split of --data (mlxtune compare --check); place nothing when it fails.")
+@click.option("--data", default=None, type=click.Path(),
+              help="One shot: the adapter's data folder (test.jsonl for --verify, train.jsonl for --keep-adapter).")
+@click.option("-n", "n", default=None, type=int, help="One shot: --verify on the first N test rows only.")
 @click.option("--force", is_flag=True, help="Replace existing outputs.")
 @click.pass_context
-def export_group(ctx, model, adapter_file, out, app, gguf_type, name, force):
+def export_group(ctx, model, adapter_file, out, app, gguf_type, name, keep_adapter, verify, data, n, force):
     """Prepare a model for Ollama or LM Studio.
 
     \b
@@ -30,6 +38,7 @@ def export_group(ctx, model, adapter_file, out, app, gguf_type, name, force):
       mlxtune export ollama --gguf model.gguf --name my-model
       mlxtune export lmstudio --gguf model.gguf --publisher me --name my-model
       mlxtune export --model mlx-community/Qwen2.5-0.5B-Instruct-4bit --adapter-file adapters --out chat --app both
+      mlxtune export --model model --adapter-file adapters --out chat --type q4_k_m --keep-adapter --verify --data data/
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -38,7 +47,9 @@ def export_group(ctx, model, adapter_file, out, app, gguf_type, name, force):
                                "for the one-shot export; see mlxtune export --help")
     from ..export import export_chat
 
-    result = export_chat(model, adapter_file, out, app=app, gguf_type=gguf_type, name=name, force=force)
+    result = export_chat(model, adapter_file, out, app=app, gguf_type=gguf_type, name=name, force=force,
+                         keep_adapter=keep_adapter, verify=verify, data=data, n=n,
+                         log=lambda msg: click.echo(msg, err=True))
     click.echo(f"GGUF: {result.gguf}")
     if result.ollama:
         _report_ollama(result.ollama)
