@@ -20,6 +20,7 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+import gguf
 import pytest
 
 import mlxtune
@@ -189,9 +190,12 @@ def test_every_stage_scored_checked_and_reported(tuned, tmp_path):
 def test_export_verify_places_nothing_when_the_check_fails(tuned, tmp_path):
     lmstudio = tmp_path / "lmstudio"
     common = dict(app="both", models_dir=lmstudio, data=tuned["data"], n=12, verify=True, log=QUIET["log"])
+    # q4_0, even fine-tune-aware, loses too much of this fragile adapter
     with pytest.raises(CheckError, match=r"gguf:.*q4_0\.gguf keeps \d+% .*nothing was placed into Ollama or LM Studio"):
-        mlxtune.export_chat(str(tuned["base"]), tuned["adapter"], tmp_path / "q4", gguf_type="q4_0", **common)
-    assert (tmp_path / "q4" / "fused").is_dir() and list((tmp_path / "q4").glob("*.gguf"))
+        mlxtune.export_chat(str(tuned["base"]), tuned["adapter"], tmp_path / "q4", gguf_type="q4_0", keep_adapter=True,
+                            **common)
+    [written] = (tmp_path / "q4").glob("*.gguf")
+    assert (tmp_path / "q4" / "fused").is_dir() and "quantize.imatrix.dataset" in gguf.GGUFReader(written).fields
     assert not (tmp_path / "q4" / "Modelfile").exists() and not lmstudio.exists()
 
     done = mlxtune.export_chat(str(tuned["base"]), tuned["adapter"], tmp_path / "f32", gguf_type="f32", **common)

@@ -16,13 +16,13 @@ import pytest
 from click.testing import CliRunner
 from gguf import GGMLQuantizationType as Q
 from gguf import quants as gguf_quants
+from test_fuse import make_adapter
 
 import mlxtune
 from mlxtune.errors import ConfigError
 from mlxtune.gguf.quants import encode
 
 import llamacpp
-from test_fuse import make_adapter
 from tiny import make_tiny_model
 
 QUIET = dict(progress=False, log=lambda msg: None)
