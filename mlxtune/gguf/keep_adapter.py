@@ -2,10 +2,12 @@
 
 Two changes to a type's plain recipe, both driven by the adapter that was fused in:
 
-1. Tensors get a higher type where the adapter changed them most relative to their quantization step:
-   for each adapted tensor, the update's size (RMS of scale * B A) over the RMS rounding error the planned
-   type makes on the fused weight. The highest-scoring tensors, up to `PROMOTE_SHARE` of the adapted
-   weights, move up one step (Q4_K -> Q6_K, Q4_0 / Q5_0 / Q6_K -> Q8_0).
+1. Tensors get a higher type by how the adapter's change compares with their quantization step: for each
+   adapted tensor, the update's size (RMS of scale * B A) over the RMS rounding error the planned type makes
+   on the fused weight. The tensors where that ratio is lowest, whose update is most at risk of being
+   rounded away, move up one step (Q4_K -> Q6_K, Q4_0 / Q5_0 / Q6_K -> Q8_0), up to `PROMOTE_SHARE` of the
+   adapted weights. (Promoting the highest ratios instead, the tensors the adapter changed most, measured
+   worse: docs/benchmarks.md.)
 2. Every quantized tensor's scale search weighs its columns by the importance matrix measured with MLX on
    the adapter's training data (`importance.py`).
 
@@ -91,7 +93,7 @@ def plan_keep_adapter(model_dir: Path, adapter_file: str | os.PathLike, data, pl
     plan = KeepAdapterPlan(Path(adapter_file), source_data(data), 0, scores=scores)
     total = sum(by_name[s.name].rows * by_name[s.name].cols for s in scores)
     budget = share * total
-    for s in sorted(scores, key=lambda s: -s.score):
+    for s in sorted(scores, key=lambda s: s.score):  # most at risk first
         p = by_name[s.name]
         up = up_type(s.qtype, p.cols)
         if up is None or budget <= 0:
