@@ -26,7 +26,7 @@ import pytest
 import mlxtune
 from mlxtune import structured
 from mlxtune.defaults import DEFAULT_DATA, DEFAULT_LORA_CONFIG, DEFAULT_MODEL
-from mlxtune.errors import CheckError, ConfigError
+from mlxtune.errors import CheckError, ConfigError, ExportError
 from mlxtune.evaluation import greedy_batch, prompts_and_answers
 from mlxtune.html_report import diff_html
 
@@ -227,6 +227,11 @@ def test_bad_arguments_are_one_line_errors(tuned, tmp_path):
         mlxtune.compare(str(tuned["base"]), str(tuned["adapter"]), data=tuned["data"], json_file=existing, **QUIET)
     with pytest.raises(ConfigError, match="--adapter-file is required"):
         mlxtune.compare(str(tuned["base"]), None, data=tuned["data"], **QUIET)
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(b"GGUF" + bytes(100))
+    with pytest.raises(ExportError, match="llama.cpp cannot load it as a model"):
+        mlxtune.compare(str(tuned["base"]), str(tuned["adapter"]), data=tuned["data"], gguf=[damaged], n=2,
+                        max_tokens=4, base=False, **QUIET)
     r = run_cli("compare", "--adapter-file", str(tuned["adapter"]), "--gguf", str(tmp_path / "missing.gguf"))
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --gguf") and "Traceback" not in r.stderr
 

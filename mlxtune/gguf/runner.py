@@ -58,8 +58,13 @@ def open_gguf(path: str | os.PathLike, n_ctx: int) -> LoadedGGUF:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ExportError(f"--gguf {path}: no such file")
-    with _quiet_stderr():
-        llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, verbose=False, seed=0)
+    try:
+        with _quiet_stderr():
+            llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, verbose=False,
+                        seed=0)
+    except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
+        raise ExportError(f"--gguf {path}: llama.cpp cannot load it as a model ({e}); a LoRA adapter GGUF needs "
+                          "its base model, and a damaged file must be written again") from None
     template = llm.metadata.get("tokenizer.chat_template")
 
     def text(token: int) -> str:
