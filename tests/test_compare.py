@@ -260,3 +260,32 @@ def test_diff_marks_changes_and_escapes_everything():
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "<del>a</del><ins>b</ins>" in html
     assert diff_html("same", " same ") == "same"
+
+
+def test_check_rules_and_the_safer_type_ladder():
+    from mlxtune.comparison import Comparison, StageResult, _file_type
+
+    def stage(name, em, kl=0.0, stopped=1.0, kind=None, replies=("a",)):
+        return StageResult(name, em, em, kl, stopped, 1.0, replies=list(replies), stops=[True], file_type=kind)
+
+    adapter = stage("adapter", 0.8)
+    stages = [stage("base", 0.0, replies=("b",)), adapter,
+              stage("gguf:ok.gguf", 0.77, kl=0.01, kind="q8_0"),  # 96% of 0.8: kept
+              stage("gguf:a.gguf", 0.7, kind="q4_0"), stage("gguf:b.gguf", 0.7, kind="q4_k_m"),
+              stage("gguf:c.gguf", 0.7, kind="q4_k_m+keep"), stage("gguf:d.gguf", 0.8, kl=0.5, kind="q8_0"),
+              stage("gguf:e.gguf", 0.8, stopped=0.5, kind="f16"), stage("gguf:f.gguf", 0.0, kind="q4_0", replies=("b",))]
+    failed = Comparison(1, [], stages).failures()
+    assert [f.split(" ")[0] for f in failed] == [f"gguf:{x}.gguf" for x in "abcdef"]
+    assert failed[0].endswith("write it as --type q4_k_m")
+    assert "keeps 87% of the adapter's exact match" in failed[0]  # 0.7 / 0.8 in floats is 0.8749...
+    assert failed[1].endswith("--type q4_k_m --keep-adapter ADAPTER (fine-tune-aware q4_k_m)")
+    assert failed[2].endswith("write it as --type q6_k")
+    assert "mean KL 0.5 > 0.1: write it as --type f16" in failed[3]
+    assert "50.0% of replies stop at the end of the turn vs 100.0%" in failed[4] and "chat template and stop tokens" in failed[4]
+    assert "answers like the base model (100% of replies equal the base's" in failed[5]
+    assert "q4_0 rounded the fine-tune away" in failed[5]
+    assert Comparison(1, [], stages).failures(max_kl=1.0)[3].startswith("gguf:e.gguf")
+    with pytest.raises(CheckError, match=r"^check failed: gguf:a\.gguf .*; gguf:b\.gguf "):
+        Comparison(1, [], stages).check()
+    assert _file_type({"general.file_type": "15", "quantize.imatrix.dataset": "x"}) == "q4_k_m+keep"
+    assert _file_type({"general.file_type": "2"}) == "q4_0" and _file_type({"general.file_type": "10"}) is None
