@@ -209,7 +209,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
 
 
-def _teacher_forced(records, reference: Callable, stage: Callable | None) -> tuple[float, float | None]:
+def _teacher_forced(records, reference: Callable, stage: Callable | None, name: str = "",
+                    progress: bool = False) -> tuple[float, float | None]:
     """(mean loss, mean KL(reference || stage)) over the target tokens of `records`, CHUNK records at a time.
 
     `reference` / `stage` map a list of records to (logits (N, V), targets (N,)) at the target positions;
@@ -217,7 +218,8 @@ def _teacher_forced(records, reference: Callable, stage: Callable | None) -> tup
     """
     nll = kl = 0.0
     count = 0
-    for i in range(0, len(records), CHUNK):
+    starts = range(0, len(records), CHUNK)
+    for i in tqdm(starts, desc=f"loss/KL {name}", unit="chunk", disable=not progress, leave=False):
         chunk = records[i:i + CHUNK]
         ref_logits, targets = reference(chunk)
         ref = _log_softmax(ref_logits)
@@ -314,13 +316,13 @@ def compare(model=None, adapter_file=None, *, fused=None, gguf: Iterable = (), d
 
     replies = generate(net, tokenizer, prompts, "adapter")
     adapter = _reply_scores("adapter", [r.text for r in replies], [r.stopped for r in replies], answers, None)
-    adapter.loss, adapter.mean_kl = _teacher_forced(records, adapter_logits, None)
+    adapter.loss, adapter.mean_kl = _teacher_forced(records, adapter_logits, None, "adapter", progress)
     stages = [adapter]
     if base:
         with lora_disabled(net):
             replies = generate(net, tokenizer, prompts, "base")
         stage = _scores_with(replies, answers, adapter, "base")
-        stage.loss, stage.mean_kl = _teacher_forced(records, adapter_logits, _mlx_logits(net, base=True))
+        stage.loss, stage.mean_kl = _teacher_forced(records, adapter_logits, _mlx_logits(net, base=True), "base", progress)
         stages.insert(0, stage)
     if fused is not None:
         loaded = load_model(fused)
@@ -328,7 +330,8 @@ def compare(model=None, adapter_file=None, *, fused=None, gguf: Iterable = (), d
         replies = generate(loaded.model, loaded.tokenizer, fused_prompts, "fused")
         stage = _scores_with(replies, answers, adapter, "fused")
         stage.path = Path(fused)
-        stage.loss, stage.mean_kl = _teacher_forced(records, adapter_logits, _mlx_logits(loaded.model))
+        stage.loss, stage.mean_kl = _teacher_forced(records, adapter_logits, _mlx_logits(loaded.model), "fused",
+                                                    progress)
         stages.append(stage)
         del loaded
     missing = runner.llama_cpp_missing() if ggufs else None
@@ -375,7 +378,7 @@ def _gguf_stage(path: Path, conversations, prompts, answers, adapter, records, a
                      f"{differ} of {len(prompts)} rows")
     stage = _reply_scores(name, [r.text for r in replies], [r.stopped for r in replies], answers, adapter.replies)
     stage.path, stage.file_type = path, _file_type(loaded.llm.metadata)
-    stage.loss, stage.mean_kl = _teacher_forced(records, adapter_logits, _gguf_logits(loaded))
+    stage.loss, stage.mean_kl = _teacher_forced(records, adapter_logits, _gguf_logits(loaded), name, progress)
     loaded.llm.close()
     return stage
 
