@@ -327,8 +327,10 @@ def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer
     keep = None
     if keep_adapter is not None:
         keep = plan_keep_adapter(model_dir, keep_adapter, data, planned, arch, cfg, progress=progress)
+        plain = sum(p.nbytes for p in planned)
         apply_keep_adapter(planned, keep)
-        log(keep.summary())
+        extra = sum(p.nbytes for p in planned) - plain
+        log(f"{keep.summary()}; tensors {extra / 1024:+,.0f} KiB ({extra / plain:+.1%}) against plain {ftype.value}")
     if quantized:
         log(f"note: {model_dir} holds MLX-quantized weights; they are de-quantized and re-quantized as "
             f"{ftype.value}, which loses a little more quality than converting the original float model")
