@@ -346,7 +346,7 @@ def compare(model=None, adapter_file=None, *, fused=None, gguf: Iterable = (), d
         for g in ggufs:
             stages.append(_gguf_stage(g, conversations, prompts, answers, adapter, records, adapter_logits,
                                       n_ctx=longest + max_tokens + 16, max_tokens=max_tokens, progress=progress,
-                                      notes=notes))
+                                      notes=notes, fallback_template=template))
     result = Comparison(n=len(rows), stages=stages, data=str(file), notes=notes, skipped=ggufs if missing else [], rows=[
         Row(line, _prompt_text(split_prompt_answer(rec)[0]), answer) for (line, rec), answer in zip(rows, answers)])
     if json_file is not None:
@@ -365,12 +365,12 @@ def _scores_with(replies, answers, adapter: StageResult, name: str) -> StageResu
 
 
 def _gguf_stage(path: Path, conversations, prompts, answers, adapter, records, adapter_logits, *, n_ctx, max_tokens,
-                progress, notes) -> StageResult:
-    loaded = runner.open_gguf(path, n_ctx)
+                progress, notes, fallback_template: str | None = None) -> StageResult:
+    loaded = runner.open_gguf(path, n_ctx, fallback_template)
     name = f"gguf:{path.name}"
     if not loaded.own_template:
-        notes.append(f"{name} has no chat template: prompts rendered with mlxtune's ChatML default, which a chat "
-                     "app would not know")
+        notes.append(f"{name} has no chat template: prompts rendered with --chat-template, which a chat app would "
+                     "not know")
     replies = runner.chat_replies(loaded, conversations, max_tokens=max_tokens, progress=progress)
     differ = sum(r.prompt_ids != p for r, p in zip(replies, prompts))
     if differ:

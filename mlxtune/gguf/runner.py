@@ -19,7 +19,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, ExportError
-from ..templates import DEFAULT_CHAT_TEMPLATE
 
 EXTRA_HINT = "pip install 'mlxtune[llamacpp]'"
 
@@ -45,11 +44,14 @@ class LoadedGGUF:
     path: Path
     llm: object  # llama_cpp.Llama
     formatter: object  # llama_cpp.llama_chat_format.Jinja2ChatFormatter over the file's template
-    own_template: bool  # False: the file has no chat template and mlxtune's ChatML default stands in
+    own_template: bool  # False: the file has no chat template and the one the comparison renders with stands in
 
 
-def open_gguf(path: str | os.PathLike, n_ctx: int) -> LoadedGGUF:
-    """Load `path` in llama.cpp with a context of `n_ctx` tokens and logits kept for every position."""
+def open_gguf(path: str | os.PathLike, n_ctx: int, fallback_template: str | None = None) -> LoadedGGUF:
+    """Load `path` in llama.cpp with a context of `n_ctx` tokens and logits kept for every position.
+
+    A file without a chat template is rendered with `fallback_template` (the `--chat-template` the MLX stages
+    used); without one either, it is refused: there is no way to know how a chat app would prompt it."""
     try:
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -66,12 +68,16 @@ def open_gguf(path: str | os.PathLike, n_ctx: int) -> LoadedGGUF:
         raise ExportError(f"--gguf {path}: llama.cpp cannot load it as a model ({e}); a LoRA adapter GGUF needs "
                           "its base model, and a damaged file must be written again") from None
     template = llm.metadata.get("tokenizer.chat_template")
+    if not template and not fallback_template:
+        llm.close()
+        raise ExportError(f"--gguf {path} has no chat template (tokenizer.chat_template): pass --chat-template with "
+                          "the template the model was trained with")
 
     def text(token: int) -> str:
         return llm.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""
 
     eos = llm.token_eos()
-    formatter = Jinja2ChatFormatter(template=template or DEFAULT_CHAT_TEMPLATE, eos_token=text(eos),
+    formatter = Jinja2ChatFormatter(template=template or fallback_template, eos_token=text(eos),
                                     bos_token=text(llm.token_bos()), stop_token_ids=[eos])
     return LoadedGGUF(path, llm, formatter, own_template=bool(template))
 

@@ -27,7 +27,6 @@ from ..files import atomic_file
 from ..model_files import normalize_config, read_config
 from ..weights import StoredTensor, index_tensors
 from . import arch as archmod
-from .keep_adapter import plan_keep_adapter
 from .quants import FileType, bf16_to_f16, encode, quantize_q8_0_checked, row_bytes, tensor_type
 from .tokenizer import add_tokenizer
 
@@ -326,6 +325,10 @@ def write_gguf(model_dir: Path, outfile: Path, ftype: FileType, *, pre_tokenizer
     planned, quantized = plan_tensors(index, arch, cfg, config, ftype)
     keep = None
     if keep_adapter is not None:
+        # imported here: the plan loads the fused model with MLX (mlx-lm, transformers) and reads the data
+        # pipeline, which load models through this package; the plain writer stays free of both
+        from .keep_adapter import plan_keep_adapter
+
         keep = plan_keep_adapter(model_dir, keep_adapter, data, planned, arch, cfg, progress=progress)
         plain = sum(p.nbytes for p in planned)
         apply_keep_adapter(planned, keep)
