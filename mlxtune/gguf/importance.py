@@ -18,7 +18,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 from tqdm.auto import tqdm
 
-from ..data import load_dataset
+from .. import data as datasets  # the module, not its names: data -> gguf.sources -> gguf -> here is a cycle
 from ..errors import DataError
 from ..models import load_model
 from .arch import tensor_namer, text_tensor_name
@@ -52,7 +52,7 @@ def importance_matrix(model_dir: str | os.PathLike, data, arch, cfg: dict, *, ma
     """
     loaded = load_model(model_dir)
     model = loaded.model
-    splits = load_dataset(str(data), loaded.tokenizer, valid_split=0.0, test_split=0.0, max_seq_length=max_seq_length,
+    splits = datasets.load_dataset(str(data), loaded.tokenizer, valid_split=0.0, test_split=0.0, max_seq_length=max_seq_length,
                           chat_template=chat_template, cache=False)
     records = splits.train
     if not records:
