@@ -232,6 +232,14 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def remove_lora(model: nn.Module) -> list[str]:
+    """Put every LoRA layer's base layer back in its place (the adapter is dropped, not merged); returns the paths."""
+    found = lora_modules(model)
+    for path, layer in found.items():
+        _replace(model, path, layer.linear)
+    return list(found)
+
+
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module):
     """Run `model` as its base for a while: every LoRA layer's update is scaled by zero, then restored."""

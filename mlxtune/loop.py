@@ -5,12 +5,16 @@ or the torch engine) whose `step(batch, iteration)` does forward, loss, backward
 with the engine's loss function, and a batch source (`batches(start) -> iterator of mlxtune.data.Batch`).
 The one thing to know: everything that decides what an iteration computes is a function of (seed,
 iteration), so a run resumed from a checkpoint repeats the uninterrupted one exactly; the loop only has to
-start the batch source and the engine's state at the checkpoint's iteration.
+start the batch source and the engine's state at the checkpoint's iteration. That is also what makes Ctrl-C
+(a notebook's stop button) safe: the first one stops after the current step and saves a checkpoint, and the
+run returns with `interrupted=True`; a second one stops at once (every write is atomic).
 """
 
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -22,9 +26,10 @@ from tqdm.auto import tqdm
 
 from .adapters import AdapterConfig, read_weights, write_adapter_files
 from .checkpoints import Resume, RunFiles, clear_run, resume_point, save_checkpoint
+from .display import fields_html, fields_text, num
 from .distributed import World
 from .errors import ConfigError, MlxtuneError, TrainingError
-from .report import Reporter, train_line, val_line, write_loss_png
+from .report import LivePlot, Reporter, train_line, val_line, write_loss_png
 from .settings import TrainingArgs
 
 
@@ -58,6 +63,55 @@ class TrainResult:
     stopped_early: bool = False
     metrics_file: Path | None = None
     plot_file: Path | None = None
+    peak_memory: float | None = None  # GB, the largest of the run's reports
+    interrupted: bool = False  # Ctrl-C / the stop button: a checkpoint was saved at `iterations`
+    checkpoint: Path | None = None  # the checkpoint an interrupted run saved
+    resume_call: str | None = None  # an interrupted run: the exact call that continues it
+    model_note: str | None = None  # a model passed in loaded: whether it keeps the adapter afterwards
+
+    def _rows(self) -> list[tuple[str, object]]:
+        def last(losses):
+            return f"{losses[-1][1]:.3f} (iteration {losses[-1][0]})" if losses else None
+
+        status = (f"interrupted at iteration {self.iterations}" if self.interrupted
+                  else f"stopped early at iteration {self.iterations}" if self.stopped_early else "finished")
+        return [("status", status), ("adapter", self.adapter_file), ("iterations", self.iterations),
+                ("trained tokens", f"{self.trained_tokens:,}"), ("train loss", last(self.train_loss)),
+                ("validation loss", last(self.val_loss)), ("test loss", num(self.test_loss)),
+                ("test perplexity", num(self.test_perplexity)),
+                ("peak memory", None if self.peak_memory is None else f"{self.peak_memory:.3f} GB"),
+                ("loss plot", self.plot_file), ("checkpoint", self.checkpoint), ("resume with", self.resume_call),
+                ("model", self.model_note)]
+
+    def __repr__(self) -> str:
+        return fields_text("TrainResult", self._rows())
+
+    def _repr_html_(self) -> str:
+        return fields_html("mlxtune.lora", self._rows())
+
+
+class _Interrupts:
+    """SIGINT while training: the first asks the loop to stop after the current step (it then saves a
+    checkpoint); a second raises KeyboardInterrupt at once. Outside the main thread Python delivers no
+    signals, so there is nothing to install."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        # Only a flag: printing from a signal handler can re-enter a stream the interrupted code is writing.
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 class _Stop(Exception):
@@ -144,6 +198,8 @@ def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, arg
         if world.main:
             clear_run(files)
 
+    live = LivePlot.start(verbose and world.main)  # the loss plot redrawn in a notebook cell; None elsewhere
+
     def validate(it: int) -> None:
         if not valid_records:
             return
@@ -154,20 +210,23 @@ def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, arg
         report = {"iteration": it, "val_loss": loss, "val_time": took}
         log.record(report)
         result.val_loss.append((it, loss))
+        if live:
+            live.update(result.train_loss, result.val_loss)
         if args.plot and world.main:
             write_loss_png(files.plot, result.train_loss, result.val_loss)
         if _agreed(world, _wants_stop(callbacks, report)):
             raise _Stop()
 
-    def checkpoint(it: int, announce: bool = True) -> None:
+    def checkpoint(it: int, announce: bool = True) -> Path | None:
         if not world.main:
-            return
+            return None
         meta = {"iteration": it, "trained_tokens": result.trained_tokens, "settings": fingerprint}
         adapter = engine.adapter_arrays()
         ck = save_checkpoint(files, it, adapter, engine.optimizer_arrays(), meta)
         if announce:
             write_adapter_files(adapter_file, adapter, adapter_config)
             log.line(f"Iter {it}: Saved adapter weights to {adapter_file} and {ck}.")
+        return ck
 
     def last_good() -> str:
         found = files.checkpoints() if world.main else []
@@ -189,8 +248,12 @@ def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, arg
     bar = tqdm(total=args.iters, initial=start, desc="Training", unit="it",
                disable=not (verbose and world.main) or result.stopped_early, dynamic_ncols=True, leave=False)
     log.bar = bar
+    interrupts = _Interrupts().__enter__()  # left in the `finally` below
     try:
         while it < args.iters and not result.stopped_early:
+            if _agreed(world, interrupts.requested):  # every rank stops at the same step
+                result.interrupted = True
+                break
             batch = next(source)
             it += 1
             tic = time.perf_counter()
@@ -216,6 +279,9 @@ def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, arg
                 bar.set_postfix(loss=f"{train_loss:.3f}")
                 log.record(report)
                 result.train_loss.append((it, train_loss))
+                result.peak_memory = max(result.peak_memory or 0.0, report["peak_memory"])
+                if live:
+                    live.update(result.train_loss, result.val_loss)
                 window_loss, window_tokens, window_real, window_steps, window_time = 0.0, 0.0, 0, 0, 0.0
                 if _agreed(world, _wants_stop(callbacks, report)):
                     result.stopped_early = True
@@ -226,16 +292,28 @@ def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, arg
                     result.stopped_early = True
             if args.save_every and it % args.save_every == 0 and it < args.iters:
                 checkpoint(it)
-    finally:
         bar.close()
         log.bar = None
-    result.iterations = it
-    if world.main:
-        write_adapter_files(adapter_file, engine.adapter_arrays(), adapter_config)
-        if args.plot:
-            write_loss_png(files.plot, result.train_loss, result.val_loss)
-    if args.save_every and it % args.save_every == 0:  # the final step is a checkpoint too (resume can extend it)
-        checkpoint(it, announce=False)
-    log.line(f"{'Stopped early at iteration ' + str(it) + '. ' if result.stopped_early else ''}"
-             f"Saved final adapter weights to {adapter_file}.")
+        result.iterations = it
+        # Still inside the handler: a second Ctrl-C during these writes stops at once, and the atomic writes
+        # leave the previous files whole.
+        if result.interrupted:
+            result.checkpoint = checkpoint(it, announce=False)  # whatever --save-every says: resume needs it
+        if world.main:
+            write_adapter_files(adapter_file, engine.adapter_arrays(), adapter_config)
+            if args.plot:
+                write_loss_png(files.plot, result.train_loss, result.val_loss)
+        if not result.interrupted and args.save_every and it % args.save_every == 0:
+            checkpoint(it, announce=False)  # the final step is a checkpoint too (resume can extend it)
+    finally:
+        interrupts.__exit__()
+        bar.close()
+        log.bar = None
+        if live:
+            live.flush()
+    if result.interrupted:
+        log.line(f"Interrupted at iteration {it}: saved the checkpoint {result.checkpoint} and the adapter {adapter_file}.")
+    else:
+        log.line(f"{'Stopped early at iteration ' + str(it) + '. ' if result.stopped_early else ''}"
+                 f"Saved final adapter weights to {adapter_file}.")
     return result

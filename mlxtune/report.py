@@ -2,12 +2,16 @@
 
 The lines keep mlx-lm's wording (`Iter 10: Train loss 2.345, Learning Rate 1.000e-04, ...`) so scripts
 that parse mlx-lm's output parse ours. The one thing to know: lines go through the progress bar's
-`write` while a bar is open, so bar and lines never garble each other, in a terminal or a notebook.
+`write` while a bar is open, so bar and lines never garble each other, in a terminal or a notebook. In a
+notebook the loss plot is also shown in the cell and redrawn in place while training (`LivePlot`).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import sys
+import time
 from pathlib import Path
 
 import matplotlib
@@ -73,3 +77,47 @@ def write_loss_png(path: str | Path, train: list[tuple[int, float]], val: list[t
     with atomic_file(path) as tmp:
         loss_figure(train, val).savefig(tmp, format="png")
     return path
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (IPython's ZMQ shell, which has a `kernel`), where `display` reaches a notebook.
+
+    IPython is looked up in sys.modules, never imported: a kernel has always imported it already.
+    """
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and hasattr(shell, "kernel")
+
+
+class LivePlot:
+    """The loss figure (`loss_figure`, what loss.png holds) shown once in a notebook cell and redrawn in place
+    through its IPython display handle as reports come in. `start()` is None outside a notebook."""
+
+    def __init__(self, min_seconds: float = 1.0):
+        from IPython.display import Image, display  # only reached inside a kernel (see `start`)
+
+        self._image, self._display = Image, display
+        self.min_seconds, self.handle, self.shown_at = min_seconds, None, 0.0
+        self.pending: tuple[list, list] | None = None
+
+    @classmethod
+    def start(cls, enabled: bool = True) -> LivePlot | None:
+        return cls() if enabled and in_notebook() else None
+
+    def update(self, train: list[tuple[int, float]], val: list[tuple[int, float]]) -> None:
+        """Redraw with these curves, at most once per `min_seconds` (a drawing costs ~50 ms); `flush` draws the rest."""
+        self.pending = (list(train), list(val))
+        if time.monotonic() - self.shown_at >= self.min_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending is None or not any(self.pending):
+            return
+        buffer = io.BytesIO()
+        loss_figure(*self.pending).savefig(buffer, format="png")
+        image = self._image(data=buffer.getvalue(), format="png")
+        if self.handle is None:
+            self.handle = self._display(image, display_id=True)
+        else:
+            self.handle.update(image)
+        self.shown_at, self.pending = time.monotonic(), None

@@ -10,6 +10,7 @@ engine plugs in with the same data, loss, reports, checkpoints and adapter files
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import math
 import os
@@ -27,7 +28,7 @@ from .data import iterate_batches, load_dataset, padding_fraction, records_finge
 from .defaults import DEFAULT_LORA_CONFIG, fill_in
 from .distributed import check_same_run
 from .errors import ConfigError, DataError
-from .layers import apply_lora, count_parameters
+from .layers import apply_lora, count_parameters, remove_lora
 from .loop import TrainResult, train
 from .loss import evaluate_loss
 from .mlx_engine import MLXEngine, make_optimizer, mlx_world
@@ -42,7 +43,8 @@ def _fmt_count(n: int) -> str:
 
 
 def lora(model: Any = None, data: Any = None, *, tokenizer: Any = None, config: str | os.PathLike | None = None,
-         callbacks: Iterable[Callable] = (), verbose: bool = True, **kwargs) -> TrainResult:
+         callbacks: Iterable[Callable] = (), verbose: bool = True, resume_command: str | None = None,
+         **kwargs) -> TrainResult:
     """Fine-tune `model` on `data` with LoRA (QLoRA when the model is quantized); returns a TrainResult.
 
     `model` is a path or hub id, or an already loaded mlx-lm model (then pass `tokenizer` too; it is
@@ -50,15 +52,46 @@ def lora(model: Any = None, data: Any = None, *, tokenizer: Any = None, config: 
     arguments are TrainingArgs names (`iters=200, batch_size=8, lora_layers=8, ...`); `config` is a YAML
     file of the same names, which the keywords override. With neither model nor data, the bundled demo
     runs. Each callback gets every report dict (train and val) and may return True to stop training.
+    Ctrl-C (a notebook's stop button) stops after the current step, saves a checkpoint and returns the
+    partial result with `interrupted=True` and `resume_call`, the call that continues it (`resume_command`
+    replaces it in what is printed: the CLI passes its own command line); a second Ctrl-C stops at once.
+    Training a loaded model again replaces the LoRA layers the previous run left in it.
     """
     # Training seeds MLX's global generator (dropout noise is a function of seed and step). MLX offers no way to
     # put a key back, so one number is drawn from the caller's stream first and the stream is re-seeded with it
     # afterwards: what the caller draws next depends on the caller's seed, never on training's.
     follow = int(mx.random.randint(0, 2**31 - 1, shape=()).item())
     try:
-        return _lora(model, data, tokenizer=tokenizer, config=config, callbacks=callbacks, verbose=verbose, **kwargs)
+        result = _lora(model, data, tokenizer=tokenizer, config=config, callbacks=callbacks, verbose=verbose, **kwargs)
     finally:
         mx.random.seed(follow)
+        # What the run held (compiled step, optimizer state, a model loaded here) goes now, not at some later
+        # collection: the next run in the same process (a notebook kernel) starts from the same memory.
+        gc.collect()
+        mx.clear_cache()
+    if result.interrupted:
+        result.resume_call = _python_call(model, data, config, kwargs)
+        if verbose and result.checkpoint is not None:  # rank 0 (the others save nothing)
+            print(f"Resume with: {resume_command or result.resume_call}", flush=True)
+    return result
+
+
+def _python_call(model, data, config, kwargs: dict) -> str:
+    """The `mlxtune.lora(...)` call that resumes this one (a loaded model and its tokenizer are named
+    `model` and `tokenizer`: the caller's own variables)."""
+    def plain(v):  # paths as strings, so that the call reads as typed
+        return str(v) if isinstance(v, os.PathLike) else [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    loaded = isinstance(model, nn.Module)
+    args = ["model" if loaded else repr(plain(model))] if model is not None else []
+    if data is not None:
+        args.append(repr(plain(data)) if args else f"data={plain(data)!r}")
+    if loaded:
+        args.append("tokenizer=tokenizer")
+    if config is not None:
+        args.append(f"config={plain(config)!r}")
+    args += [f"{k}={plain(v)!r}" for k, v in kwargs.items() if v is not None and k not in ("resume", "force")]
+    return f"mlxtune.lora({', '.join(args + ['resume=True'])})"
 
 
 def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> TrainResult:
@@ -99,6 +132,9 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
         if tokenizer is None:
             raise ConfigError("a loaded model needs its tokenizer: call mlxtune.lora(model, data, tokenizer=tokenizer)")
         base_model = getattr(model, "_mlxtune_base", None)
+        if not test_only and remove_lora(model):
+            say("note: the model carries the LoRA layers of an earlier run; this run replaces them with new ones "
+                "(their adapter file keeps the old weights)")
     elif torch_models is not None:
         loaded = torch_models.load_torch_model(args.model, device=backend.device, quantize=args.quantize, say=say)
         model, tokenizer = loaded.model, loaded.tokenizer
@@ -171,8 +207,13 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
         say(world.describe())
     result = train(engine, batches, splits.valid, args, adapter_config=adapter_config, fingerprint=fingerprint,
                    callbacks=callbacks, verbose=verbose)
-    if args.test:
+    if args.test and not result.interrupted:
         _run_test(engine.evaluate, splits.test, args, result, say)
+    if preloaded:
+        model.eval()  # dropout off: the model is used for generation next
+        result.model_note = ("the adapter stays applied to the model passed in: mlxtune.generate(model, tokenizer, ...) "
+                             "uses it; mlxtune.lora(model, ...) again replaces it")
+        say(f"Note: {result.model_note}")
     return result
 
 

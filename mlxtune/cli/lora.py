@@ -8,6 +8,8 @@ what the user typed overrides --config and the built-in defaults.
 from __future__ import annotations
 
 import dataclasses
+import shlex
+import sys
 
 import click
 
@@ -53,6 +55,26 @@ def lora_command(config, **flags):
     """
     from ..train import lora
 
+    command = resume_command(config, flags)
     model, data = flags.pop("model"), list(flags.pop("data"))
     data = None if not data else data[0] if len(data) == 1 else data
-    lora(model, data, config=config, **{k: v for k, v in flags.items() if v is not None})
+    result = lora(model, data, config=config, resume_command=command, **{k: v for k, v in flags.items() if v is not None})
+    if result.interrupted:
+        sys.exit(130)  # what a shell expects after Ctrl-C; the checkpoint is saved and the --resume line printed
+
+
+def resume_command(config, flags: dict) -> str:
+    """The command line that continues this run after Ctrl-C: the flags as given, then --resume (not --force)."""
+    words = ["mlxtune", "lora"] + (["--config", str(config)] if config is not None else [])
+    words += ["--model", str(flags["model"])] if flags.get("model") is not None else []
+    for d in flags.get("data") or ():
+        words += ["--data", str(d)]
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None or name in ("model", "data", "resume", "force"):
+            continue
+        if isinstance(value, bool):
+            words.append(flag if value else f"--no-{name.replace('_', '-')}")
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words + ["--resume"])
