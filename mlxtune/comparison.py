@@ -16,6 +16,7 @@ exact match, agreement and `stopped` also catch a chat template or stop token th
 from __future__ import annotations
 
 import contextlib
+import html
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from . import structured
 from .data import batch_of, load_dataset, read_records, record_tools, split_prompt_answer
 from .defaults import fill_in
+from .display import table_html
 from .errors import CheckError, ConfigError, DataError, ExportError
 from .evaluation import greedy_replies, prompts_and_answers, split_file
 from .files import write_text_atomic
@@ -89,8 +91,8 @@ class Comparison:
         """The `--json` document: {"n": N, "stages": [{"stage", "exact_match", "agreement", "mean_kl", "stopped", "loss"}]}."""
         return {"n": self.n, "stages": [s.to_json() for s in self.stages]}
 
-    def table(self) -> str:
-        """The terminal table, one line per stage."""
+    def _cells(self) -> tuple[list[str], list[list[str]]]:
+        """(header, one row per stage): what both the terminal table and the notebook's HTML table show."""
         structured_rows = any(s.json_valid is not None for s in self.stages)
         head = ["stage", "exact match"] + (["JSON valid", "fields"] if structured_rows else []) + [
             "agreement", "mean KL", "stopped", "loss"]
@@ -101,12 +103,26 @@ class Comparison:
                 cells += [_pct(s.json_valid), _pct(s.field_match)]
             cells += [_pct(s.agreement), _num(s.mean_kl), _pct(s.stopped), _num(s.loss)]
             lines.append(cells)
+        return head, lines
+
+    def table(self) -> str:
+        """The terminal table, one line per stage."""
+        head, lines = self._cells()
         widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
 
         def fmt(cells):
             return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
         return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *map(fmt, lines)])
+
+    def __repr__(self) -> str:
+        return "\n".join([f"Comparison on {self.n} rows of {self.data}", self.table(), *self.notes])
+
+    def _repr_html_(self) -> str:
+        head, lines = self._cells()
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
+        return table_html(head, lines, title=f"mlxtune.compare: {self.n} rows of {self.data}") + (
+            f"<ul>{notes}</ul>" if notes else "")
 
     def failures(self, keep: float = KEEP, max_kl: float = MAX_KL) -> list[str]:
         """One line per GGUF stage that lost the fine-tune, naming the stage and a safer type to try."""

@@ -29,10 +29,11 @@ def fields_html(title: str, rows: Sequence[tuple[str, object]]) -> str:
     return f"<div><b>{html.escape(title)}</b><table style='{STYLE[0]}'>{body}</table></div>"
 
 
-def table_html(head: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> str:
-    """A table with a header row; the first column left-aligned, the others right-aligned (numbers)."""
+def table_html(head: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None,
+               numbers: bool = True) -> str:
+    """A table with a header row; the first column left-aligned, the others right-aligned when they are `numbers`."""
     def cells(tag: str, values) -> str:
-        return "".join(f"<{tag} style='{STYLE[1] if i == 0 else STYLE[2]}'>{html.escape(str(v))}</{tag}>"
+        return "".join(f"<{tag} style='{STYLE[2] if i and numbers else STYLE[1]}'>{html.escape(str(v))}</{tag}>"
                        for i, v in enumerate(values))
 
     rows_html = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .backends import is_torch_model, torch_module
 from .data import file_records, read_records, record_tools, split_prompt_answer
 from .defaults import fill_in
+from .display import fields_html, fields_text, num, table_html
 from .errors import ConfigError, DataError, FallbackWarning
 from .files import atomic_file
 from .generation import render_messages, resolve, stop_token_ids, wrap_tokenizer
@@ -77,6 +78,29 @@ class EvalResult:
                 row = {"line": line, "expected": answer, "got": pred, "match": pred.strip() == answer.strip()}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         return path
+
+    def _rows(self) -> list[tuple[str, object]]:
+        return [("exact match", f"{self.exact_match:.1%} ({self.correct}/{self.n})"), ("test loss", num(self.test_loss)),
+                ("perplexity", num(self.perplexity)), ("split", f"{self.split} ({self.file})"),
+                ("took", f"{self.seconds:.1f} s")]
+
+    SHOWN = 3  # mismatches a result shows; all of them are in `mismatches`
+
+    def __repr__(self) -> str:
+        lines = [fields_text("EvalResult", self._rows())]
+        for m in self.mismatches[:self.SHOWN]:
+            pad = " " * len(str(m.line))
+            lines.append(f"  line {m.line}: expected {m.expected.strip()!r}\n  {pad}       got {m.got.strip()!r}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        out = fields_html("mlxtune.evaluate", self._rows())
+        if self.mismatches:
+            out += table_html(["line", "expected", "got"], [(m.line, m.expected.strip(), m.got.strip())
+                                                             for m in self.mismatches[:self.SHOWN]],
+                              title=f"first {min(self.SHOWN, len(self.mismatches))} of {len(self.mismatches)} mismatches",
+                              numbers=False)
+        return out
 
     def summary(self) -> str:
         parts = [f"Exact match: {self.exact_match:.1%} ({self.correct}/{self.n})"]

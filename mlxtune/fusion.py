@@ -35,6 +35,7 @@ from mlx_lm.utils import dequantize_model
 from tqdm.auto import tqdm
 
 from .adapters import AdapterConfig, align_to_model, check_fits, find_adapter_file, read_adapter
+from .display import fields_html, fields_text
 from .errors import AdapterError, ConfigError, ExportError, MlxtuneWarning
 from .files import atomic_dir
 from .gguf import TYPES, to_gguf
@@ -81,6 +82,24 @@ class FuseResult:
     parity: float | None = None  # max |fused - base+adapter| logits in float32 (None: not verified)
     reload_diff: float | None = None  # max |reloaded - fused| logits (None: not verified)
     gguf: Path | None = None
+
+    def _rows(self) -> list[tuple[str, object]]:
+        what = ("de-quantized" if self.de_quantized else f"re-quantized to {self.bits} bits" if self.requantized
+                else "float")
+        kept = self.mean_kept
+        return [("saved to", self.path), ("base model", self.base_model),
+                ("adapter", f"rank {self.adapter.rank}, alpha {self.adapter.alpha:g}, {len(self.adapter.modules)} layers"),
+                ("weights", f"{what}, {self.dtype}"),
+                ("update kept", None if kept is None else f"{kept:.1%} (mean over layers)"),
+                ("parity", None if self.parity is None else f"{self.parity:.2e} (max |fused - base+adapter| logit)"),
+                ("reload", None if self.reload_diff is None else f"{self.reload_diff:.2e} (max |reloaded - fused| logit)"),
+                ("GGUF", self.gguf)]
+
+    def __repr__(self) -> str:
+        return fields_text("FuseResult", self._rows())
+
+    def _repr_html_(self) -> str:
+        return fields_html("mlxtune.fuse", self._rows())
 
     @property
     def requantized(self) -> bool:
