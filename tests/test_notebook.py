@@ -13,11 +13,17 @@ import textwrap
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
 
+import mlxtune
 from mlxtune.checkpoints import RunFiles, read_state
+from mlxtune.layers import LoRALinear, lora_modules
+from mlxtune.report import LivePlot, in_notebook
+
+from tiny import write_chat_data
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "docs" / "notebooks" / "quickstart.ipynb"
 SETUP = """
@@ -151,7 +157,27 @@ def test_three_trainings_in_one_kernel_peak_at_the_same_memory(tmp_path):
 
 
 def test_nothing_changes_in_a_terminal():
-    """Outside a kernel there is no live plot (nothing displayed, IPython not even imported for it)."""
-    from mlxtune.report import LivePlot, in_notebook
-
+    """Outside a kernel there is no live plot: nothing is displayed."""
     assert not in_notebook() and LivePlot.start() is None
+
+
+def test_a_loaded_model_trains_in_place_again_and_again(tiny_llama, tmp_path, capsys):
+    """No reload: the same model object is trained; a second run replaces the first run's LoRA layers (no LoRA
+    inside LoRA), and each run says that the adapter stays applied."""
+    data = write_chat_data(tmp_path / "data", seed=0)
+    model, tokenizer = mlxtune.load(tiny_llama)
+    base = {k: np.array(v) for k, v in model.parameters()["model"]["layers"][0]["self_attn"]["q_proj"].items()}
+    settings = dict(iters=2, batch_size=2, steps_per_eval=0, lora_layers=2, rank=4)
+    first = mlxtune.lora(model, data, tokenizer=tokenizer, adapter_file=tmp_path / "a" / "adapters.npz", **settings)
+    layers = lora_modules(model)
+    second = mlxtune.lora(model, data, tokenizer=tokenizer, adapter_file=tmp_path / "b" / "adapters.npz", **settings)
+    out = capsys.readouterr().out
+    assert lora_modules(model).keys() == layers.keys()
+    assert not any(isinstance(m.linear, LoRALinear) for m in lora_modules(model).values())
+    assert "replaces them with new ones" in out and out.count("the adapter stays applied to the model passed in") == 2
+    assert first.model_note == second.model_note and "stays applied" in repr(second)
+    assert not model.training  # dropout off for what comes next (generation)
+    q = model.model.layers[0].self_attn.q_proj
+    np.testing.assert_array_equal(np.array(q.linear.weight), base["weight"])  # the base itself never changed
+    with np.load(tmp_path / "b" / "adapters.npz") as saved:  # what the model carries is the second adapter
+        np.testing.assert_array_equal(saved["model.layers.0.self_attn.q_proj.lora_b"], np.array(q.lora_b))
