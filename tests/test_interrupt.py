@@ -210,3 +210,26 @@ def test_interrupt_in_python_returns_the_partial_result_and_the_call_that_resume
     a, b = npz(whole.adapter_file), npz(resumed.adapter_file)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_the_torch_engine_stops_the_same_way(tiny_llama, chat_data, tmp_path):
+    """The interrupt lives in the shared loop, so the torch backend gets it too: same checkpoint, same resume."""
+    pytest.importorskip("torch")  # the test extra installs it; a bare install has no torch backend at all
+    settings = dict(SETTINGS, backend="torch", verbose=False)
+    whole_torch = mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=tmp_path / "whole" / "adapters.npz",
+                               **settings)
+
+    def press_ctrl_c(report):
+        if report.get("iteration") == 5 and "train_loss" in report:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    folder = tmp_path / "torch"
+    result = mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=folder / "adapters.npz", callbacks=[press_ctrl_c],
+                          **settings)
+    assert result.interrupted and result.iterations == 5 and result.checkpoint == folder / "0000005_adapters.npz"
+    assert "backend='torch'" in result.resume_call
+    resumed = eval(result.resume_call, {"mlxtune": mlxtune})
+    a, b = npz(whole_torch.adapter_file), npz(resumed.adapter_file)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
