@@ -298,6 +298,7 @@ def train(engine: Engine, batches: Callable[[int], Iterator], valid_records, arg
         # Still inside the handler: a second Ctrl-C during these writes stops at once, and the atomic writes
         # leave the previous files whole.
         if result.interrupted:
+            log.line(f"Interrupted: saving a checkpoint of iteration {it} (interrupt again to stop at once)")
             result.checkpoint = checkpoint(it, announce=False)  # whatever --save-every says: resume needs it
         if world.main:
             write_adapter_files(adapter_file, engine.adapter_arrays(), adapter_config)

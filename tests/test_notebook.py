@@ -20,6 +20,8 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 import mlxtune
 from mlxtune.checkpoints import RunFiles, read_state
+from mlxtune.comparison import Comparison, StageResult
+from mlxtune.evaluation import EvalResult, Mismatch
 from mlxtune.layers import LoRALinear, lora_modules
 from mlxtune.report import LivePlot, in_notebook
 
@@ -181,3 +183,17 @@ def test_a_loaded_model_trains_in_place_again_and_again(tiny_llama, tmp_path, ca
     np.testing.assert_array_equal(np.array(q.linear.weight), base["weight"])  # the base itself never changed
     with np.load(tmp_path / "b" / "adapters.npz") as saved:  # what the model carries is the second adapter
         np.testing.assert_array_equal(saved["model.layers.0.self_attn.q_proj.lora_b"], np.array(q.lora_b))
+
+
+def test_results_show_as_escaped_tables_and_readable_text():
+    """The compare table in HTML has the terminal table's cells; text from data or a model is escaped."""
+    c = Comparison(2, [], [StageResult("base", 0.0, 0.5, None, 1.0, 2.5), StageResult("adapter", 1.0, 1.0, 0.0, 1.0, 0.1)],
+                   data="d/<test>.jsonl", notes=["a <note>"])
+    assert repr(c).splitlines()[1:5] == c.table().splitlines()
+    page = c._repr_html_()
+    assert "&lt;test&gt;" in page and "<test>" not in page and "&lt;note&gt;" in page
+    for row in c._cells()[1]:
+        assert all(f">{cell}<" in page for cell in row)
+    e = EvalResult(0.5, 2, 1, 0.25, 1.284, file="t.jsonl", mismatches=[Mismatch(7, "p", "<tool_call/>", "<b>no</b>")])
+    assert "exact match: 50.0% (1/2)" in repr(e) and "line 7: expected '<tool_call/>'" in repr(e)
+    assert "&lt;b&gt;no&lt;/b&gt;" in e._repr_html_() and "<b>no</b>" not in e._repr_html_()
