@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sys
 import textwrap
 from pathlib import Path
 
@@ -35,9 +36,16 @@ from mlxtune.defaults import DEFAULT_DATA, DEFAULT_LORA_CONFIG, DEFAULT_MODEL
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    # the kernel inherits the environment: tokenization caches stay in the test's temp folder
+def _kernel_env(tmp_path_factory, monkeypatch):
+    # The kernel inherits the environment: tokenization caches stay in the test's temp folder, and the
+    # "python3" kernel is this interpreter (JUPYTER_PATH wins over a python3 kernelspec in ~/.local/share).
     monkeypatch.setenv("MLXTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "mlxtune-cache"))
+    spec = tmp_path_factory.getbasetemp() / "jupyter" / "kernels" / "python3"
+    spec.mkdir(parents=True, exist_ok=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
+                                                          "{connection_file}"], "display_name": "mlxtune tests",
+                                                  "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(spec.parent.parent))
 
 
 def client(nb, cwd: Path, timeout: int = 600) -> NotebookClient:
