@@ -12,8 +12,10 @@ own, only a check that all ranks start from the same settings and data. This mod
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 
 import numpy as np
 
@@ -51,6 +53,25 @@ class World:
 
     def describe(self) -> str:
         return f"Distributed: {self.size} ranks, backend {self.backend}"
+
+
+def torchrun_size() -> int:
+    """How many processes torchrun started this run with (0: this process was not started by torchrun)."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env or all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return int(env.get("WORLD_SIZE", "1"))
+    return 0
+
+
+def rows_of(batch, world: World):
+    """This rank's share of a global batch (a `mlxtune.data.Batch`): rows rank::size (n_real, a report number,
+    stays the global batch's)."""
+    if world.size == 1:
+        return batch
+    rows = slice(world.rank, None, world.size)
+    seg = None if batch.segments is None else batch.segments[rows]
+    return dataclasses.replace(batch, inputs=batch.inputs[rows], targets=batch.targets[rows],
+                               loss_mask=batch.loss_mask[rows], segments=seg)
 
 
 def check_same_run(world: World, fingerprint: dict, batch_size: int) -> None:

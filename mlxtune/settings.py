@@ -37,6 +37,9 @@ class TrainingArgs:
     quantize: bool = field(default=False, metadata={
         "help": "QLoRA on a float base: MLX quantizes it to 4 bits in memory; torch loads it in NF4 with "
                 "bitsandbytes on CUDA (on the CPU torch trains the float base and says so)."})
+    fsdp: bool = field(default=False, metadata={
+        "help": "With --backend torch under torchrun: shard the transformer blocks' frozen weights across the ranks "
+                "(FSDP2 fully_shard), for a model larger than one GPU; the LoRA weights stay whole on every rank."})
     adapter_file: str = field(default="adapters/adapters.npz", metadata={
         "help": "Where the adapter goes; checkpoints, metrics.jsonl and loss.png are written beside it."})
     lora_layers: int = field(default=16, metadata={"help": "Adapt the last N transformer blocks (-1 = all). Alias --num-layers."})

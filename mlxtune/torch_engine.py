@@ -9,21 +9,46 @@ thing to know: the optimizer state is exported under MLX's own names (`step`, `l
 `<module>.lora_a.m` ...), so a checkpoint is the same file whichever backend wrote it, and `--resume`
 continues an MLX run on torch and the reverse. Resume is bit for bit on the CPU; on CUDA deterministic
 algorithms are asked for where torch offers them.
+
+Under `torchrun` (`TorchWorld`, torch.distributed: gloo on the CPU, NCCL on CUDA) each rank takes rows
+`rank::size` of every global batch and the loss sums, token counts and LoRA gradients are summed over the
+ranks in one all-reduce before the update, as `mlxtune.mlx_engine` does on `mx.distributed`; `--fsdp`
+also shards the frozen weights of the transformer blocks across the ranks (FSDP2 `fully_shard`).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .data import Batch
+from .distributed import World, rows_of, torchrun_size
+from .errors import DataError, TrainingError
 from .loss import batch_arrays, micro_batches
 from .schedule import learning_rate_at
 from .settings import TrainingArgs
-from .torch_models import adapter_arrays, load_adapter_arrays, lora_layers, model_parts, to_tensors, token_loss
-from .torch_models import evaluate_loss as _evaluate_loss
+from .torch_models import (
+    adapter_arrays,
+    evaluate_sums,
+    load_adapter_arrays,
+    lora_layers,
+    model_parts,
+    to_tensors,
+    token_loss,
+    transformer_blocks,
+)
+
+# A collective waits at most this long for the other ranks once training runs (a rank that dies is usually
+# noticed at once, by its closed connection; this bounds a hung one). The first exchange, the settings
+# fingerprint after loading the model and the data, may wait as long as loading takes on the slowest rank.
+STEP_TIMEOUT_S = 45
+START_TIMEOUT_S = 30 * 60
 
 
 class MLXOptimizer:
@@ -93,12 +118,142 @@ def _peak_rss_gb() -> float:
     return rss / 1e9 if os.uname().sysname == "Darwin" else rss * 1024 / 1e9
 
 
-class TorchEngine:
-    """Trains the LoRA layers of a transformers model; what `mlxtune.loop.train` calls on torch."""
+class TorchWorld(World):
+    """torch.distributed under `torchrun`: gloo on the CPU, NCCL on CUDA (one GPU per rank, cuda:LOCAL_RANK)."""
 
-    def __init__(self, model, args: TrainingArgs, device: str):
+    def __init__(self, device: str):
+        env = os.environ
+        self.rank, self.size, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
+        cuda = torch.device(device).type == "cuda"
+        self.backend = "nccl" if cuda else "gloo"
+        self.device = f"cuda:{local}" if cuda else device
+        if cuda:
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group(self.backend, timeout=timedelta(seconds=START_TIMEOUT_S))
+            atexit.register(_close_process_group)
+        # every rank creates it right after init: training's exchanges use it, with the short timeout
+        self.group = dist.new_group(backend=self.backend, timeout=timedelta(seconds=STEP_TIMEOUT_S))
+        self.started = False  # the first exchange (the fingerprint) waits on the default group's long timeout
+        self.stopping = False
+        signal.signal(signal.SIGTERM, self._terminated)
+
+    def _terminated(self, signum, frame):
+        # torchrun stops the surviving ranks with SIGTERM when one fails; say so in one line (unless this rank
+        # is already stopping with a line of its own)
+        if not self.stopping:
+            self.stopping = True
+            raise TrainingError(f"rank {self.rank}: stopped by torchrun (SIGTERM): another rank failed or the run was "
+                                "interrupted (torchrun's report names the rank). Resume all ranks with --resume")
+
+    def _run(self, fn, tensor, **kwargs):
+        group = self.group if self.started else None
+        try:
+            fn(tensor, group=group, **kwargs)
+        except RuntimeError as e:  # gloo: "Connection closed by peer" or a timeout; NCCL: an aborted communicator
+            raise self.lost(e) from None
+        self.started = True
+
+    def _tensor(self, values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(values)).to(self.device)
+
+    def all_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over the ranks, in place, where it lives (the gradient exchange)."""
+        self._run(dist.all_reduce, tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_sum(self, values):
+        return self.all_sum_(self._tensor(np.asarray(values))).cpu().numpy()
+
+    def all_max(self, values):
+        t = self._tensor(np.asarray(values))
+        self._run(dist.all_reduce, t, op=dist.ReduceOp.MAX)
+        return t.cpu().numpy()
+
+    def all_gather(self, values):
+        t = self._tensor(np.asarray(values))
+        out = [torch.empty_like(t) for _ in range(self.size)]
+        self._run(lambda tensor, group: dist.all_gather(out, tensor, group=group), t)
+        return torch.stack(out).cpu().numpy()
+
+    def broadcast(self, arrays, like):
+        out = {}
+        for k, ref in like.items():
+            ref = np.asarray(ref)
+            mine = np.ascontiguousarray(np.asarray(arrays[k], ref.dtype) if self.main else np.zeros_like(ref))
+            raw = self._tensor(mine.reshape(-1).view(np.uint8))  # as bytes: exact for every dtype (uint64 too)
+            self._run(dist.broadcast, raw, group_src=0)
+            out[k] = raw.cpu().numpy().view(ref.dtype).reshape(ref.shape)
+        return out
+
+    def lost(self, error):
+        self.stopping = True
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        who = f"rank {1 - self.rank}" if self.size == 2 else "another rank"
+        return TrainingError(f"rank {self.rank}: the exchange with {who} failed ({first}): that rank stopped, died or "
+                             f"hung for {STEP_TIMEOUT_S} s; the others stop too. Resume all ranks with --resume (any "
+                             "number of ranks that divides --batch-size)")
+
+
+def _close_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def torch_world(device: str) -> World:
+    """The world `torchrun` started this process in, or a single process."""
+    if torchrun_size() <= 1:
+        return World()
+    return TorchWorld(device)
+
+
+def shard_blocks(model, world: TorchWorld, device: str) -> tuple[int, int, int]:
+    """--fsdp: shard each transformer block's frozen weights over the ranks (FSDP2 `fully_shard`); returns the
+    number of blocks sharded, and the bytes of their frozen weights this rank holds and all of them take.
+
+    The LoRA tensors are left out of the sharding (`ignored_params`): they are small, every rank keeps them
+    whole, and their gradients are exchanged like DDP's (`TorchEngine.step`), so --fsdp computes exactly the
+    update of a DDP run, and rank 0 alone can read the adapter to write it. The embedding, final norm and
+    output head stay whole too: the loss calls the decoder and the head separately (hidden states of target
+    positions only reach the head), and a tied embedding cannot sit in two shard units.
+    """
+    from torch.distributed.device_mesh import DeviceMesh  # only for --fsdp
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = DeviceMesh.from_group(world.group, device_type=torch.device(device).type)
+    lora = {p for m in lora_layers(model).values() for p in (m.lora_a, m.lora_b)}
+    _, blocks = transformer_blocks(model)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, ignored_params={p for p in block.parameters() if p in lora})
+    target = torch.device(device)
+    with torch.no_grad():  # what fully_shard did not move (model loaded on the CPU for a CUDA run): in place
+        for m in model.modules():
+            for p in m.parameters(recurse=False):
+                if not isinstance(p, DTensor) and p.device != target:
+                    p.data = p.data.to(target)
+            for name, b in m.named_buffers(recurse=False):
+                if b.device != target:
+                    m._buffers[name] = b.to(target)
+    sharded = [p for block in blocks for p in block.parameters() if isinstance(p, DTensor)]
+    held = sum(p.to_local().numel() * p.element_size() for p in sharded)
+    return len(blocks), held, sum(p.numel() * p.element_size() for p in sharded)
+
+
+class TorchEngine:
+    """Trains the LoRA layers of a transformers model; what `mlxtune.loop.train` calls on torch.
+
+    With a multi-process `world` (torchrun) each rank takes rows `rank::size` of every global batch; with
+    `args.fsdp` the blocks' frozen weights are sharded over the ranks first (`shard_blocks`).
+    """
+
+    def __init__(self, model, args: TrainingArgs, device: str, world: World | None = None):
         self.model, self.args, self.device = model, args, torch.device(device)
+        self.world = world or World()
         self.name = f"torch ({device})"
+        self.sharded = (0, 0, 0)  # --fsdp: blocks sharded, bytes of their frozen weights held here, in all
+        if args.fsdp and self.world.size > 1:
+            self.sharded = shard_blocks(model, self.world, device)
         if self.device.type == "cuda":  # exact resume where CUDA has deterministic kernels (cuBLAS needs the workspace
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # setting before its first matmul)
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -124,13 +279,21 @@ class TorchEngine:
         for p in self.params.values():
             p.grad = None
         total = n = 0.0
-        for part in micro_batches(batch, self.args.grad_accumulation):
-            arrays = to_tensors(batch_arrays(part, self.gather, bucket=False), self.device)
-            t, c = token_loss(self.model, self.parts, arrays, self.gather)
-            t.backward()  # gradients of the summed loss add up over micro-batches
-            total, n = total + t.item(), n + c.item()
+        try:
+            for part in micro_batches(rows_of(batch, self.world), self.args.grad_accumulation):
+                arrays = to_tensors(batch_arrays(part, self.gather, bucket=False), self.device)
+                t, c = token_loss(self.model, self.parts, arrays, self.gather)
+                t.backward()  # gradients of the summed loss add up over micro-batches
+                total, n = total + t.item(), n + c.item()
+            grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in self.params.items()}
+            if self.world.size > 1:
+                total, n, grads = self._everywhere(total, n, grads)
+        except RuntimeError as e:  # with --fsdp the forward's all-gathers fail first when a rank went away
+            if self.world.size == 1 or isinstance(e, TrainingError):
+                raise
+            raise self.world.lost(e) from None
         with torch.no_grad():
-            grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) / max(n, 1.0) for k, p in self.params.items()}
+            grads = {k: g / max(n, 1.0) for k, g in grads.items()}
             norm = torch.sqrt(sum(g.float().square().sum() for g in grads.values()))
             clip = self.args.max_grad_norm
             if clip > 0:
@@ -139,8 +302,32 @@ class TorchEngine:
             self.optimizer.update(grads, learning_rate_at(self.args, iteration))
         return total, n, norm.item()
 
+    @torch.no_grad()
+    def _everywhere(self, total: float, n: float, grads: dict[str, torch.Tensor]):
+        """Loss sum, token count and every LoRA gradient summed over the ranks, in one all-reduce.
+
+        Not DDP: DDP averages gradients over the ranks, while the step must divide the sum of every rank's
+        summed token losses by the global token count (ranks hold different numbers of target tokens), which
+        DDP does not exchange; and DDP reduces only when the forward goes through its wrapper, whereas the
+        loss calls the decoder and the head separately. A sum of the per-rank sums, then one division by the
+        global count, is the single process's step up to the order of float additions, as on MLX.
+        """
+        flat = torch.cat([torch.tensor([total, n], dtype=torch.float32, device=self.device)]
+                         + [g.reshape(-1).float() for g in grads.values()])
+        self.world.all_sum_(flat)
+        out, at = {}, 2
+        for k, g in grads.items():
+            out[k] = flat[at:at + g.numel()].view_as(g).to(g.dtype)
+            at += g.numel()
+        return float(flat[0]), float(flat[1]), out
+
     def evaluate(self, records, num_batches: int = -1) -> float:
-        return _evaluate_loss(self.model, records, self.args.batch_size, self.args.max_seq_length, num_batches)
+        total, count = evaluate_sums(self.model, records, self.args.batch_size, self.args.max_seq_length, num_batches,
+                                     share=(self.world.rank, self.world.size))
+        total, count = self.world.all_sum(np.array([total, count], np.float64))
+        if count == 0:
+            raise DataError("the evaluation records carry no target tokens (is every completion empty or truncated?)")
+        return float(total / count)
 
     def learning_rate(self) -> float:
         return self.optimizer.lr
@@ -156,10 +343,10 @@ class TorchEngine:
             pass
 
     def peak_memory(self) -> float:
-        """Peak memory in GB since the last reset: CUDA allocations, or the process's peak RSS on the CPU."""
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 1e9
-        return _peak_rss_gb()
+        """Peak memory in GB since the last reset (the largest over the ranks): CUDA allocations, or the
+        process's peak RSS on the CPU."""
+        mine = torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else _peak_rss_gb()
+        return float(self.world.all_max(np.array([mine], np.float64))[0])
 
     def adapter_arrays(self) -> dict[str, np.ndarray]:
         return adapter_arrays(self.model)

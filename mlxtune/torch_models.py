@@ -14,6 +14,7 @@ module is only imported through `mlxtune.backends.torch_module`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -52,8 +53,11 @@ def default_device() -> str:
 
 
 def load_torch_model(path_or_id: str | os.PathLike, *, device: str | None = None, quantize: bool = False,
-                     say: Callable[[str], None] = print) -> TorchModel:
-    """A Hugging Face directory or hub id as a transformers model (frozen, eval mode) and its tokenizer."""
+                     say: Callable[[str], None] = print, dtype: torch.dtype | None = None) -> TorchModel:
+    """A Hugging Face directory or hub id as a transformers model (frozen, eval mode) and its tokenizer.
+
+    `dtype` overrides the device's (bfloat16 on CUDA, float32 on the CPU): --fsdp loads a CUDA run's model
+    on the CPU in bfloat16, and sharding moves each rank's share to its GPU."""
     path = resolve_model_path(path_or_id)
     config = read_config(path)
     if "quantization" in config:
@@ -64,7 +68,7 @@ def load_torch_model(path_or_id: str | os.PathLike, *, device: str | None = None
                              "name their layers differently, so the adapter would not fit the other verbs; use --backend mlx")
     device = device or default_device()
     cuda = device.startswith("cuda")
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if cuda else torch.float32}
+    kwargs: dict[str, Any] = {"dtype": dtype or (torch.bfloat16 if cuda else torch.float32)}
     quantized = False
     if quantize:
         if not cuda:
@@ -117,7 +121,7 @@ class LoRALinear(nn.Module):
         return y + (self.scale * z).to(y.dtype)
 
 
-def _blocks(model) -> tuple[str, list[nn.Module]]:
+def transformer_blocks(model) -> tuple[str, list[nn.Module]]:
     """(module-path prefix, transformer blocks) of a transformers causal LM."""
     for name, m in model.named_modules():
         if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks") and len(m):
@@ -155,7 +159,7 @@ def apply_lora(model, *, lora_layers: int | None = 16, rank: int = 8, alpha: flo
             raise AdapterError(f"the adapter targets modules this model does not have: {', '.join(missing[:4])}"
                                f"{' ...' if len(missing) > 4 else ''} (was it trained on another base model?)")
     else:
-        prefix, blocks = _blocks(model)
+        prefix, blocks = transformer_blocks(model)
         targets = resolve_targets(target_modules)
         layer_ids = select_layers(len(blocks), lora_layers, explicit_layers)
         chosen, seen = [], set()
@@ -362,12 +366,15 @@ def token_loss(model, parts: Parts, arrays: list[torch.Tensor], gather: bool) ->
     return ce.sum(), weights.sum()
 
 
-def evaluate_loss(model, records, batch_size: int, max_seq_length: int, num_batches: int = -1) -> float:
-    """Mean loss per target token over `records` (the first `num_batches` batches; -1 = all), unpacked, in order."""
+def evaluate_sums(model, records, batch_size: int, max_seq_length: int, num_batches: int = -1, *,
+                  share: tuple[int, int] = (0, 1)) -> tuple[float, float]:
+    """(sum of token losses, target tokens) over the first `num_batches` batches of `records` (-1 = all),
+    unpacked, in order. `share=(rank, size)`: only rows rank::size of each batch (a rank's part of the sums)."""
     if not records:
         raise DataError("no records to evaluate (the split is empty)")
     parts = model_parts(model)
     gather = parts.body is not None
+    rank, size = share
     device = model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()
@@ -379,10 +386,23 @@ def evaluate_loss(model, records, batch_size: int, max_seq_length: int, num_batc
             for i, batch in enumerate(batches):
                 if num_batches != -1 and i >= num_batches:
                     break
+                if size > 1:
+                    rows = slice(rank, None, size) if len(batch.inputs) > rank else slice(0, 1)
+                    # a rank without rows in the last batch still runs a forward (of a row it does not count):
+                    # with --fsdp every forward is a collective of all ranks
+                    mask = batch.loss_mask[rows] if len(batch.inputs) > rank else np.zeros_like(batch.loss_mask[rows])
+                    batch = dataclasses.replace(batch, inputs=batch.inputs[rows], targets=batch.targets[rows],
+                                                loss_mask=mask)
                 s, n = token_loss(model, parts, to_tensors(batch_arrays(batch, gather, bucket=False), device), gather)
                 total, count = total + s.item(), count + n.item()
     finally:
         model.train(was_training)
+    return total, count
+
+
+def evaluate_loss(model, records, batch_size: int, max_seq_length: int, num_batches: int = -1) -> float:
+    """Mean loss per target token over `records` (the first `num_batches` batches; -1 = all), unpacked, in order."""
+    total, count = evaluate_sums(model, records, batch_size, max_seq_length, num_batches)
     if count == 0:
         raise DataError("the evaluation records carry no target tokens (is every completion empty or truncated?)")
     return total / count

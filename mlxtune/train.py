@@ -26,7 +26,7 @@ from .backends import select_backend, torch_module
 from .checkpoints import settings_fingerprint
 from .data import iterate_batches, load_dataset, padding_fraction, records_fingerprint
 from .defaults import DEFAULT_LORA_CONFIG, fill_in
-from .distributed import check_same_run
+from .distributed import World, check_same_run, torchrun_size
 from .errors import ConfigError, DataError
 from .layers import apply_lora, count_parameters, remove_lora
 from .loop import TrainResult, train
@@ -112,15 +112,21 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
     args = training_args(config, base=base, **explicit, **({} if preloaded else {"model": str(filled.model)}),
                          data=data_arg if isinstance(data_arg, (str, os.PathLike)) else None)
     lora_layers_explicit = "lora_layers" in explicit or "lora_layers" in file_values
-    world = mlx_world()  # several ranks under mlx.launch: only rank 0 speaks and writes
-    say = (lambda text: print(text, flush=True)) if verbose and world.main else (lambda text: None)
-    if filled.note:
-        say(filled.note)
     if preloaded and args.backend == "torch":
         raise ConfigError("a loaded MLX model trains on the mlx backend: pass the model's path for --backend torch")
     backend = select_backend("mlx" if preloaded else args.backend)
+    world = _world(backend, args)  # several ranks under mlx.launch or torchrun: only rank 0 speaks and writes
+    backend = dataclasses.replace(backend, device=getattr(world, "device", backend.device))  # torchrun: cuda:LOCAL_RANK
+    say = (lambda text: print(text, flush=True)) if verbose and world.main else (lambda text: None)
+    if filled.note:
+        say(filled.note)
     say(backend.line())
     torch_models = torch_module("torch_models") if backend.name == "torch" else None
+    if torch_models is not None and not world.main:  # transformers' loading bar: rank 0's is enough
+        torch_models.transformers.utils.logging.disable_progress_bar()
+    fsdp = args.fsdp and world.size > 1
+    if args.fsdp and not fsdp:
+        say("note: --fsdp: a single process has nothing to shard (start the ranks with torchrun); training without it")
 
     adapter_file = Path(args.adapter_file)
     test_only = args.test and "iters" not in explicit and adapter_file.exists() and not args.resume
@@ -136,7 +142,10 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
             say("note: the model carries the LoRA layers of an earlier run; this run replaces them with new ones "
                 "(their adapter file keeps the old weights)")
     elif torch_models is not None:
-        loaded = torch_models.load_torch_model(args.model, device=backend.device, quantize=args.quantize, say=say)
+        # --fsdp on CUDA: load on the CPU, and sharding moves each rank's share of the blocks to its GPU
+        stage = fsdp and backend.device.startswith("cuda")
+        loaded = torch_models.load_torch_model(args.model, device="cpu" if stage else backend.device, quantize=args.quantize,
+                                               say=say, dtype=torch_models.torch.bfloat16 if stage else None)
         model, tokenizer = loaded.model, loaded.tokenizer
         say(torch_models.describe(loaded))
     else:
@@ -184,7 +193,11 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
     if args.report_to == "wandb" and world.main:
         callbacks.append(_wandb_callback(args))
     if torch_models is not None:
-        engine = torch_module("torch_engine").TorchEngine(model, args, backend.device)
+        engine = torch_module("torch_engine").TorchEngine(model, args, backend.device, world=world)
+        blocks, held, whole = engine.sharded
+        if blocks:
+            say(f"FSDP: {blocks} transformer blocks sharded across {world.size} ranks: each holds {held / 1e6:.3f} MB of "
+                f"their {whole / 1e6:.3f} MB of frozen weights (LoRA weights, embedding and output head stay whole)")
     else:
         engine = MLXEngine(model, make_optimizer(args), args, world=world)
     pack = args.pack and engine.packing
@@ -215,6 +228,24 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
                              "uses it; mlxtune.lora(model, ...) again replaces it")
         say(f"Note: {result.model_note}")
     return result
+
+
+def _world(backend, args: TrainingArgs) -> World:
+    """The processes this run trains in: mlx.launch's ranks on MLX, torchrun's on torch, or this one alone."""
+    launched = torchrun_size()
+    if backend.name == "torch":
+        if args.fsdp and args.quantize and launched > 1:
+            raise ConfigError("--fsdp cannot shard a 4-bit (NF4) base: drop --quantize, or train without --fsdp")
+        if mlx_world().size > 1:
+            raise ConfigError("mlx.launch started this process but the backend is torch: start torch ranks with "
+                              "torchrun (torchrun --nproc-per-node N -m mlxtune lora --backend torch ...)")
+        return torch_module("torch_engine").torch_world(backend.device)
+    if launched > 1:
+        raise ConfigError(f"torchrun started {launched} processes but this run's backend is mlx: pass --backend torch "
+                          "(DDP on torch.distributed), or start MLX ranks with mlx.launch")
+    if args.fsdp:
+        raise ConfigError("--fsdp shards a model with torch (FSDP2): use it with --backend torch under torchrun")
+    return mlx_world()
 
 
 def _quantize_in_memory(model, say) -> None:

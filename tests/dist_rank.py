@@ -1,8 +1,10 @@
-"""One rank of a distributed test run, started by `mlx.launch` (see test_distributed.py).
+"""One rank of a distributed test run, started by `mlx.launch` or `torchrun` (test_distributed.py,
+test_distributed_torch.py).
 
 argv[1] is a JSON object: `kwargs` for mlxtune.lora (model and data included), and optionally `die_at`
-(rank 1 kills itself at that iteration), `guard` (ranks other than 0 fail on any file write under that
-folder, to prove that only rank 0 writes) and `rank_data` ({rank: data}: that rank reads other data).
+(rank 1 kills itself at that iteration), `hang_at` (rank 1 stops answering at that iteration), `guard`
+(ranks other than 0 fail on any file write under that folder, to prove that only rank 0 writes) and
+`rank_data` ({rank: data}: that rank reads other data).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import builtins
 import json
 import os
 import sys
+import time
 
 import mlxtune
 from mlxtune.errors import MlxtuneError
 
 spec = json.loads(sys.argv[1])
-rank = int(os.environ.get("MLX_RANK", "0"))
+rank = int(os.environ.get("MLX_RANK", os.environ.get("RANK", "0")))
 callbacks = []
 if str(rank) in spec.get("rank_data", {}):
     spec["kwargs"]["data"] = spec["rank_data"][str(rank)]
@@ -25,6 +28,11 @@ if spec.get("die_at") and rank == 1:
         if report.get("iteration") == spec["die_at"] and "train_loss" in report:
             os._exit(9)  # like a SIGKILL: no cleanup, no goodbye
     callbacks.append(die)
+if spec.get("hang_at") and rank == 1:
+    def hang(report):
+        if report.get("iteration") == spec["hang_at"] and "train_loss" in report:
+            time.sleep(3600)  # alive, but never at the next exchange
+    callbacks.append(hang)
 
 if spec.get("guard") and rank != 0:
     guarded = os.path.realpath(spec["guard"])
