@@ -2,16 +2,20 @@
 
     python benchmarks/distributed.py                    # MLX (mlx.launch, ring) and, if installed, torch (torchrun, gloo)
     python benchmarks/distributed.py --engines mlx --iters 40
+    python benchmarks/distributed.py --engines torch,torch-fsdp
 
 Same model (a random ~25M-parameter llama), data, LoRA settings and global batch for every run; real tokens
 per second between the first and the last report (compilation left out), and the bytes each rank sends per
 step: a ring all-reduce of S bytes sends 2 (N-1)/N * S per rank, and S is every LoRA gradient in float32
-plus the loss sum and token count. The ideal speedup is 2.0x (target >= 1.7x).
+plus the loss sum and token count. With --fsdp (torch-fsdp) each block's frozen weights W are also
+all-gathered before its forward and again before its backward (they are resharded after the forward):
+2 (N-1)/N * W more per rank and step. The ideal speedup is 2.0x (target >= 1.7x).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -55,11 +59,18 @@ def trainable_bytes(stdout: str) -> int:
     return int(float(m.group(1)) * 1e6 * 4) + 8
 
 
+def sharded_bytes(stdout: str) -> float:
+    """The blocks' frozen weights --fsdp shards (rank 0's FSDP line), or 0."""
+    m = re.search(r"FSDP: .* MB of their ([\d.]+) MB", stdout)
+    return float(m.group(1)) * 1e6 if m else 0.0
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--engines", default="mlx")
+    p.add_argument("--engines", default="mlx,torch" if importlib.util.find_spec("torch") else "mlx",
+                   help="comma list of mlx, torch, torch-fsdp")
     a = p.parse_args()
     work = Path(tempfile.gettempdir()) / "mlxtune-bench-distributed"
     work.mkdir(exist_ok=True)
@@ -68,23 +79,26 @@ def main() -> None:
               str(a.batch_size), "--steps-per-report", "5", "--steps-per-eval", "0", "--save-every", "0", "--no-plot",
               "--lora-layers", "-1", "--force"]
     mlxtune = [str(Path(sys.executable).parent / "mlxtune")]
-    rows = []
+    rows, singles = [], {}
     for engine in a.engines.split(","):
         if engine == "mlx":
             one = run(mlxtune + common + ["--adapter-file", str(work / "one" / "adapters.npz")])
             two = run([str(Path(sys.executable).parent / "mlx.launch"), "-n", "2", "--backend", "ring", *mlxtune,
                        *common, "--adapter-file", str(work / "two" / "adapters.npz")])
-        else:
-            torch_args = ["--backend", "torch"]
-            one = run(mlxtune + common + torch_args + ["--adapter-file", str(work / "tone" / "adapters.npz")])
-            two = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mlxtune",
-                       *common, *torch_args, "--adapter-file", str(work / "ttwo" / "adapters.npz")])
+        else:  # torch, torch-fsdp: torchrun with gloo (python -m mlxtune on each rank)
+            torch_args = ["--backend", "torch"] + (["--fsdp"] if engine == "torch-fsdp" else [])
+            if "torch" not in singles:  # the one-process run is the same for both rows
+                singles["torch"] = run(mlxtune + common + ["--backend", "torch", "--adapter-file",
+                                                           str(work / "tone" / "adapters.npz")])
+            one = singles["torch"]
+            two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                       "mlxtune", *common, *torch_args, "--adapter-file", str(work / engine / "adapters.npz")])
         t1, t2 = tokens_per_second(one), tokens_per_second(two)
-        sent = 2 * (2 - 1) / 2 * trainable_bytes(one)
+        sent = 2 * (2 - 1) / 2 * (trainable_bytes(one) + sharded_bytes(two))  # an all-gather sends (N-1)/N * W
         rows.append((engine, t1, t2, t2 / t1, sent))
-    print(f"\n{'engine':<8} {'1 process tok/s':>16} {'2 ranks tok/s':>14} {'speedup':>8} {'bytes sent/rank/step':>22}")
+    print(f"\n{'engine':<11} {'1 process tok/s':>16} {'2 ranks tok/s':>14} {'speedup':>8} {'bytes sent/rank/step':>22}")
     for engine, t1, t2, ratio, sent in rows:
-        print(f"{engine:<8} {t1:>16.0f} {t2:>14.0f} {ratio:>7.2f}x {sent / 1e6:>19.2f} MB")
+        print(f"{engine:<11} {t1:>16.0f} {t2:>14.0f} {ratio:>7.2f}x {sent / 1e6:>19.2f} MB")
     print(json.dumps({"rows": rows}))
 
 

@@ -16,6 +16,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
+import threading
 
 import numpy as np
 
@@ -47,9 +49,26 @@ class World:
         """Rank 0's `arrays` on every rank (`like` gives the names, shapes and dtypes where a rank has none)."""
         return dict(arrays) if arrays is not None else dict(like)
 
+    stopping = False  # this rank is already on its way out with a line of its own
+
     def lost(self, error: BaseException) -> TrainingError:
         """The one-line error when a collective fails because another rank went away."""
+        self.stopping = True
         return TrainingError(f"rank {self.rank}: {error}")
+
+    def stop_on_sigterm(self, launcher: str) -> None:
+        """The launcher (mlx.launch, torchrun) stops the surviving ranks with SIGTERM when one fails, often before
+        their next exchange notices: make that one line too (`error: rank R: stopped by ...`), not a silent death."""
+        if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+            return
+
+        def stopped(signum, frame):
+            if not self.stopping:
+                self.stopping = True
+                raise TrainingError(f"rank {self.rank}: stopped by {launcher} (SIGTERM): another rank failed or the run "
+                                    f"was interrupted ({launcher} names the rank). Resume all ranks with --resume")
+
+        signal.signal(signal.SIGTERM, stopped)
 
     def describe(self) -> str:
         return f"Distributed: {self.size} ranks, backend {self.backend}"

@@ -101,6 +101,7 @@ class MLXWorld(World):
                 for k, ref in like.items()}
 
     def lost(self, error):
+        self.stopping = True
         others = sorted({(self.rank - 1) % self.size, (self.rank + 1) % self.size} - {self.rank})
         who = " or ".join(f"rank {r}" for r in others)
         return TrainingError(f"rank {self.rank}: the connection to {who} was lost ({error}): that rank stopped or "
@@ -113,7 +114,9 @@ def mlx_world() -> World:
     group = mx.distributed.init()
     if group.size() == 1:
         return World()
-    return MLXWorld(group, _backend_name())
+    world = MLXWorld(group, _backend_name())
+    world.stop_on_sigterm("mlx.launch")
+    return world
 
 
 def _backend_name() -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import signal
 from datetime import timedelta
 
 import numpy as np
@@ -135,16 +134,7 @@ class TorchWorld(World):
         # every rank creates it right after init: training's exchanges use it, with the short timeout
         self.group = dist.new_group(backend=self.backend, timeout=timedelta(seconds=STEP_TIMEOUT_S))
         self.started = False  # the first exchange (the fingerprint) waits on the default group's long timeout
-        self.stopping = False
-        signal.signal(signal.SIGTERM, self._terminated)
-
-    def _terminated(self, signum, frame):
-        # torchrun stops the surviving ranks with SIGTERM when one fails; say so in one line (unless this rank
-        # is already stopping with a line of its own)
-        if not self.stopping:
-            self.stopping = True
-            raise TrainingError(f"rank {self.rank}: stopped by torchrun (SIGTERM): another rank failed or the run was "
-                                "interrupted (torchrun's report names the rank). Resume all ranks with --resume")
+        self.stop_on_sigterm("torchrun")
 
     def _run(self, fn, tensor, **kwargs):
         group = self.group if self.started else None

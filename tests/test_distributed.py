@@ -100,7 +100,9 @@ def test_a_dead_rank_stops_the_other_quickly_with_a_line_naming_it(setup, tmp_pa
     r = launch({"kwargs": dict(BASE, model=model, data=data, iters=200, adapter_file=str(tmp_path / "d.npz")),
                 "die_at": 5})
     assert time.time() - t < 120
-    assert "rank 0: the connection to rank 1 was lost" in r.stderr, r.stderr[-2000:]
+    # rank 0 notices the closed connection itself, or mlx.launch stops it first (SIGTERM): one line either way
+    assert ("rank 0: the connection to rank 1 was lost" in r.stderr
+            or "rank 0: stopped by mlx.launch (SIGTERM)" in r.stderr), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
 
 
