@@ -211,6 +211,9 @@ def shard_blocks(model, world: TorchWorld, device: str) -> tuple[int, int, int]:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
+    # FSDP's all-gathers run on the world's group with its short timeout: wait first (on the long one) until
+    # every rank has loaded its model
+    world.all_max(np.zeros(1))
     mesh = DeviceMesh.from_group(world.group, device_type=torch.device(device).type)
     lora = {p for m in lora_layers(model).values() for p in (m.lora_a, m.lora_b)}
     _, blocks = transformer_blocks(model)
