@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import mlxtune
+from mlxtune.errors import ConfigError
 
 from test_distributed import assert_same_adapter
 from tiny import write_chat_data
@@ -145,3 +146,13 @@ def test_resume_across_a_different_number_of_ranks_gives_the_uninterrupted_adapt
     train(first, iters=10)
     train(second, resume=True)
     assert_same_adapter(whole.adapter_file, run)
+
+
+def test_fsdp_outside_torchrun_is_a_line(setup, tmp_path, capsys):
+    model, data = setup
+    quick = dict(model=model, data=data, iters=1, batch_size=2, steps_per_eval=0, save_every=0, plot=False)
+    with pytest.raises(ConfigError, match="--fsdp shards a model with torch"):
+        mlxtune.lora(backend="mlx", fsdp=True, adapter_file=tmp_path / "m.npz", verbose=False, **quick)
+    mlxtune.lora(backend="torch", fsdp=True, adapter_file=tmp_path / "t.npz", verbose=True, **quick)
+    assert "note: --fsdp: a single process has nothing to shard" in capsys.readouterr().out
+    assert (tmp_path / "t.npz").exists()
