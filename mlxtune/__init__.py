@@ -25,6 +25,7 @@ _API = {
     "evaluate": "evaluation",
     "compare": "comparison",
     "lora": "train",
+    "plan": "memory_plan",
     "convert": "conversion",
     "fuse": "fusion",
     "to_gguf": "gguf",

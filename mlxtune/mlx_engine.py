@@ -213,6 +213,9 @@ class MLXEngine:
                 for lo in range(0, rows, size):
                     t, c, acc = self._accumulate(acc, *prepare_batch(_rows(mine, slice(lo, lo + size)), self.gather))
                     total, n = total + t, n + c
+                    # one micro-batch at a time: left lazy, MLX ran them all in one graph and the peak grew with
+                    # every micro-batch, so accumulation saved no memory (measured: 1.7x at 2 micro-batches)
+                    mx.eval(acc, total, n)
                 total, n, norm = self._apply(acc, total, n)
             mx.eval(self._state, total, n, norm)
         except RuntimeError as e:  # a collective failed: another rank went away

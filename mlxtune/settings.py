@@ -68,6 +68,12 @@ class TrainingArgs:
         "help": "Micro-batches per optimizer step; equals a batch of batch-size x N."})
     grad_checkpoint: bool = field(default=False, metadata={
         "help": "Recompute block activations in the backward pass: less memory, ~30% slower."})
+    memory_limit: str | None = field(default=None, metadata={
+        "help": "Memory budget for the memory plan, like 12GB or 500MB (default: Metal's recommended working set, "
+                "the CUDA device's memory with --backend torch, else the RAM available). See `mlxtune plan`."})
+    auto_fit: bool = field(default=False, metadata={
+        "help": "When the memory plan does not fit the budget, choose --batch-size, --grad-accumulation and "
+                "--grad-checkpoint that fit, keeping the effective batch size."})
     max_seq_length: int = field(default=2048, metadata={"help": "Longer examples are truncated to this many tokens."})
     pack: bool = field(default=False, metadata={
         "help": "Pack several examples into each row of up to --max-seq-length tokens (block-diagonal "
@@ -85,7 +91,8 @@ class TrainingArgs:
     save_every: int = field(default=100, metadata={"help": "Steps between checkpoints (0000100_adapters.npz)."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint beside --adapter-file."})
     force: bool = field(default=False, metadata={
-        "help": "Replace an existing adapter (and its checkpoints) in --adapter-file's folder."})
+        "help": "Replace an existing adapter (and its checkpoints) in --adapter-file's folder; also start when the "
+                "memory plan says the run does not fit."})
     test: bool = field(default=False, metadata={
         "help": "Report test loss and perplexity after training (or, with an existing --adapter-file and no --iters, "
                 "instead of training)."})

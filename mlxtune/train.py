@@ -30,7 +30,8 @@ from .distributed import World, check_same_run, torchrun_size
 from .errors import ConfigError, DataError
 from .layers import apply_lora, count_parameters, remove_lora
 from .loop import TrainResult, train
-from .loss import evaluate_loss
+from .loss import evaluate_loss, model_parts
+from .memory_plan import check_memory
 from .mlx_engine import MLXEngine, make_optimizer, mlx_world
 from .models import load_model
 from .settings import TrainingArgs, normalize_keys, read_config_file, training_args
@@ -184,6 +185,9 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
         trainable, total = count_parameters(model)
     say(f"Trainable parameters: {100 * trainable / max(total, 1):.3f}% ({_fmt_count(trainable)}/{_fmt_count(total)})")
 
+    if args.iters > 0:  # the memory plan: one line; refuse, adapt (--auto-fit) or go on (--force)
+        pack_ok = args.pack and (torch_models is not None or model_parts(model).packing)
+        args = check_memory(model, splits, args, backend=backend.name, device=backend.device, pack=pack_ok, say=say)
     needed = args.batch_size * args.grad_accumulation
     if args.iters > 0 and len(splits.train) < needed:
         accumulation = f" x --grad-accumulation {args.grad_accumulation}" if args.grad_accumulation > 1 else ""

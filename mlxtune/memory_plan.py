@@ -1,0 +1,538 @@
+"""Memory planning: the peak memory a LoRA run will need, known before its first step, and settings that fit.
+
+`mlxtune.plan(...)` / `mlxtune plan` take the settings of `mlxtune lora` and add up: the base weights (by
+dtype and bits), the LoRA parameters with their gradients and optimizer state, the activations of the
+largest micro-batch the data will produce (the exact batches `mlxtune.data` yields, trimmed and gathered as
+`mlxtune.loss.batch_arrays` does, so the vocabulary projection counts target positions only), and the
+temporaries of the compiled step. `mlxtune lora` runs the same estimate first and refuses a run that does
+not fit the budget (`--force` starts anyway; `--auto-fit` picks batch size, accumulation and checkpointing).
+
+The one thing to know: the estimate is of what the training report's `Peak mem` shows (`mx.get_peak_memory`,
+MLX's allocations, not the process's RSS). The activation terms are the shapes of the step's tensors (tokens x
+blocks x widths, heads x length^2 for attention) times coefficients measured on MLX's CPU backend by
+`benchmarks/memory_plan.py` (`ACTIVATION`, `CHECKPOINTED`); Metal runs the same graph, CUDA's torch has its
+own allocator and autograd, so the torch estimate reuses the shapes and says it is a rougher guess.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .backends import select_backend
+from .data import iterate_batches, load_dataset
+from .defaults import DEFAULT_LORA_CONFIG, fill_in
+from .errors import ConfigError
+from .layers import MLP_MODULES, LoRALinear, apply_lora, transformer_blocks
+from .loss import _find_parts, batch_arrays, micro_batches
+from .models import load_model
+from .settings import TrainingArgs, normalize_keys, read_config_file, training_args
+
+GB = 1e9  # the report's `Peak mem` is in 1e9 bytes; so is everything here
+
+# Bytes of activations per micro-batch, as multiples of the shapes below (fitted with non-negative least squares
+# on MLX CPU measurements of one compiled step, tiny llamas of 64-384 wide, 2-4 blocks; checked on SmolLM2-135M
+# by benchmarks/memory_plan.py). T = rows x length tokens, e = bytes per activation element, A = rows x heads x
+# length^2 x e (one block's attention matrix), n = blocks the gradient flows through (from the first adapted
+# block to the last), head = target positions x vocabulary x 4 (float32 logits).
+ACTIVATION = {  # no gradient checkpointing: every block keeps what its backward needs
+    "n_attention": 1.047, "n_hidden": 6.91, "n_mlp": 3.869, "n_lora_mlp": 0.092,
+    "attention": 2.058, "hidden": 13.641, "mlp": 3.551, "head": 3.963, "packed_mask": 4.649,
+}
+CHECKPOINTED = {  # --grad-checkpoint: blocks keep their inputs; one block at a time is recomputed
+    "n_hidden": 8.687, "n_attention": 0.108, "attention": 2.62, "attention_rows": 2.368, "hidden": 18.419,
+    "head": 2.879, "head_frozen": 1.044, "lora_mlp": 3.797,
+}
+HALF_PRECISION = {False: 1.14, True: 1.0}  # 2-byte activations keep some float32 temporaries (softmax, norms)
+EVALUATION = {"attention": 2.058, "hidden": 13.641, "mlp": 3.551, "head": 3.963}  # forward only: no saved blocks
+SCAN_LIMIT = 5000  # batches read ahead of a run (the shapes repeat from epoch to epoch; this bounds the time)
+
+
+@dataclass
+class ModelShape:
+    """What the estimate needs of a model: widths, depth, dtypes and where the LoRA layers are."""
+
+    blocks: int
+    hidden: int
+    intermediate: int
+    heads: int
+    vocab: int
+    act_bytes: int  # bytes per activation element (the dtype the blocks compute in)
+    weights: dict[str, int]  # "float32" / "4-bit" ... -> bytes of the base model's tensors
+    lora_bytes: int  # LoRA parameters (float32 A and B)
+    first_adapted: int  # index of the first block carrying a LoRA layer
+    lora_mlp: bool  # LoRA on the MLP projections (their inputs are kept for the backward pass)
+    gather: bool = True  # the loss gathers target positions before the vocabulary projection
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def grad_blocks(self) -> int:
+        return self.blocks - self.first_adapted
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """The shape of one micro-batch as the compiled step sees it."""
+
+    rows: int
+    length: int
+    targets: int  # positions that reach the vocabulary projection (gathered and bucketed, or all)
+    packed: bool
+
+
+@dataclass
+class Estimate:
+    """The breakdown of one setting's peak, in bytes."""
+
+    weights: int
+    lora: int
+    grads: int
+    optimizer: int
+    activations: int
+    batch: MicroBatch | None
+    settings: dict  # batch_size, grad_accumulation, grad_checkpoint
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.lora + self.grads + self.optimizer + self.activations
+
+
+@dataclass
+class Plan:
+    """`mlxtune.plan`'s answer: the estimate, the budget and (when it does not fit) settings that would."""
+
+    estimate: Estimate
+    budget: int
+    budget_source: str
+    shape: ModelShape
+    suggestion: Estimate | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate.peak <= self.budget
+
+    def last_line(self) -> str:
+        return (f"Estimated peak memory: {self.estimate.peak / GB:.2f} GB (budget {self.budget / GB:.2f} GB): "
+                f"{'fits' if self.fits else 'does not fit'}")
+
+    def short_line(self) -> str:
+        """The one line `mlxtune lora` prints before training."""
+        e = self.estimate
+        return (f"Memory plan: {e.peak / GB:.2f} GB estimated peak ({e.weights / GB:.2f} weights, "
+                f"{e.activations / GB:.2f} activations) of {self.budget / GB:.2f} GB ({self.budget_source})")
+
+    def report(self) -> str:
+        """The breakdown `mlxtune plan` prints; its last line is `last_line()`."""
+        s, e = self.shape, self.estimate
+        lines = ["Weights:"]
+        for kind, size in sorted(s.weights.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {kind:<24} {size / GB:8.3f} GB")
+        lines += ["LoRA:",
+                  f"  parameters               {e.lora / GB:8.3f} GB",
+                  f"  gradients                {e.grads / GB:8.3f} GB",
+                  f"  optimizer state          {e.optimizer / GB:8.3f} GB"]
+        b = e.batch
+        if b is not None:
+            lines.append(f"Activations of the largest micro-batch ({b.rows} x {b.length} tokens, {b.targets} positions "
+                         f"through the {s.vocab}-word head{', packed' if b.packed else ''}):")
+            for ckpt in (False, True):
+                size = activation_bytes(s, b, ckpt)
+                mark = " <-" if ckpt == e.settings["grad_checkpoint"] else ""
+                lines.append(f"  {'with' if ckpt else 'without':<7} gradient checkpointing {size / GB:8.3f} GB{mark}")
+            lines.append(f"  (blocks with gradients: {s.grad_blocks} of {s.blocks}; compiled-step temporaries included)")
+        lines.append(f"Budget: {self.budget / GB:.2f} GB ({self.budget_source})")
+        lines += self.notes
+        if not self.fits:
+            lines.append(self.advice())
+        lines.append(self.last_line())
+        return "\n".join(lines)
+
+    def advice(self) -> str:
+        if self.suggestion is not None:
+            return (f"Settings that fit: {flags_of(self.suggestion.settings)} "
+                    f"({self.suggestion.peak / GB:.2f} GB, same effective batch)")
+        return ("No batch size, accumulation or checkpointing fits: lower --max-seq-length or --lora-layers, "
+                "or use a quantized model (--quantize)")
+
+
+def flags_of(settings: dict) -> str:
+    text = f"--batch-size {settings['batch_size']} --grad-accumulation {settings['grad_accumulation']}"
+    return text + (" --grad-checkpoint" if settings["grad_checkpoint"] else "")
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+
+
+def _arg(config, *names, default=None):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is None and isinstance(config, dict):
+            value = config.get(name)
+        if value:
+            return value
+    return default
+
+
+def model_shape(model: nn.Module, gather: bool | None = None) -> ModelShape:
+    """Read a model (loaded lazily or not, LoRA layers applied) without evaluating any of its weights."""
+    config = getattr(model, "args", None) or getattr(model, "config", None) or {}
+    text = getattr(config, "text_config", None)
+    if isinstance(text, dict):  # multimodal configs nest the language model's numbers
+        config = text
+    blocks = transformer_blocks(model)
+    hidden = int(_arg(config, "hidden_size", "d_model", default=0))
+    heads = int(_arg(config, "num_attention_heads", "n_head", default=1))
+    inter = int(_arg(config, "intermediate_size", "ffn_dim", default=4 * hidden))
+    vocab = int(_arg(config, "vocab_size", default=0))
+
+    weights: dict[str, int] = {}
+    lora_bytes, first, lora_mlp = 0, len(blocks), False
+    float_sizes = []
+    block_of = {id(b): i for i, b in enumerate(blocks)}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            lora_bytes += module.lora_a.nbytes + module.lora_b.nbytes
+            lora_mlp = lora_mlp or name.split(".")[-1] in MLP_MODULES
+        if id(module) in block_of and any(isinstance(m, LoRALinear) for _, m in module.named_modules()):
+            first = min(first, block_of[id(module)])
+        own = {k: v for k, v in module.items() if isinstance(v, mx.array)}
+        if isinstance(module, LoRALinear) or not own:
+            continue
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            kind = f"{module.bits}-bit (+ {own['scales'].dtype} scales)".replace("mlx.core.", "")
+            float_sizes.append(own["scales"].dtype.size)
+        else:
+            kind = None
+        for v in own.values():
+            label = kind or str(v.dtype).replace("mlx.core.", "")
+            weights[label] = weights.get(label, 0) + v.nbytes
+            if kind is None and v.dtype in (mx.float32, mx.float16, mx.bfloat16):
+                float_sizes.append(v.dtype.size)
+    if first == len(blocks):
+        first = 0
+    if gather is None:
+        gather = _find_parts(model).body is not None
+    return ModelShape(blocks=len(blocks), hidden=hidden, intermediate=inter, heads=heads, vocab=vocab,
+                      act_bytes=max(float_sizes, default=4), weights=weights, lora_bytes=lora_bytes,
+                      first_adapted=first, lora_mlp=lora_mlp, gather=gather)
+
+
+def micro_batch_shapes(records, args: TrainingArgs, pack: bool, gather: bool, *, batch_size: int | None = None,
+                       grad_accumulation: int | None = None) -> set[MicroBatch]:
+    """The distinct micro-batch shapes of the run's batches (the same iterator `mlxtune.lora` draws from)."""
+    size = batch_size or args.batch_size
+    accum = grad_accumulation or args.grad_accumulation
+    steps = min(max(args.iters, 1), SCAN_LIMIT)
+    shapes = set()
+    batches = iterate_batches(records, size * accum, max_seq_length=args.max_seq_length, seed=args.seed,
+                              loop=True, shuffle=True, pack=pack)
+    for _, batch in zip(range(steps), batches):
+        for part in micro_batches(batch, accum):
+            arrays = batch_arrays(part, gather)
+            rows, length = arrays[0].shape
+            targets = arrays[3].shape[0] if gather else rows * length
+            shapes.add(MicroBatch(rows, length, targets, part.segments is not None))
+    return shapes
+
+
+def eval_shapes(records, args: TrainingArgs, gather: bool) -> set[MicroBatch]:
+    """The validation batches' shapes (unpacked, in order, --val-batches of them)."""
+    if not records:
+        return set()
+    shapes = set()
+    batches = iterate_batches(records, min(args.batch_size, len(records)), max_seq_length=args.max_seq_length, seed=0,
+                              loop=False, shuffle=False, pack=False)
+    for i, batch in enumerate(batches):
+        if args.val_batches != -1 and i >= args.val_batches:
+            break
+        arrays = batch_arrays(batch, gather)
+        rows, length = arrays[0].shape
+        shapes.add(MicroBatch(rows, length, arrays[3].shape[0] if gather else rows * length, False))
+    return shapes
+
+
+# ------------------------------------------------------------------------------------------------ the estimate
+
+
+def _terms(s: ModelShape, b: MicroBatch) -> dict[str, float]:
+    e = s.act_bytes
+    tokens = b.rows * b.length
+    return {"attention": b.rows * s.heads * b.length ** 2 * e, "hidden": tokens * s.hidden * e,
+            "mlp": tokens * s.intermediate * e, "head": b.targets * s.vocab * 4,
+            "packed_mask": b.rows * b.length ** 2 if b.packed else 0}
+
+
+def activation_bytes(s: ModelShape, b: MicroBatch, checkpoint: bool) -> int:
+    """Activations and step temporaries of one micro-batch (see ACTIVATION and CHECKPOINTED)."""
+    t, n = _terms(s, b), s.grad_blocks
+    mlp_lora = (t["hidden"] + t["mlp"]) if s.lora_mlp else 0.0
+    if checkpoint:
+        c = CHECKPOINTED
+        # with frozen blocks in front, the head's gradient is still alive when the last block is recomputed
+        frozen = t["head"] if s.first_adapted > 0 else 0.0
+        total = (n * (c["n_hidden"] * t["hidden"] + c["n_attention"] * t["attention"])
+                 + c["attention"] * t["attention"] + c["attention_rows"] * b.rows * b.length ** 2 * s.act_bytes
+                 + c["hidden"] * t["hidden"] + c["head"] * t["head"] + c["head_frozen"] * frozen
+                 + c["lora_mlp"] * mlp_lora)
+    else:
+        c = ACTIVATION
+        total = (n * (c["n_attention"] * t["attention"] + c["n_hidden"] * t["hidden"] + c["n_mlp"] * t["mlp"]
+                      + c["n_lora_mlp"] * mlp_lora)
+                 + c["attention"] * t["attention"] + c["hidden"] * t["hidden"] + c["mlp"] * t["mlp"]
+                 + c["head"] * t["head"] + c["packed_mask"] * t["packed_mask"])
+    if s.act_bytes == 2:
+        total *= HALF_PRECISION[checkpoint]
+    return int(total)
+
+
+def evaluation_bytes(s: ModelShape, b: MicroBatch) -> int:
+    t = _terms(s, b)
+    return int(sum(EVALUATION[k] * t[k] for k in EVALUATION))
+
+
+def estimate(shape: ModelShape, train_shapes: set[MicroBatch], args: TrainingArgs, *,
+             valid_shapes: set[MicroBatch] = frozenset(), batch_size: int | None = None,
+             grad_accumulation: int | None = None, grad_checkpoint: bool | None = None) -> Estimate:
+    """The peak of a run with `args` (or with the batch settings given here) over the micro-batch shapes."""
+    settings = {"batch_size": batch_size or args.batch_size, "grad_accumulation": grad_accumulation or args.grad_accumulation,
+                "grad_checkpoint": args.grad_checkpoint if grad_checkpoint is None else grad_checkpoint}
+    lora = shape.lora_bytes
+    slots = {"adamw": 2, "adam": 2, "sgd": 1}[args.optimizer]
+    grads = lora * (2 if settings["grad_accumulation"] > 1 else 1)  # the accumulator is a second tree
+    largest, act = None, 0
+    for b in train_shapes:
+        size = activation_bytes(shape, b, settings["grad_checkpoint"])
+        if size > act:
+            largest, act = b, size
+    for b in valid_shapes:  # validation runs between steps: its forward pass is a peak of its own
+        act = max(act, evaluation_bytes(shape, b))
+    return Estimate(weights=shape.weight_bytes, lora=lora, grads=grads, optimizer=lora * slots, activations=act,
+                    batch=largest, settings=settings)
+
+
+def candidates(args: TrainingArgs) -> list[tuple[int, int, bool]]:
+    """Batch settings with the same effective batch, from the fastest to the leanest."""
+    total = args.batch_size * args.grad_accumulation
+    out = []
+    for size in sorted((d for d in range(1, total + 1) if total % d == 0), reverse=True):
+        if size > args.batch_size:
+            continue
+        for ckpt in ((False, True) if not args.grad_checkpoint else (True,)):
+            out.append((size, total // size, ckpt))
+    return out
+
+
+def first_fit(shape: ModelShape, records, args: TrainingArgs, pack: bool, budget: int,
+              valid_shapes: set[MicroBatch] = frozenset()) -> Estimate | None:
+    """The first of `candidates` whose estimate fits `budget` (None when even the leanest does not)."""
+    seen: dict[tuple[int, int], set[MicroBatch]] = {}
+    for size, accum, ckpt in candidates(args):
+        if (size, accum) not in seen:
+            seen[(size, accum)] = micro_batch_shapes(records, args, pack, shape.gather, batch_size=size,
+                                                     grad_accumulation=accum)
+        found = estimate(shape, seen[(size, accum)], args, valid_shapes=valid_shapes, batch_size=size,
+                         grad_accumulation=accum, grad_checkpoint=ckpt)
+        if found.peak <= budget:
+            return found
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ the budget
+
+
+def parse_size(text: str | int | float) -> int:
+    """'12GB', '12G', '500MB', '1.5 GiB' or a number of GB -> bytes."""
+    if isinstance(text, (int, float)):
+        return int(float(text) * GB)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"--memory-limit {text}: expected a size like 12GB, 12G or 500MB")
+    number, unit, binary = float(m.group(1)), m.group(2).lower(), bool(m.group(3))
+    scale = {"": GB, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[unit] if not binary else \
+        {"k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}.get(unit, GB)
+    return int(number * scale)
+
+
+def available_ram() -> int:
+    """Bytes the OS can hand out now without swapping (MemAvailable on Linux)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def memory_budget(backend: str = "mlx", device: str = "cpu", limit: str | int | float | None = None) -> tuple[int, str]:
+    """(bytes, where the number comes from): --memory-limit, Metal's recommended working set, the CUDA device's
+    memory (torch), or the RAM available now plus what this process's MLX arrays already hold."""
+    if limit is not None:
+        return parse_size(limit), "--memory-limit"
+    if backend == "torch" and device.startswith("cuda"):
+        import torch  # optional and heavy: only for the torch backend on CUDA
+
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory), f"{device} memory"
+    if backend == "mlx" and mx.metal.is_available():
+        info = mx.device_info()
+        return int(info["max_recommended_working_set_size"]), "Metal recommended working set"
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    if backend == "mlx" and "memory_size" in info and device == "gpu":
+        return int(info["memory_size"]), "GPU memory"
+    return available_ram() + mx.get_active_memory(), "available RAM"
+
+
+def set_wired_limit() -> None:
+    """On Metal, wire the recommended working set as mlx-lm's trainer does (no-op elsewhere)."""
+    if mx.metal.is_available():
+        from mlx_lm.utils import maybe_set_recommended_wired_limit
+
+        maybe_set_recommended_wired_limit()
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+
+
+def plan_for(shape: ModelShape, splits, args: TrainingArgs, *, backend: str = "mlx", device: str = "cpu",
+             pack: bool | None = None, baseline: int = 0) -> Plan:
+    """The plan of `args` for a model of `shape` and its data splits; `baseline`: bytes held outside the
+    tensors (a CPU torch run's peak is the process's RSS, which starts with the interpreter and libraries)."""
+    pack = args.pack if pack is None else pack
+    train_shapes = micro_batch_shapes(splits.train, args, pack, shape.gather)
+    valid = eval_shapes(splits.valid, args, shape.gather) if args.iters > 0 else set()
+    found = estimate(shape, train_shapes, args, valid_shapes=valid)
+    found.weights += baseline
+    budget, source = memory_budget(backend, device, args.memory_limit)
+    result = Plan(found, budget, source, shape)
+    if baseline:
+        result.notes.append(f"(weights include {baseline / GB:.2f} GB of this process's own memory: the torch CPU "
+                            "report counts the process's peak RSS)")
+    if backend == "torch":
+        result.notes.append("note: torch backend: the activation terms were measured on MLX; torch's autograd keeps "
+                            "similar tensors, so treat this estimate as a rougher guess")
+    if not result.fits:
+        suggestion = first_fit(shape, splits.train, args, pack, budget - baseline, valid)
+        if suggestion is not None:
+            suggestion.weights += baseline
+        result.suggestion = suggestion
+    return result
+
+
+def check_memory(model, splits, args: TrainingArgs, *, backend: str = "mlx", device: str = "cpu",
+                 pack: bool | None = None, say: Callable[[str], None] = print) -> TrainingArgs:
+    """What `mlxtune lora` does before training: one line, then refuse, adapt (--auto-fit) or go on.
+
+    `model` is the model about to train, LoRA applied (MLX, or a transformers model on the torch backend).
+    Returns the settings to train with: a copy with other batch settings when --auto-fit chose them."""
+    baseline = 0
+    if backend == "torch":  # shapes from the MLX twin (lazy: no weight is read), sizes from torch's tensors
+        shape = model_shape(_lazy_lora_model(args, False))
+        shape.weights = {"torch tensors": _torch_weight_bytes(model)}
+        if device == "cpu":
+            baseline = max(0, _process_baseline() - shape.weight_bytes)
+    else:
+        set_wired_limit()
+        shape = model_shape(model)
+    result = plan_for(shape, splits, args, backend=backend, device=device, pack=pack, baseline=baseline)
+    say(result.short_line())
+    if result.fits:
+        return args
+    if args.auto_fit and result.suggestion is not None:
+        chosen = result.suggestion.settings
+        say(f"--auto-fit: training with {flags_of(chosen)} ({result.suggestion.peak / GB:.2f} GB estimated, "
+            f"effective batch {chosen['batch_size'] * chosen['grad_accumulation']})")
+        return dataclasses.replace(args, **chosen)
+    if args.force:
+        say(f"warning: the estimate is {(result.estimate.peak - result.budget) / GB:.2f} GB over the budget; "
+            "starting anyway (--force)")
+        return args
+    raise ConfigError(f"this run needs ~{result.estimate.peak / GB:.2f} GB but the budget is {result.budget / GB:.2f} GB "
+                      f"({result.budget_source}). {result.advice()}"
+                      f"{'; pass --auto-fit to use them' if result.suggestion else ''}, or --force to start anyway")
+
+
+def resolve_settings(model, data, config, kwargs: dict) -> tuple[TrainingArgs, Any, bool]:
+    """(settings, data, whether --lora-layers was given) exactly as `mlxtune.lora` merges them (the bundled demo
+    when neither model nor data is given)."""
+    explicit = normalize_keys({k: v for k, v in kwargs.items() if v is not None}, "argument")
+    file_values = read_config_file(config) if config is not None else {}
+    filled = fill_in(model if model is not None else file_values.get("model"),
+                     data if data is not None else file_values.get("data"), verb="lora")
+    base = None
+    if filled.training:
+        base = read_config_file(DEFAULT_LORA_CONFIG) if DEFAULT_LORA_CONFIG.exists() else {}
+        base.pop("model", None)
+        base.pop("data", None)
+    explicit.pop("model", None)
+    explicit.pop("data", None)
+    args = training_args(config, base=base, **explicit, model=str(filled.model),
+                         data=filled.data if isinstance(filled.data, (str, os.PathLike)) else None)
+    return args, filled.data, "lora_layers" in explicit or "lora_layers" in file_values
+
+
+def plan(model: Any = None, data: Any = None, *, config: str | os.PathLike | None = None, verbose: bool = True,
+         **kwargs) -> Plan:
+    """Estimate the peak memory of `mlxtune.lora(model, data, **kwargs)` without training; returns a Plan.
+
+    Takes the same arguments as `mlxtune.lora` (`memory_limit="12GB"` sets the budget). The model is loaded
+    lazily (its weights are never read), LoRA is applied as training would, and the data is tokenized and
+    batched exactly as training will batch it. With `verbose` the breakdown is printed; its last line is
+    `Estimated peak memory: X.XX GB (budget Y.YY GB): fits` (or `does not fit`).
+    """
+    args, data_arg, layers_given = resolve_settings(model, data, config, kwargs)
+    backend = select_backend(args.backend)
+    loaded = load_model(args.model, lazy=True)
+    splits = load_dataset(data_arg, loaded.tokenizer, valid_split=args.valid_split, test_split=args.test_split,
+                          seed=args.seed, max_seq_length=args.max_seq_length, train_on_inputs=args.train_on_inputs,
+                          chat_template=args.chat_template, prompt_key=args.prompt_key,
+                          completion_key=args.completion_key, text_key=args.text_key,
+                          messages_key=args.messages_key, cache=True)
+    shape = model_shape(_lazy_lora_model(args, layers_given, loaded.model))
+    baseline = _process_baseline() if backend.name == "torch" and backend.device == "cpu" else 0
+    result = plan_for(shape, splits, args, backend=backend.name, device=backend.device, baseline=baseline)
+    if verbose:
+        print(result.report(), flush=True)
+    return result
+
+
+def _lazy_lora_model(args: TrainingArgs, layers_given: bool, model: nn.Module | None = None) -> nn.Module:
+    """The MLX model of `args.model` with LoRA applied as training would, weights never read (lazy)."""
+    if model is None:
+        model = load_model(args.model, lazy=True).model
+    if args.quantize and not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
+        nn.quantize(model, group_size=64, bits=4,  # what `mlxtune lora --quantize` does, still lazy
+                    class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0)
+    apply_lora(model, lora_layers=args.lora_layers, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+               target_modules=args.target_modules, explicit_layers=layers_given, seed=args.seed)
+    return model
+
+
+def _process_baseline() -> int:
+    """This process's resident memory (what a CPU torch run's peak RSS starts from)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _torch_weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + \
+        sum(b.numel() * b.element_size() for b in model.buffers())
