@@ -39,8 +39,8 @@ from .settings import TrainingArgs, normalize_keys, read_config_file, training_a
 GB = 1e9  # the report's `Peak mem` is in 1e9 bytes; so is everything here
 
 # Bytes of activations per micro-batch, as multiples of the shapes below (fitted with non-negative least squares
-# on MLX CPU measurements of one compiled step, tiny llamas of 64-384 wide, 2-4 blocks; checked on SmolLM2-135M
-# by benchmarks/memory_plan.py). T = rows x length tokens, e = bytes per activation element, A = rows x heads x
+# on MLX CPU measurements of one compiled step: random llamas 64-384 wide with 2-4 blocks, and SmolLM2-135M for
+# the checkpointed case; benchmarks/memory_plan.py checks them end to end). T = rows x length tokens, e = bytes per activation element, A = rows x heads x
 # length^2 x e (one block's attention matrix), n = blocks the gradient flows through (from the first adapted
 # block to the last), head = target positions x vocabulary x 4 (float32 logits).
 ACTIVATION = {  # no gradient checkpointing: every block keeps what its backward needs
@@ -48,11 +48,12 @@ ACTIVATION = {  # no gradient checkpointing: every block keeps what its backward
     "attention": 2.058, "hidden": 13.641, "mlp": 3.551, "head": 3.963, "packed_mask": 4.649,
 }
 CHECKPOINTED = {  # --grad-checkpoint: blocks keep their inputs; one block at a time is recomputed
-    "n_hidden": 8.687, "n_attention": 0.108, "attention": 2.62, "attention_rows": 2.368, "hidden": 18.419,
-    "head": 2.879, "head_frozen": 1.044, "lora_mlp": 3.797,
+    "n_hidden": 0.655, "n_attention": 0.152, "attention": 2.938, "hidden": 29.127, "mlp": 6.22,
+    "head": 2.448, "head_frozen": 0.137, "lora_mlp": 4.407,
 }
 HALF_PRECISION = {False: 1.14, True: 1.0}  # 2-byte activations keep some float32 temporaries (softmax, norms)
 EVALUATION = {"attention": 2.058, "hidden": 13.641, "mlp": 3.551, "head": 3.963}  # forward only: no saved blocks
+MARGIN = 0.85  # settings suggested or chosen by --auto-fit leave the planner's 15% accuracy free under the budget
 SCAN_LIMIT = 5000  # batches read ahead of a run (the shapes repeat from epoch to epoch; this bounds the time)
 
 
@@ -130,19 +131,20 @@ class Plan:
     def short_line(self) -> str:
         """The one line `mlxtune lora` prints before training."""
         e = self.estimate
-        return (f"Memory plan: {e.peak / GB:.2f} GB estimated peak ({e.weights / GB:.2f} weights, "
-                f"{e.activations / GB:.2f} activations) of {self.budget / GB:.2f} GB ({self.budget_source})")
+        return (f"Memory plan: {_size(e.peak)} estimated peak ({_size(e.weights)} weights, {_size(e.activations)} "
+                f"activations) of {_size(self.budget)} ({self.budget_source})")
 
     def report(self) -> str:
         """The breakdown `mlxtune plan` prints; its last line is `last_line()`."""
         s, e = self.shape, self.estimate
         lines = ["Weights:"]
         for kind, size in sorted(s.weights.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  {kind:<24} {size / GB:8.3f} GB")
+            lines.append(f"  {kind:<32} {_size(size):>10}")
         lines += ["LoRA:",
-                  f"  parameters               {e.lora / GB:8.3f} GB",
-                  f"  gradients                {e.grads / GB:8.3f} GB",
-                  f"  optimizer state          {e.optimizer / GB:8.3f} GB"]
+                  f"  {'parameters':<32} {_size(e.lora):>10}",
+                  f"  {'gradients' + (' + accumulator' if e.settings['grad_accumulation'] > 1 else ''):<32} "
+                  f"{_size(e.grads):>10}",
+                  f"  {'optimizer state':<32} {_size(e.optimizer):>10}"]
         b = e.batch
         if b is not None:
             lines.append(f"Activations of the largest micro-batch ({b.rows} x {b.length} tokens, {b.targets} positions "
@@ -150,9 +152,9 @@ class Plan:
             for ckpt in (False, True):
                 size = activation_bytes(s, b, ckpt)
                 mark = " <-" if ckpt == e.settings["grad_checkpoint"] else ""
-                lines.append(f"  {'with' if ckpt else 'without':<7} gradient checkpointing {size / GB:8.3f} GB{mark}")
+                lines.append(f"  {('with' if ckpt else 'without') + ' gradient checkpointing':<32} {_size(size):>10}{mark}")
             lines.append(f"  (blocks with gradients: {s.grad_blocks} of {s.blocks}; compiled-step temporaries included)")
-        lines.append(f"Budget: {self.budget / GB:.2f} GB ({self.budget_source})")
+        lines.append(f"Budget: {_size(self.budget)} ({self.budget_source})")
         lines += self.notes
         if not self.fits:
             lines.append(self.advice())
@@ -162,9 +164,13 @@ class Plan:
     def advice(self) -> str:
         if self.suggestion is not None:
             return (f"Settings that fit: {flags_of(self.suggestion.settings)} "
-                    f"({self.suggestion.peak / GB:.2f} GB, same effective batch)")
+                    f"({_size(self.suggestion.peak)}, same effective batch)")
         return ("No batch size, accumulation or checkpointing fits: lower --max-seq-length or --lora-layers, "
                 "or use a quantized model (--quantize)")
+
+
+def _size(n: float) -> str:
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
 
 
 def flags_of(settings: dict) -> str:
@@ -283,9 +289,8 @@ def activation_bytes(s: ModelShape, b: MicroBatch, checkpoint: bool) -> int:
         # with frozen blocks in front, the head's gradient is still alive when the last block is recomputed
         frozen = t["head"] if s.first_adapted > 0 else 0.0
         total = (n * (c["n_hidden"] * t["hidden"] + c["n_attention"] * t["attention"])
-                 + c["attention"] * t["attention"] + c["attention_rows"] * b.rows * b.length ** 2 * s.act_bytes
-                 + c["hidden"] * t["hidden"] + c["head"] * t["head"] + c["head_frozen"] * frozen
-                 + c["lora_mlp"] * mlp_lora)
+                 + c["attention"] * t["attention"] + c["hidden"] * t["hidden"] + c["mlp"] * t["mlp"]
+                 + c["head"] * t["head"] + c["head_frozen"] * frozen + c["lora_mlp"] * mlp_lora)
     else:
         c = ACTIVATION
         total = (n * (c["n_attention"] * t["attention"] + c["n_hidden"] * t["hidden"] + c["n_mlp"] * t["mlp"]
@@ -426,7 +431,7 @@ def plan_for(shape: ModelShape, splits, args: TrainingArgs, *, backend: str = "m
         result.notes.append("note: torch backend: the activation terms were measured on MLX; torch's autograd keeps "
                             "similar tensors, so treat this estimate as a rougher guess")
     if not result.fits:
-        suggestion = first_fit(shape, splits.train, args, pack, budget - baseline, valid)
+        suggestion = first_fit(shape, splits.train, args, pack, int(MARGIN * budget) - baseline, valid)
         if suggestion is not None:
             suggestion.weights += baseline
         result.suggestion = suggestion
@@ -454,14 +459,14 @@ def check_memory(model, splits, args: TrainingArgs, *, backend: str = "mlx", dev
         return args
     if args.auto_fit and result.suggestion is not None:
         chosen = result.suggestion.settings
-        say(f"--auto-fit: training with {flags_of(chosen)} ({result.suggestion.peak / GB:.2f} GB estimated, "
+        say(f"--auto-fit: training with {flags_of(chosen)} ({_size(result.suggestion.peak)} estimated, "
             f"effective batch {chosen['batch_size'] * chosen['grad_accumulation']})")
         return dataclasses.replace(args, **chosen)
     if args.force:
-        say(f"warning: the estimate is {(result.estimate.peak - result.budget) / GB:.2f} GB over the budget; "
+        say(f"warning: the estimate is {_size(result.estimate.peak - result.budget)} over the budget; "
             "starting anyway (--force)")
         return args
-    raise ConfigError(f"this run needs ~{result.estimate.peak / GB:.2f} GB but the budget is {result.budget / GB:.2f} GB "
+    raise ConfigError(f"this run needs ~{_size(result.estimate.peak)} but the budget is {_size(result.budget)} "
                       f"({result.budget_source}). {result.advice()}"
                       f"{'; pass --auto-fit to use them' if result.suggestion else ''}, or --force to start anyway")
 

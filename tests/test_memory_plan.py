@@ -70,7 +70,7 @@ def test_plan_prints_the_breakdown_and_the_exact_last_line(model, data, monkeypa
     lines = capsys.readouterr().out.strip().splitlines()
     assert LAST_LINE.match(lines[-1]) and lines[-1].endswith(": fits"), lines[-1]
     text = "\n".join(lines)
-    for part in ("float32", "optimizer state", "with    gradient checkpointing", "without gradient checkpointing",
+    for part in ("float32", "optimizer state", "with gradient checkpointing", "without gradient checkpointing",
                  "Budget:"):
         assert part in text
     capsys.readouterr()
@@ -80,7 +80,7 @@ def test_plan_prints_the_breakdown_and_the_exact_last_line(model, data, monkeypa
 
 
 def test_lora_refuses_a_run_over_the_budget_naming_settings_that_fit(model, data, tmp_path, monkeypatch, capsys):
-    full = mlxtune.plan(str(model), str(data), verbose=False, batch_size=8, max_seq_length=512)
+    full = mlxtune.plan(str(model), str(data), verbose=False, batch_size=8, max_seq_length=512, iters=2)
     limit = (full.estimate.peak * 0.8) / GB
     adapter = tmp_path / "refused" / "adapters.npz"
     monkeypatch.setenv("MLXTUNE_NO_OPENBLAS", "1")
@@ -96,7 +96,7 @@ def test_lora_refuses_a_run_over_the_budget_naming_settings_that_fit(model, data
 
 
 def test_auto_fit_stays_under_the_memory_limit(model, data, tmp_path, capsys):
-    full = mlxtune.plan(str(model), str(data), verbose=False, batch_size=8, max_seq_length=512)
+    full = mlxtune.plan(str(model), str(data), verbose=False, batch_size=8, max_seq_length=512, iters=3)
     limit = full.estimate.peak * 0.75 / GB
     reports = []
     mlxtune.lora(str(model), str(data), adapter_file=str(tmp_path / "fit" / "adapters.npz"), batch_size=8,
