@@ -38,11 +38,13 @@ from .settings import TrainingArgs, normalize_keys, read_config_file, training_a
 
 GB = 1e9  # the report's `Peak mem` is in 1e9 bytes; so is everything here
 
-# Bytes of activations per micro-batch, as multiples of the shapes below (fitted with non-negative least squares
-# on MLX CPU measurements of one compiled step: random llamas 64-384 wide with 2-4 blocks, and SmolLM2-135M for
-# the checkpointed case; benchmarks/memory_plan.py checks them end to end). T = rows x length tokens, e = bytes per activation element, A = rows x heads x
-# length^2 x e (one block's attention matrix), n = blocks the gradient flows through (from the first adapted
-# block to the last), head = target positions x vocabulary x 4 (float32 logits).
+# Bytes of activations per micro-batch, as multiples of the shapes below, fitted (non-negative least squares) to
+# MLX CPU measurements of one compiled step: random llamas 64-384 wide with 2-4 blocks, plus SmolLM2-135M for the
+# checkpointed case; benchmarks/memory_plan.py checks them end to end. The shapes: hidden = tokens x width x e,
+# mlp = tokens x intermediate width x e, attention = rows x heads x length^2 x e (one block's attention matrix),
+# head = target positions x vocabulary x 4 (float32 logits), where tokens = rows x length and e = bytes per
+# activation element; "n_" terms are counted once per block the gradient flows through (from the first adapted
+# block to the last), the others once (the block being differentiated, the step's temporaries).
 ACTIVATION = {  # no gradient checkpointing: every block keeps what its backward needs
     "n_attention": 1.047, "n_hidden": 6.91, "n_mlp": 3.869, "n_lora_mlp": 0.092,
     "attention": 2.058, "hidden": 13.641, "mlp": 3.551, "head": 3.963, "packed_mask": 4.649,
