@@ -1,7 +1,7 @@
 """The memory planner against the peak training really reaches: estimate, measured, ratio, over a grid.
 
-    python benchmarks/memory_plan.py                    # the whole grid (~15 min on 2 busy cores)
-    python benchmarks/memory_plan.py --only tiny        # the random tiny llama's rows only (~2 min)
+    python benchmarks/memory_plan.py                    # the whole grid (~40 min on 2 busy cores, mostly SmolLM2)
+    python benchmarks/memory_plan.py --only tiny        # the random tiny llama's rows only (~10 min)
     python benchmarks/memory_plan.py --auto-fit         # also: --auto-fit under a limit below each estimate
 
 Each row is one process: `mlxtune.plan(...)` with the row's settings, then `mlxtune.lora(...)` with the same
