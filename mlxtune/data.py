@@ -28,14 +28,12 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tqdm.auto import tqdm
 
-from . import (
-    models,  # the module, not the name: models -> gguf -> keep_adapter -> data is a cycle
-    templates,
-)
+from . import templates
 from .errors import ConfigError, DataError
 from .files import atomic_dir, atomic_file
 from .gguf.sources import resolve_model
 from .model_files import read_config
+from .models import load_tokenizer
 
 CACHE_VERSION = 3  # bump whenever the records a file turns into change (masking, text EOS, ...)
 CHUNK = 512  # records tokenized per batch call
@@ -781,7 +779,7 @@ def _tokenizer_of(model_or_tokenizer):
         return model_or_tokenizer
     path = resolve_model(model_or_tokenizer)
     config = read_config(path) if (path / "config.json").exists() else {}
-    return models.load_tokenizer(path, config)
+    return load_tokenizer(path, config)
 
 
 def _truncate_splits(splits: dict[str, list[Record]], max_seq_length: int,

@@ -18,11 +18,9 @@ import numpy as np
 from mlx.utils import tree_unflatten
 from tqdm.auto import tqdm
 
-# Modules, not names: data and models import gguf.sources, whose package imports this module (a cycle
-# that `from ..data import load_dataset` broke whenever mlxtune.data was imported first).
-from .. import data as datasets
-from .. import models
+from ..data import load_dataset
 from ..errors import DataError
+from ..models import load_model
 from .arch import tensor_namer, text_tensor_name
 
 MAX_RECORDS = 256  # examples measured: spread evenly over the training file
@@ -52,9 +50,9 @@ def importance_matrix(model_dir: str | os.PathLike, data, arch, cfg: dict, *, ma
 
     data: the training data (a folder's train split, or a .jsonl file), rendered as training renders it.
     """
-    loaded = models.load_model(model_dir)
+    loaded = load_model(model_dir)
     model = loaded.model
-    splits = datasets.load_dataset(str(data), loaded.tokenizer, valid_split=0.0, test_split=0.0, max_seq_length=max_seq_length,
+    splits = load_dataset(str(data), loaded.tokenizer, valid_split=0.0, test_split=0.0, max_seq_length=max_seq_length,
                           chat_template=chat_template, cache=False)
     records = splits.train
     if not records:
