@@ -30,6 +30,7 @@ import mlx.nn as nn
 from .backends import select_backend
 from .data import iterate_batches, load_dataset
 from .defaults import DEFAULT_LORA_CONFIG, fill_in
+from .display import fields_html
 from .errors import ConfigError
 from .layers import MLP_MODULES, LoRALinear, apply_lora, transformer_blocks
 from .loss import _find_parts, batch_arrays, micro_batches
@@ -162,6 +163,17 @@ class Plan:
             lines.append(self.advice())
         lines.append(self.last_line())
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.report()
+
+    def _repr_html_(self) -> str:
+        e = self.estimate
+        rows = [("weights", _size(e.weights)), ("LoRA parameters", _size(e.lora)), ("gradients", _size(e.grads)),
+                ("optimizer state", _size(e.optimizer)), ("activations", _size(e.activations)),
+                ("estimated peak", _size(e.peak)), ("budget", f"{_size(self.budget)} ({self.budget_source})"),
+                ("fits", "yes" if self.fits else "no"), ("settings that fit", None if self.fits else self.advice())]
+        return fields_html("Memory plan", rows)
 
     def advice(self) -> str:
         if self.suggestion is not None:

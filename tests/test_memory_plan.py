@@ -59,7 +59,10 @@ def measured_peak(model, data, tmp_path, **settings) -> float:
     dict(batch_size=2, grad_accumulation=2, max_seq_length=256, lora_layers=1, rank=64, target_modules="all-linear"),
 ], ids=["plain", "checkpointed-packed", "accumulated-one-block"])
 def test_estimate_is_within_15_percent_of_the_measured_peak(model, data, tmp_path, settings):
-    estimate = mlxtune.plan(str(model), str(data), verbose=False, iters=3, **settings).estimate.peak / GB
+    plan = mlxtune.plan(str(model), str(data), verbose=False, iters=3, **settings)
+    estimate = plan.estimate.peak / GB
+    # the value shows itself: the report in a terminal, a table in a notebook
+    assert LAST_LINE.match(repr(plan).splitlines()[-1]) and "<table" in plan._repr_html_()
     measured = measured_peak(model, data, tmp_path, **settings)
     assert 0.85 <= estimate / measured <= 1.15, f"estimate {estimate:.4f} GB vs measured {measured:.4f} GB"
 
