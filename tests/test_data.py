@@ -369,7 +369,7 @@ def test_tokenization_is_cached_and_invalidated_by_content(toks, tmp_path, monke
     path = write_jsonl(tmp_path / "c.jsonl", [chat(*CONVERSATION), chat("Say hi", "Hello")])
     cache = tmp_path / "tokcache"
     first = load_dataset(path, tok, valid_split=0, cache=cache)
-    assert len(list(cache.glob("*.npz"))) == 1
+    assert len(list(cache.glob("*/meta.json"))) == 1  # one entry: a folder of compact arrays
 
     def boom(*a, **k):
         raise AssertionError("tokenized again")
