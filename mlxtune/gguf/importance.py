@@ -18,8 +18,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 from tqdm.auto import tqdm
 
-# The module, not its function: data -> gguf.sources -> gguf -> here would otherwise be an import cycle.
-from .. import data as data_module
+from ..data import load_dataset
 from ..errors import DataError
 from ..models import load_model
 from .arch import tensor_namer, text_tensor_name
@@ -53,8 +52,8 @@ def importance_matrix(model_dir: str | os.PathLike, data, arch, cfg: dict, *, ma
     """
     loaded = load_model(model_dir)
     model = loaded.model
-    splits = data_module.load_dataset(str(data), loaded.tokenizer, valid_split=0.0, test_split=0.0,
-                                      max_seq_length=max_seq_length, chat_template=chat_template, cache=False)
+    splits = load_dataset(str(data), loaded.tokenizer, valid_split=0.0, test_split=0.0, max_seq_length=max_seq_length,
+                          chat_template=chat_template, cache=False)
     records = splits.train
     if not records:
         raise DataError(f"{data}: no training examples to measure activations on")
