@@ -78,9 +78,15 @@ def _old_in_use(path: Path) -> bool:
     return any((m := pattern.match(e.name)) and _alive(int(m.group(1))) for e in path.parent.iterdir())
 
 
+def _is_full(e: OSError) -> bool:
+    # numpy's tofile reports a short write as a plain OSError("N requested and M written"), without errno.
+    return e.errno in FULL or (e.errno is None and " requested and " in str(e))
+
+
 def _full_disk(path: Path, e: OSError) -> MlxtuneError:
-    return MlxtuneError(f"cannot write {path}: {e.strerror} (errno {errno.errorcode.get(e.errno, e.errno)}); "
-                        "nothing was replaced: free some space (or raise the file size limit) and run again")
+    why = f"{e.strerror} ({errno.errorcode.get(e.errno, e.errno)})" if e.errno else f"a short write ({e})"
+    return MlxtuneError(f"cannot write {path}: {why}; nothing was replaced: free some space (or raise the file "
+                        "size limit) and run again")
 
 
 @contextlib.contextmanager
@@ -104,7 +110,7 @@ def atomic_file(path: str | os.PathLike, suffix: str = ""):
     except OSError as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if e.errno in FULL:
+        if _is_full(e):
             raise _full_disk(path, e) from None
         raise
     except BaseException:
@@ -174,7 +180,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False, flag: str = "--forc
         _fsync(path.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in FULL:
+        if _is_full(e):
             raise _full_disk(path, e) from None
         raise
     except BaseException:
@@ -193,6 +199,7 @@ class FolderLock:
     def __init__(self, folder: str | os.PathLike, what: str, flag: str):
         import fcntl  # POSIX only (macOS and Linux, where MLX and mlxtune run)
 
+        self.fd: int | None = None
         self.file = Path(folder) / LOCK_NAME
         self.created = not self.file.parent.exists()  # then an empty folder is removed again on release
         self.file.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +222,7 @@ class FolderLock:
             os.close(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd: int | None = fd
+        self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
