@@ -648,7 +648,7 @@ def test_worker_processes_tokenize_exactly_like_one_process(toks, tmp_path, monk
     assert np.array_equal(one.train.stores[0].lines, two.train.stores[0].lines)
     # A bad record is still reported at its line when workers read it.
     write_jsonl(path, rows[:1100] + [{"foo": 1}] + rows[1100:])
-    with pytest.raises(DataError, match=r"c\.jsonl:1501: record matches no known format"):
+    with pytest.raises(DataError, match=r"c\.jsonl:1101: record matches no known format"):
         load_dataset(path, tok, valid_split=0.1, cache=False)
 
 
