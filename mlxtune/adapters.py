@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import zipfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,19 +81,45 @@ class AdapterConfig:
 
     @classmethod
     def from_json(cls, d: dict, source: str = CONFIG_NAME) -> AdapterConfig:
+        if not isinstance(d, dict):
+            raise AdapterError(f"{source} is not a JSON object: copy adapter_config.json from the training output")
         if d.get("format") == "mlxtune-lora":
             names = {f.name for f in cls.__dataclass_fields__.values()}
-            return cls(**{k: v for k, v in d.items() if k in names})
+            return cls(**{k: v for k, v in d.items() if k in names})._checked(source)
         if "lora_parameters" in d:  # mlx-lm
             p = d["lora_parameters"]
+            if not isinstance(p, dict):
+                raise AdapterError(f"{source}: lora_parameters must be an object, not {p!r}")
             if d.get("fine_tune_type", "lora") != "lora":
                 raise AdapterError(f"{source}: fine_tune_type {d['fine_tune_type']!r} is not supported (only lora)")
+            _check_types(source, {"rank": p.get("rank", 8), "scale": p.get("scale", 20.0),
+                                  "dropout": p.get("dropout", 0.0), "num_layers": d.get("num_layers", 16)},
+                         {"rank": int, "scale": float, "dropout": float, "num_layers": int})
             rank = int(p.get("rank", 8))
             keys = p.get("keys") or []
+            if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+                raise AdapterError(f"{source}: lora_parameters.keys must be a list of module names, not {keys!r}")
             return cls(rank=rank, alpha=float(p.get("scale", 20.0)) * rank, dropout=float(p.get("dropout", 0.0)),
                        lora_layers=int(d.get("num_layers", 16)), target_modules=[k.split(".")[-1] for k in keys],
                        base_model=d.get("model"), format="mlx-lm")
         raise AdapterError(f"{source} is not an mlxtune or mlx-lm adapter config (no 'format' or 'lora_parameters')")
+
+    def _checked(self, source: str) -> AdapterConfig:
+        """Self, once every field has its type: a hand-edited config fails here, naming the key."""
+        _check_types(source, {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                              "lora_layers": self.lora_layers, "format_version": self.format_version},
+                     {"rank": int, "alpha": float, "dropout": float, "lora_layers": int, "format_version": int})
+        for key in ("target_modules", "modules"):
+            value = getattr(self, key)
+            if not (isinstance(value, list) and all(isinstance(m, str) for m in value)):
+                raise AdapterError(f"{source}: {key} must be a list of module names, not {value!r}")
+        for key in ("base_model", "dtype", "mlxtune_version"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise AdapterError(f"{source}: {key} must be text, not {value!r}")
+        if self.rank < 1:
+            raise AdapterError(f"{source}: rank must be at least 1, not {self.rank}")
+        return self
 
     @classmethod
     def of_model(cls, model: nn.Module, base_model: str | None = None) -> AdapterConfig:
@@ -111,6 +138,15 @@ class AdapterConfig:
         return cls(rank=int(rank), alpha=alpha, dropout=dropout, lora_layers=len(_layer_ids(modules)),
                    target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}), modules=list(modules),
                    base_model=base_model, dtype=dtype, mlxtune_version=__version__)
+
+
+def _check_types(source: str, values: dict, types: dict) -> None:
+    """Each value is a number of its kind (an int where `types` says int; a float may be an int)."""
+    for key, value in values.items():
+        ok = isinstance(value, (int, float)) if types[key] is float else isinstance(value, int)
+        if isinstance(value, bool) or not ok:
+            kind = "a whole number" if types[key] is int else "a number"
+            raise AdapterError(f"{source}: {key} must be {kind}, not {value!r}")
 
 
 # --- reading and writing ----------------------------------------------------------------------------------
@@ -147,7 +183,7 @@ def read_weights(file: Path) -> dict[str, mx.array]:
             with np.load(file) as data:
                 return {k: mx.array(data[k]) for k in data.files}
         return mx.load(str(file))
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, zipfile.BadZipFile, EOFError) as e:
         raise AdapterError(f"cannot read {file}: {e}") from None
 
 

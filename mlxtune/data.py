@@ -6,18 +6,26 @@ turned into messages and rendered with the tokenizer's chat template (`mlxtune.t
 assistant tokens of every assistant turn; `text` trains on everything. Formats are detected per record over
 the whole file, and every problem is reported as `file:LINE: ...` with the offending record shortened.
 
-Then: split (fixed seed), truncate from the prompt side (counted), cache the tokenization, and batch with
-length buckets or packing (`iterate_batches`, deterministic and resumable from any step).
+Files are read as a stream (line by line, or element by element for a JSON array) and tokenized in chunks
+into compact arrays cached on disk (`mlxtune.token_cache`), so a million rows never become a million Python
+objects. Then: split (fixed seed), truncate from the prompt side (counted), and batch with length buckets or
+packing (`iterate_batches`, deterministic and resumable from any step), reading records as batches need them.
 """
 
 from __future__ import annotations
 
 import bisect
+import codecs
+import collections
 import hashlib
 import json
 import math
+import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+import signal
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -28,15 +36,34 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tqdm.auto import tqdm
 
-from . import templates
-from .errors import ConfigError, DataError
+from . import hf_datasets, templates
+from .errors import ConfigError, DataError, FallbackWarning
 from .files import atomic_dir, atomic_file
 from .gguf.sources import resolve_model
 from .model_files import read_config
 from .models import load_tokenizer
+from .token_cache import (
+    CacheWriteError,
+    Record,
+    RecordSet,
+    Source,
+    Store,
+    StoreWriter,
+    content_key,
+    id_dtype,
+    open_store,
+    pack_records,
+    truncated,
+)
 
-CACHE_VERSION = 3  # bump whenever the records a file turns into change (masking, text EOS, ...)
-CHUNK = 512  # records tokenized per batch call
+CACHE_VERSION = 4  # bump whenever the records a file turns into change (masking, text EOS, ...)
+CHUNK = 1024  # records tokenized per batch call
+TOKENIZE_BAR_MIN = {"B": 1 << 20, "rows": 2000}  # smaller sources tokenize without a progress bar
+PARALLEL_MIN_BYTES = 32 << 20  # files from this size are tokenized by worker processes (one per core)
+MAX_WORKERS = 8
+MAX_RECORD_BYTES = 16 << 20  # a longer line (or JSON array element) is refused: nothing that long can train
+BOM = codecs.BOM_UTF8
+NEWLINE = "\n"
 PAD_MULTIPLE = 8  # batch lengths are rounded up to this so the compiled train step sees few shapes
 SPLITS = ("train", "valid", "test")
 ROLES = ("system", "user", "assistant", "tool")
@@ -61,16 +88,10 @@ FORMAT_HELP = ('{"text"}, {"prompt", "completion"}, {"messages": [{"role", "cont
 
 
 @dataclass
-class Record:
-    ids: list[int]  # token ids of the whole rendered example
-    mask: list[bool]  # mask[i] True => ids[i] is a training target (predicted from ids[:i]); mask[0] is False
-
-
-@dataclass
 class DataSplits:
-    train: list[Record]
-    valid: list[Record]
-    test: list[Record]
+    train: RecordSet  # a Sequence of Record, read from the cached arrays on demand
+    valid: RecordSet
+    test: RecordSet
     truncated: int = 0  # examples shortened to max_seq_length
     dropped: int = 0  # examples with no trained token (after truncation), left out
     formats: dict[str, str] = field(default_factory=dict)  # file -> detected format name
@@ -112,71 +133,170 @@ def _fail(where: str, what: str, record: Any = None) -> DataError:
 
 
 def read_records(path: str | os.PathLike) -> list[tuple[int, Any]]:
-    """(line number, parsed JSON) for each record of a .jsonl file or a .json array; blank lines skipped."""
+    """(line number, parsed JSON) for each record of a .jsonl file or a .json array; blank lines skipped.
+
+    Reads the whole file into a list: for small files (evaluation rows). Training streams with `iter_records`.
+    """
+    return list(iter_records(path))
+
+
+def iter_records(path: str | os.PathLike, progress=None) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) of each record, streamed: a .jsonl file line by line, a .json array
+    element by element. A BOM and CRLF line ends are accepted; NUL bytes, bytes that are not UTF-8 and
+    records over MAX_RECORD_BYTES are refused at their line. `progress` (a tqdm bar) gets the bytes read."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}): save it as UTF-8 JSON lines") from None
-    if text.lstrip().startswith("["):
-        return _read_json_array(path, text)
-    records = []
-    decoder = json.JSONDecoder()
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append((n, decoder.decode(line)))
-        except json.JSONDecodeError as e:
-            if not records and _is_one_object(text):
-                raise DataError(f"{path} holds one JSON object, not records: give a JSON array of records "
-                                "or one record per line (JSON lines)") from None
-            raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}): {line[:80]}") from None
-    if not records:
+    if _is_json_array(path):
+        yield from _json_array(path, progress)
+        return
+    seen = False
+    for n, raw in _raw_lines(path, progress):
+        record = _parse_line(path, n, raw, seen)
+        if record is not _BLANK:
+            seen = True
+            yield n, record
+    if not seen:
         raise DataError(f"{path}: the file is empty: it needs one JSON record per line")
-    return records
 
 
-def _is_one_object(text: str) -> bool:
+def _is_json_array(path: Path) -> bool:
     try:
-        return isinstance(json.loads(text), dict)
-    except json.JSONDecodeError:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such data file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    return head.lstrip(BOM).lstrip().startswith(b"[")
+
+
+def _raw_lines(path: Path, progress) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of each line of a JSON-lines file, a BOM taken off; over-long lines refused."""
+    with open(path, "rb") as f:
+        n = 0
+        while raw := f.readline(MAX_RECORD_BYTES + 1):
+            n += 1
+            if progress is not None:
+                progress.update(len(raw))
+            if len(raw) > MAX_RECORD_BYTES:
+                raise DataError(f"{path}:{n}: the line is longer than {MAX_RECORD_BYTES >> 20} MB: a record that long "
+                                "cannot train (split the document into several records)")
+            yield n, raw[len(BOM):] if n == 1 and raw.startswith(BOM) else raw
+
+
+_BLANK = object()
+_DECODER = json.JSONDecoder()
+
+
+def _parse_line(path: Path, n: int, raw: bytes, seen: bool) -> Any:
+    """The JSON record on line n, or _BLANK. `seen`: a record came before (else a failure may mean that the
+    file is one pretty-printed object, which is said instead)."""
+    if b"\0" in raw:
+        column = raw.index(b"\0") + 1
+        raise DataError(f"{path}:{n}: the line holds NUL bytes (byte {column}): this is not a text "
+                        "file of JSON records (a binary or UTF-16 file?): save it as UTF-8 JSON lines")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{n}: not UTF-8 text (byte {e.start + 1} of the line is {raw[e.start:e.start + 1]!r}): "
+                        "save the file as UTF-8") from None
+    if not line.strip():
+        return _BLANK
+    try:
+        return _DECODER.decode(line)
+    except json.JSONDecodeError as e:
+        if not seen and _is_one_object(path):
+            raise DataError(f"{path} holds one JSON object, not records: give a JSON array of records "
+                            "or one record per line (JSON lines)") from None
+        raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}): {line[:80].rstrip()}") from None
+
+
+def _is_one_object(path: Path) -> bool:
+    if path.stat().st_size > MAX_RECORD_BYTES:
+        return False
+    try:
+        return isinstance(json.loads(path.read_bytes().lstrip(BOM)), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return False
 
 
-def _read_json_array(path: Path, text: str) -> list[tuple[int, Any]]:
-    # Decode element by element so that errors and records still carry line numbers.
+def _json_array(path: Path, progress) -> Iterator[tuple[int, Any]]:
+    """The elements of a JSON array file, decoded one at a time from a window that is read in blocks."""
     decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    records = []
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        buf, pos, line, eof, started, seen = "", 0, 1, False, False, False
 
-    def skip(p: int) -> int:
-        while p < len(text) and text[p] in " \t\r\n":
-            p += 1
-        return p
+        def more() -> None:
+            nonlocal buf, pos, line, eof
+            line += buf.count("\n", 0, pos)
+            buf, pos = buf[pos:], 0
+            block = f.read(max(1 << 20, len(buf)))
+            if progress is not None:
+                progress.update(len(block))
+            try:
+                buf += utf8.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                at = f.tell() - len(block) + e.start + 1
+                raise DataError(f"{path}:{line + buf.count(NEWLINE)}: not UTF-8 text (near byte {at} of the file): "
+                                "save the file as UTF-8") from None
+            if "\0" in buf:
+                at = line + buf.count("\n", 0, buf.index("\0"))
+                raise DataError(f"{path}:{at}: the file holds NUL bytes: this is not a text file of JSON records "
+                                "(a binary or UTF-16 file?): save it as UTF-8 JSON")
+            eof = not block
 
-    def line_of(p: int) -> int:
-        return text.count("\n", 0, p) + 1
+        def skip() -> None:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n\ufeff":
+                    pos += 1
+                if pos < len(buf) or eof:
+                    return
+                more()
 
-    while True:
-        pos = skip(pos)
-        if pos < len(text) and text[pos] == "]":
-            break
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        records.append((line_of(pos), value))
-        pos = skip(end)
-        if pos < len(text) and text[pos] == ",":
-            pos += 1
-        elif pos >= len(text) or text[pos] != "]":
-            raise DataError(f"{path}:{line_of(pos)}: not valid JSON (expected ',' or ']' between records)")
-    if not records:
+        def where() -> int:
+            return line + buf.count("\n", 0, pos)
+
+        more()
+        while True:
+            skip()
+            if not started:
+                pos += 1  # the "["
+                started = True
+                continue
+            if pos >= len(buf):
+                raise DataError(f"{path}:{where()}: not valid JSON (the array is not closed with ']')")
+            if buf[pos] == "]":
+                break
+            while True:
+                try:
+                    value, end = decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError as e:
+                    if not eof and len(buf) - pos <= MAX_RECORD_BYTES:  # the record may go on in the next block
+                        more()
+                        continue
+                    if not eof:
+                        raise DataError(f"{path}:{where()}: a record longer than {MAX_RECORD_BYTES >> 20} MB, or not "
+                                        f"valid JSON ({e.msg}): split long documents into several records") from None
+                    raise DataError(f"{path}:{line + buf.count(NEWLINE, 0, e.pos)}: not valid JSON ({e.msg})") from None
+                if end == len(buf) and not eof:  # a value at the window's edge may go on in the next block
+                    more()
+                    continue
+                break
+            yield where(), value
+            seen = True
+            pos = end
+            skip()
+            if pos < len(buf) and buf[pos] == ",":
+                pos += 1
+            elif pos >= len(buf) or buf[pos] != "]":
+                raise DataError(f"{path}:{where()}: not valid JSON (expected ',' or ']' between records)")
+        pos += 1
+        skip()
+        if pos < len(buf):
+            raise DataError(f"{path}:{where()}: not valid JSON (text after the closing ']')")
+    if not seen:
         raise DataError(f"{path}: the JSON array is empty")
-    return records
 
 
 def detect_format(record: Any, keys: Keys = Keys()) -> Format | None:
@@ -198,22 +318,35 @@ def detect_format(record: Any, keys: Keys = Keys()) -> Format | None:
     return None
 
 
+class _FormatCheck:
+    """The one format of a whole source, checked record by record: a source mixing formats is refused."""
+
+    def __init__(self, name: str | os.PathLike, keys: Keys):
+        self.name, self.keys = name, keys
+        self.first: tuple[int, Format] | None = None
+
+    def __call__(self, line: int, record: Any) -> Format:
+        fmt = detect_format(record, self.keys)
+        if fmt is None:
+            raise _fail(f"{self.name}:{line}", f"record matches no known format (expected one of {FORMAT_HELP}; "
+                        "map other field names with --prompt-key/--completion-key)", record)
+        if self.first is None:
+            self.first = (line, fmt)
+        elif fmt != self.first[1]:
+            raise _fail(f"{self.name}:{line}", f"record is in {fmt.value} format but line {self.first[0]} is "
+                        f"{self.first[1].value}: a file must use one format (split it, or convert with "
+                        "`mlxtune data convert`)", record)
+        return fmt
+
+    def chunk(self, records: list[tuple[int, Any]]) -> Format:
+        for line, record in records:
+            fmt = self(line, record)
+        return fmt
+
+
 def detect_file_format(path: str | os.PathLike, records: list[tuple[int, Any]], keys: Keys = Keys()) -> Format:
     """The one format of a whole file: every record is checked, a file mixing formats is refused."""
-    first: tuple[int, Format] | None = None
-    for line, record in records:
-        fmt = detect_format(record, keys)
-        if fmt is None:
-            raise _fail(f"{path}:{line}", f"record matches no known format (expected one of {FORMAT_HELP}; "
-                        "map other field names with --prompt-key/--completion-key)", record)
-        if first is None:
-            first = (line, fmt)
-        elif fmt != first[1]:
-            raise _fail(f"{path}:{line}", f"record is in {fmt.value} format but line {first[0]} is "
-                        f"{first[1].value}: a file must use one format (split it, or convert with "
-                        "`mlxtune data convert`)", record)
-    assert first is not None
-    return first[1]
+    return _FormatCheck(path, keys).chunk(records)
 
 
 def _string(value: Any, what: str, where: str, record: Any) -> str:
@@ -331,6 +464,15 @@ class _Options:
     keys: Keys
 
 
+def file_source(path: str | os.PathLike) -> Source:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    raw = None if _is_json_array(path) else (lambda bar: _raw_lines(path, bar))
+    return Source(str(path), lambda bar: iter_records(path, bar), lambda: content_key(files=[path]),
+                  path.stat().st_size, raw_lines=raw)
+
+
 def _text_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     hf = templates.hf_tokenizer(tokenizer)
     try:  # with the tokenizer's own BOS: plain text is used as the model saw it in pre-training
@@ -344,15 +486,16 @@ def _text_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return batch
 
 
-def records_from(tokenizer, raw: list[tuple[int, Any]], fmt: Format, opts: _Options, path: Path) -> list[Record]:
-    """Records of some (line, JSON) pairs of one file, all of format `fmt`; the first problem is raised."""
+def records_from(tokenizer, raw: list[tuple[int, Any]], fmt: Format, opts: _Options, name: str | os.PathLike,
+                 specials: set[int] | None = None) -> list[tuple[list[int], list[bool]]]:
+    """(ids, mask) of some (line, JSON) pairs of one source, all of format `fmt`; the first problem is raised."""
     if fmt == Format.TEXT:
-        return [Record(ids, [False] + [True] * (len(ids) - 1)) for ids in _text_ids(
-            tokenizer, [_string(rec[opts.keys.text], f"\"{opts.keys.text}\"", f"{path}:{line}", rec) for line, rec in raw])]
+        texts = [_string(rec[opts.keys.text], f"\"{opts.keys.text}\"", f"{name}:{line}", rec) for line, rec in raw]
+        return [(ids, [False] + [True] * (len(ids) - 1)) for ids in _text_ids(tokenizer, texts)]
     convs: list = []
     for line, rec in raw:
         try:
-            convs.append(to_messages(rec, fmt, f"{path}:{line}", opts.keys))
+            convs.append(to_messages(rec, fmt, f"{name}:{line}", opts.keys))
         except DataError as e:
             convs.append(e)
     ok = [c for c in convs if not isinstance(c, DataError)]
@@ -360,15 +503,15 @@ def records_from(tokenizer, raw: list[tuple[int, Any]], fmt: Format, opts: _Opti
         done = iter(_plain_records(tokenizer, ok, fmt, opts))
     else:
         done = iter(templates.chat_to_ids_many(tokenizer, ok, template=opts.template,
-                                               train_on_inputs=opts.train_on_inputs))
+                                               train_on_inputs=opts.train_on_inputs, specials=specials))
     out = []
     for (line, rec), conv in zip(raw, convs):
         result = conv if isinstance(conv, DataError) else next(done)
         if isinstance(result, templates.TemplateMaskError):
-            raise templates.TemplateMaskError(str(_fail(f"{path}:{line}", str(result), rec)))
+            raise templates.TemplateMaskError(str(_fail(f"{name}:{line}", str(result), rec)))
         if isinstance(result, DataError):
-            raise result if str(result).startswith(f"{path}:") else _fail(f"{path}:{line}", str(result), rec)
-        out.append(Record(*result))
+            raise result if str(result).startswith(f"{name}:") else _fail(f"{name}:{line}", str(result), rec)
+        out.append(result)
     return out
 
 
@@ -400,67 +543,171 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MLXTUNE_CACHE", Path.home() / ".cache" / "mlxtune")) / "data"
 
 
-def _cache_file(cache_dir: Path, path: Path, fingerprint: str, opts: _Options) -> Path:
-    h = hashlib.sha256()
-    h.update(path.read_bytes())
-    h.update(f"{CACHE_VERSION}|{fingerprint}|{opts.train_on_inputs}|{opts.keys}|".encode())
-    h.update((opts.template if opts.template is not None else "\0no template").encode())
-    return cache_dir / f"{h.hexdigest()[:32]}.npz"
+def _cache_key(source: Source, fingerprint: str, opts: _Options) -> str:
+    return content_key(source.identity(), f"{CACHE_VERSION}|{fingerprint}|{opts.train_on_inputs}|{opts.keys}|",
+                       opts.template if opts.template is not None else "\0no template")
 
 
-def _save_cache(file: Path, fmt: Format, records: list[Record], lines: list[int]) -> None:
-    lengths = np.array([len(r.ids) for r in records], dtype=np.int64)
-    ids = np.array([i for r in records for i in r.ids], dtype=np.int32)
-    mask = np.array([m for r in records for m in r.mask], dtype=bool)
+def _vocab_size(tokenizer) -> int:
+    hf = templates.hf_tokenizer(tokenizer)
     try:
-        with atomic_file(file, suffix=".npz") as tmp:
-            np.savez(tmp, ids=ids, mask=mask, lengths=lengths, lines=np.array(lines, dtype=np.int64),
-                     format=np.array(fmt.value))
-    except OSError:
-        pass  # a read-only cache only costs speed
-
-
-def _load_cache(file: Path) -> tuple[Format, list[Record], list[int]] | None:
-    try:
-        with np.load(file) as z:
-            ids, mask, lengths = z["ids"].tolist(), z["mask"].tolist(), z["lengths"]
-            fmt, lines = Format(str(z["format"])), z["lines"].tolist()
-    except Exception:  # missing, partial or from another version: tokenize again
-        return None
-    bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-    records = [Record(ids[a:b], mask[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    return fmt, records, lines
+        return len(hf)
+    except TypeError:
+        return int(getattr(hf, "vocab_size", 1 << 31))
 
 
 def tokenize_file(path: str | os.PathLike, tokenizer, opts: _Options, cache_dir: Path | None = None,
-                  fingerprint: str | None = None) -> tuple[Format, list[Record], list[int]]:
-    """All records of one file as (format, records, line numbers), from the cache when it is fresh."""
-    path = Path(path)
-    cache_file = None
+                  fingerprint: str | None = None) -> Store:
+    """Every record of one file as a Store of compact arrays, from the cache when it is fresh."""
+    return tokenize_source(file_source(path), tokenizer, opts, cache_dir, fingerprint)
+
+
+def tokenize_source(source: Source, tokenizer, opts: _Options, cache_dir: Path | None = None,
+                    fingerprint: str | None = None) -> Store:
+    """Every record of `source`, tokenized in streamed chunks into a Store (cached in `cache_dir/KEY`)."""
+    fingerprint = fingerprint or _tokenizer_fingerprint(tokenizer)
+    key = _cache_key(source, fingerprint, opts)
+    folder = None
     if cache_dir is not None:
-        fingerprint = fingerprint or _tokenizer_fingerprint(tokenizer)
-        cache_file = _cache_file(cache_dir, path, fingerprint, opts)
-        hit = _load_cache(cache_file)
-        if hit is not None:
-            return hit
-    raw = read_records(path)
-    fmt = detect_file_format(path, raw, opts.keys)
-    records: list[Record] = []
-    with tqdm(total=len(raw), desc=f"tokenizing {path.name}", leave=False, disable=len(raw) < 2000) as bar:
-        for start in range(0, len(raw), CHUNK):
-            records += records_from(tokenizer, raw[start:start + CHUNK], fmt, opts, path)
-            bar.update(len(raw[start:start + CHUNK]))
-    lines = [line for line, _ in raw]
-    if cache_file is not None:
-        _save_cache(cache_file, fmt, records, lines)
-    return fmt, records, lines
+        store = open_store(cache_dir / key)
+        if store is not None:
+            return store
+        folder = cache_dir / key
+    try:
+        return _tokenize(source, tokenizer, opts, key, folder)
+    except CacheWriteError as e:  # a full disk or a read-only cache only costs speed
+        warnings.warn(FallbackWarning(f"cannot write the tokenization cache ({e}): tokenizing {source.name} again "
+                                      "without it"), stacklevel=2)
+        return _tokenize(source, tokenizer, opts, key, None)
+
+
+def _tokenize(source: Source, tokenizer, opts: _Options, key: str, folder: Path | None) -> Store:
+    writer = StoreWriter(key, id_dtype(_vocab_size(tokenizer)), folder)
+    specials = templates.special_ids(tokenizer)
+    check = _FormatCheck(source.name, opts.keys)
+    workers = _worker_count(source)
+    try:
+        with tqdm(total=source.size, unit=source.unit, unit_scale=True, desc=f"tokenizing {Path(source.name).name}",
+                  leave=False, disable=source.size < TOKENIZE_BAR_MIN.get(source.unit, 0)) as bar:
+            if workers:
+                _tokenize_in_workers(source, tokenizer, opts, specials, check, writer, workers, bar)
+            else:
+                for chunk in _batched(source.records(bar), CHUNK):
+                    fmt = check.chunk(chunk)
+                    writer.add(records_from(tokenizer, chunk, fmt, opts, source.name, specials), [n for n, _ in chunk])
+        if check.first is None:
+            raise DataError(f"{source.name}: the dataset is empty")
+        return writer.finish(check.first[1].value)
+    except BaseException as e:
+        writer.abort(e)
+        raise
+
+
+def _worker_count(source: Source) -> int:
+    """Worker processes for tokenizing `source`: none for small sources (starting one costs seconds)."""
+    setting = os.environ.get("MLXTUNE_TOKENIZE_WORKERS")
+    if source.raw_lines is None:
+        return 0
+    if setting is not None:
+        try:
+            return max(0, int(setting))
+        except ValueError:
+            raise ConfigError(f"MLXTUNE_TOKENIZE_WORKERS={setting!r} must be a whole number (0: no worker "
+                              "processes)") from None
+    cores = os.cpu_count() or 1
+    return min(MAX_WORKERS, cores) if cores > 1 and source.size >= PARALLEL_MIN_BYTES else 0
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer, opts: _Options, specials: set[int], name: str, dtype) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
+    _WORKER.update(tokenizer=tokenizer, opts=opts, specials=specials, name=name, dtype=dtype)
+
+
+def _worker_chunk(lines: list[tuple[int, bytes]], seen: bool):
+    """In a worker process: parse and tokenize some raw lines -> (format, packed arrays, line numbers), or
+    (None, None, lines) when the chunk is not in one format (the parent then reports it exactly)."""
+    w = _WORKER
+    path = Path(w["name"])
+    records = []
+    for n, raw in lines:
+        record = _parse_line(path, n, raw, seen or bool(records))
+        if record is not _BLANK:
+            records.append((n, record))
+    if not records:
+        return None, None, []
+    formats = {detect_format(r, w["opts"].keys) for _, r in records}
+    if len(formats) != 1 or None in formats:
+        return None, None, [n for n, _ in records]
+    fmt = formats.pop()
+    out = records_from(w["tokenizer"], records, fmt, w["opts"], w["name"], w["specials"])
+    return fmt, pack_records(out, w["dtype"]), [n for n, _ in records]
+
+
+def _tokenize_in_workers(source: Source, tokenizer, opts: _Options, specials: set[int], check: _FormatCheck,
+                         writer: StoreWriter, workers: int, bar) -> None:
+    """Chunks of raw lines go to `workers` processes and come back as arrays, in file order; a few chunks
+    per worker are in flight, so memory does not grow with the file."""
+    hf = templates.hf_tokenizer(tokenizer)
+    context = multiprocessing.get_context("spawn")  # fork is unsafe once MLX or tokenizers threads exist
+    pending: collections.deque = collections.deque()
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                               initargs=(hf, opts, specials, source.name, writer.dtype))
+    try:
+        chunks = _batched(source.raw_lines(bar), CHUNK)
+        submitted = 0
+        while True:
+            while len(pending) < 3 * workers:
+                lines = next(chunks, None)
+                if lines is None:
+                    break
+                pending.append((pool.submit(_worker_chunk, lines, submitted > 0), lines))
+                submitted += 1
+            if not pending:
+                break
+            future, lines = pending.popleft()
+            fmt, packed, numbers = future.result()
+            if not numbers:
+                continue
+            if fmt is None or (check.first is not None and fmt != check.first[1]):
+                # Not the file's one format somewhere in this chunk: find and report the record as a single
+                # process would.
+                path = Path(source.name)
+                for n, raw in lines:
+                    record = _parse_line(path, n, raw, True)
+                    if record is not _BLANK:
+                        check(n, record)
+            if check.first is None:
+                check.first = (numbers[0], fmt)
+            writer.add_packed(packed, numbers)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _batched(items: Iterable, n: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 # ------------------------------------------------------------------------------- splitting and truncating
 
 
 def records_fingerprint(records: Sequence[Record]) -> str:
-    """A short hash of exactly what training sees: every record's token ids and loss mask, in order."""
+    """A short hash of exactly what training sees: every record's token ids and loss mask, in order.
+
+    A RecordSet answers from its arrays without reading a token (its stores' cache keys already hash the
+    source content, tokenizer and options; its items say which records, cut how).
+    """
+    if isinstance(records, RecordSet):
+        return records.fingerprint()
     h = hashlib.sha256()
     for r in records:
         h.update(np.asarray(r.ids, np.int32).tobytes())
@@ -469,8 +716,8 @@ def records_fingerprint(records: Sequence[Record]) -> str:
     return h.hexdigest()[:16]
 
 
-def split_indices(n: int, valid_split: float, test_split: float, seed: int) -> dict[str, list[int]]:
-    """Which records of an n-record file go to train/valid/test; fixed by the seed, file order kept."""
+def split_indices(n: int, valid_split: float, test_split: float, seed: int) -> dict[str, np.ndarray]:
+    """Which records of an n-record file go to train/valid/test (sorted arrays); fixed by the seed."""
     for name, frac in (("--valid-split", valid_split), ("--test-split", test_split)):
         if not 0 <= frac < 1:
             raise ConfigError(f"{name} {frac} must be a fraction in [0, 1)")
@@ -482,16 +729,17 @@ def split_indices(n: int, valid_split: float, test_split: float, seed: int) -> d
         n_test = 1
     if n - n_valid - n_test < 1:
         raise DataError(f"{n} examples are too few to split off {n_valid} valid and {n_test} test examples")
-    order = np.random.default_rng(seed).permutation(n).tolist()
-    return {"train": sorted(order[n_test + n_valid:]), "valid": sorted(order[n_test:n_test + n_valid]),
-            "test": sorted(order[:n_test])}
+    order = np.random.default_rng(seed).permutation(n)
+    return {"train": np.sort(order[n_test + n_valid:]), "valid": np.sort(order[n_test:n_test + n_valid]),
+            "test": np.sort(order[:n_test])}
 
 
 def truncate(record: Record, max_seq_length: int, bos_id: int | None = None) -> Record | None:
     """Fit `record` into max_seq_length tokens, cutting prompt tokens from the start first.
 
     A leading BOS (`bos_id`) and the token just before the first target stay. If the targets alone are
-    too long, the end is cut too. A record with no target left is None (dropped).
+    too long, the end is cut too. A record with no target left is None (dropped). (`token_cache.truncated`
+    does the same to whole stores at once.)
     """
     ids, mask = record.ids, record.mask
     excess = len(ids) - max_seq_length
@@ -511,54 +759,64 @@ def _bos_id(tokenizer) -> int | None:
     return getattr(templates.hf_tokenizer(tokenizer), "bos_token_id", None)
 
 
-def _resolve_inputs(data) -> list[tuple[Path, str | None]]:
-    """(file, split) for each input path: split None means "split me" (a lone file), and "train+valid" a
-    directory's train file when the directory has no valid file (validation is held out of it)."""
+def _resolve_inputs(data) -> list[tuple[Source, str | None]]:
+    """(source, split) for each input: split None means "split me" (a lone file), and "train+valid" a
+    directory's train file when the directory has no valid file (validation is held out of it).
+
+    An input is a data file, a folder of train/valid/test.jsonl, a folder written by the `datasets`
+    library's `save_to_disk`, or a Hugging Face dataset id.
+    """
     items = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     if not items:
         raise ConfigError("--data: no data files given")
-    out = []
+    out: list[tuple[Source, str | None]] = []
     for item in items:
         p = Path(item).expanduser()
-        if p.is_dir():
+        if p.is_dir() and hf_datasets.is_saved_dataset(p):
+            out += hf_datasets.dataset_sources(p)
+        elif p.is_dir():
             found = {s: next((p / f"{s}{ext}" for ext in (".jsonl", ".json") if (p / f"{s}{ext}").is_file()), None)
                      for s in SPLITS}
             if found["train"] is None:
                 raise DataError(f"{p} has no train.jsonl: a data directory needs train.jsonl "
-                                "(and optionally valid.jsonl, test.jsonl)")
+                                "(and optionally valid.jsonl, test.jsonl), or a dataset saved by `datasets`")
             if found["valid"] is None:
                 found["train+valid"] = found.pop("train")
-            out += [(f, s) for s, f in found.items() if f is not None]
+            out += [(file_source(f), s) for s, f in found.items() if f is not None]
         elif p.is_file():
             if p.suffix not in (".jsonl", ".json"):
                 raise DataError(f"{p}: data files must be .jsonl (one JSON record per line) or .json (an array)")
-            out.append((p, None))
+            out.append((file_source(p), None))
+        elif hf_datasets.looks_like_hub_id(str(item)):
+            out += hf_datasets.dataset_sources(str(item))
         else:
             raise DataError(f"--data {item}: no such file or directory")
     return out
 
 
 def _load_untruncated(data, tokenizer, *, valid_split, test_split, seed, train_on_inputs, chat_template,
-                      keys: Keys, cache) -> tuple[dict[str, list[Record]], dict[str, str], int]:
+                      keys: Keys, cache) -> tuple[dict[str, list[tuple[Store, np.ndarray]]], dict[str, str], int]:
+    """The records of each split as (store, rows) pairs, the format of each source, and how many valid
+    records were held out of a train file."""
     opts = _options(tokenizer, chat_template, train_on_inputs, keys)
     cache_dir = None
     if cache:
         cache_dir = default_cache_dir() if cache is True else Path(cache)
-    fingerprint = _tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
-    splits: dict[str, list[Record]] = {s: [] for s in SPLITS}
+    fingerprint = _tokenizer_fingerprint(tokenizer)
+    splits: dict[str, list[tuple[Store, np.ndarray]]] = {s: [] for s in SPLITS}
     formats = {}
     held_out = 0
-    for file, split in _resolve_inputs(data):
-        fmt, records, _ = tokenize_file(file, tokenizer, opts, cache_dir, fingerprint)
-        formats[str(file)] = fmt.value
+    for source, split in _resolve_inputs(data):
+        store = tokenize_source(source, tokenizer, opts, cache_dir, fingerprint)
+        formats[source.name] = store.fmt
         if split in SPLITS:
-            splits[split] += records
+            splits[split].append((store, np.arange(len(store), dtype=np.int64)))
             continue
         # A lone file is split three ways; a directory's train file without a valid file gives up only
         # validation examples, so training still reports a validation loss.
-        parts = split_indices(len(records), valid_split, test_split if split is None else 0.0, seed)
+        parts = split_indices(len(store), valid_split, test_split if split is None else 0.0, seed)
         for name, idx in parts.items():
-            splits[name] += [records[i] for i in idx]
+            splits[name].append((store, idx))
         if split is not None:
             held_out += len(parts["valid"])
     return splits, formats, held_out
@@ -570,18 +828,33 @@ def _options(tokenizer, chat_template, train_on_inputs: bool, keys: Keys) -> _Op
 
 
 def file_records(path: str | os.PathLike, tokenizer, *, limit: int | None = None, max_seq_length: int = 2048,
-                 chat_template: str | None = None) -> list[Record]:
+                 chat_template: str | None = None) -> RecordSet:
     """The records of the first `limit` rows of one file, in file order, truncated as training truncates them
     (a row with nothing left to train is left out). What evaluation scores the loss on: the same rows it
     generates for, whatever truncation drops."""
-    _, records, _ = tokenize_file(path, tokenizer, _options(tokenizer, chat_template, False, _keys()))
-    kept = (truncate(r, max_seq_length, _bos_id(tokenizer)) for r in records[:limit])
-    return [r for r in kept if r is not None]
+    store = tokenize_file(path, tokenizer, _options(tokenizer, chat_template, False, _keys()))
+    rows = np.arange(len(store) if limit is None else min(limit, len(store)), dtype=np.int64)
+    return truncated(store, rows, max_seq_length, _bos_id(tokenizer))[0]
 
 
 def _keys(prompt_key=None, completion_key=None, text_key=None, messages_key=None) -> Keys:
     return Keys(text=text_key or "text", prompt=prompt_key or "prompt", completion=completion_key or "completion",
                 messages=messages_key or "messages")
+
+
+def _truncate_splits(splits: dict[str, list[tuple[Store, np.ndarray]]], max_seq_length: int,
+                     bos: int | None) -> tuple[dict[str, RecordSet], int, int]:
+    """Truncate every record; return the kept records per split and the truncated and dropped counts."""
+    out: dict[str, RecordSet] = {}
+    n_truncated = n_dropped = 0
+    for name, parts in splits.items():
+        kept = []
+        for store, rows in parts:
+            records, t, d = truncated(store, rows, max_seq_length, bos)
+            kept.append(records)
+            n_truncated, n_dropped = n_truncated + t, n_dropped + d
+        out[name] = RecordSet.concat(kept)
+    return out, n_truncated, n_dropped
 
 
 def load_dataset(data, tokenizer, *, valid_split: float = 0.1, test_split: float = 0.0, seed: int = 0,
@@ -591,10 +864,13 @@ def load_dataset(data, tokenizer, *, valid_split: float = 0.1, test_split: float
     """Read, check, tokenize, split and truncate a dataset.
 
     `data`: a directory with train/valid/test.jsonl (without valid.jsonl, valid_split of train is held
-    out for validation), one .jsonl/.json file (split with valid_split, test_split and seed), or a list of
-    such paths to mix. `tokenizer`: mlx-lm TokenizerWrapper or a Hugging Face tokenizer.
+    out for validation), one .jsonl/.json file (split with valid_split, test_split and seed), a folder
+    saved by the `datasets` library or a Hugging Face dataset id (`pip install mlxtune[datasets]`;
+    HF_HUB_OFFLINE=1 uses only the local cache), or a list of such inputs to mix.
+    `tokenizer`: mlx-lm TokenizerWrapper or a Hugging Face tokenizer.
     `chat_template`: template text or a file, overriding the tokenizer's.
-    `cache`: True (~/.cache/mlxtune/data, or $MLXTUNE_CACHE/data), False, or a directory.
+    `cache`: True (~/.cache/mlxtune/data, or $MLXTUNE_CACHE/data), False, or a directory. The splits are
+    RecordSets over the cached arrays: records are read when a batch needs them.
     """
     if max_seq_length < 2:
         raise ConfigError(f"--max-seq-length {max_seq_length} must be at least 2")
@@ -602,9 +878,9 @@ def load_dataset(data, tokenizer, *, valid_split: float = 0.1, test_split: float
     splits, formats, held_out = _load_untruncated(data, tokenizer, valid_split=valid_split, test_split=test_split,
                                                   seed=seed, train_on_inputs=train_on_inputs,
                                                   chat_template=chat_template, keys=keys, cache=cache)
-    out, truncated, dropped = _truncate_splits(splits, max_seq_length, _bos_id(tokenizer))
-    return DataSplits(out["train"], out["valid"], out["test"], truncated=truncated, dropped=dropped, formats=formats,
-                      held_out=held_out)
+    out, n_truncated, n_dropped = _truncate_splits(splits, max_seq_length, _bos_id(tokenizer))
+    return DataSplits(out["train"], out["valid"], out["test"], truncated=n_truncated, dropped=n_dropped,
+                      formats=formats, held_out=held_out)
 
 
 # ------------------------------------------------------------------------------------------------ batching
@@ -646,37 +922,49 @@ def _pack(order: Sequence[int], sizes: Sequence[int], capacity: int) -> list[lis
     return rows
 
 
-def _epoch_plan(sizes: Sequence[int], batch_size: int, seed: int, epoch: int, shuffle: bool, pack: bool,
-                capacity: int) -> list[list[list[int]]]:
-    """One epoch as batches of rows of record indices; a pure function of its arguments."""
+def _epoch_plan(sizes: np.ndarray, batch_size: int, seed: int, epoch: int, shuffle: bool, pack: bool,
+                capacity: int) -> list:
+    """One epoch as batches, a pure function of its arguments. A batch is a list of rows of record indices
+    when packing, else an array of record indices (one per row)."""
     n = len(sizes)
     rng = np.random.default_rng([seed, epoch])
     jitter = rng.random(n) if shuffle else np.arange(n, dtype=float)
     if pack:
         order = np.argsort(jitter, kind="stable").tolist()
-        rows = _pack(order, sizes, capacity)
-        fill = [sum(sizes[i] for i in row) for row in rows]
+        size_list = sizes.tolist()
+        rows = _pack(order, size_list, capacity)
+        fill = [sum(size_list[i] for i in row) for row in rows]
         by_len = sorted(range(len(rows)), key=lambda r: fill[r])
         rows = [rows[r] for r in by_len]
+        batches: list = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     else:
         # Sort by length, ties broken randomly per epoch, so each batch holds similar lengths.
-        rows = [[i] for i in np.lexsort((jitter, np.asarray(sizes))).tolist()]
-    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        order = np.lexsort((jitter, sizes))
+        batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches)).tolist()]
     return batches
 
 
-def _make_batch(records: Sequence[Record], rows: list[list[int]], max_seq_length: int, pack: bool) -> Batch:
-    cut = [[records[i].ids[:max_seq_length] for i in row] for row in rows]
-    length = _padded_length(max(sum(len(ids) - 1 for ids in row) for row in cut))
+def _record_arrays(records, i: int) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(records, RecordSet):
+        return records.arrays(i)
+    r = records[i]
+    return np.asarray(r.ids, np.int64), np.asarray(r.mask, bool)
+
+
+def _make_batch(records, rows, max_seq_length: int, pack: bool) -> Batch:
+    if isinstance(rows, np.ndarray):
+        rows = [[i] for i in rows.tolist()]
+    cut = [[_record_arrays(records, i) for i in row] for row in rows]
+    cut = [[(ids[:max_seq_length], mask[:max_seq_length]) for ids, mask in row] for row in cut]
+    length = _padded_length(max(sum(len(ids) - 1 for ids, _ in row) for row in cut))
     shape = (len(rows), length)
     inputs, targets = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
     loss_mask, segments = np.zeros(shape, np.float32), np.zeros(shape, np.int32)
-    for b, row in enumerate(rows):
+    for b, row in enumerate(cut):
         t = 0
-        for s, i in enumerate(row, 1):
-            ids, mask = cut[b][s - 1], records[i].mask[: len(cut[b][s - 1])]
+        for s, (ids, mask) in enumerate(row, 1):
             n = len(ids) - 1
             inputs[b, t:t + n] = ids[:-1]
             targets[b, t:t + n] = ids[1:]
@@ -692,32 +980,37 @@ def batch_of(records: Sequence[Record], max_seq_length: int = 2048) -> Batch:
     return _make_batch(records, [[i] for i in range(len(records))], max_seq_length, False)
 
 
-def _check_batching(records, batch_size: int, max_seq_length: int) -> list[int]:
+def _check_batching(records, batch_size: int, max_seq_length: int) -> np.ndarray:
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size} must be at least 1")
     if max_seq_length < 2:
         raise ConfigError(f"--max-seq-length {max_seq_length} must be at least 2")
+    if isinstance(records, RecordSet):
+        lengths = records.lengths.astype(np.int64)
+    else:
+        lengths = np.fromiter((len(r.ids) for r in records), np.int64, len(records))
     # Input positions per record (ids[:-1]); a one-token record has nothing to predict.
-    return [max(0, min(len(r.ids), max_seq_length) - 1) for r in records]
+    return np.maximum(0, np.minimum(lengths, max_seq_length) - 1)
 
 
 def iterate_batches(records: Sequence[Record], batch_size: int, *, max_seq_length: int = 2048, seed: int = 0,
                     start_step: int = 0, loop: bool = True, shuffle: bool = True, pack: bool = False) -> Iterator[Batch]:
     """Length-bucketed (or packed) batches in shuffled order, deterministic given `seed`.
 
+    `records`: a RecordSet (read from the cache as batches need them) or a list of Records.
     `start_step=k` yields exactly what a fresh iterator yields from its k-th batch on (for --resume).
     `loop=False` makes one pass (for evaluation). With `pack`, rows hold several examples and
     `Batch.segments` says which; attention must stay inside a segment.
     """
     sizes = _check_batching(records, batch_size, max_seq_length)
-    keep = [i for i, s in enumerate(sizes) if s > 0]
-    if not keep:
+    keep = np.flatnonzero(sizes > 0)
+    if not len(keep):
         if loop:
             raise DataError("no examples to train on (all are empty or were dropped)")
         return
     if len(keep) < len(sizes):
-        records = [records[i] for i in keep]
-        sizes = [sizes[i] for i in keep]
+        records = records.take(keep) if isinstance(records, RecordSet) else [records[i] for i in keep.tolist()]
+        sizes = sizes[keep]
     skip, epoch = max(0, start_step), 0
     per_epoch = None if pack else math.ceil(len(sizes) / batch_size)
     if per_epoch:
@@ -738,12 +1031,20 @@ def padding_fraction(records: Sequence[Record], batch_size: int, *, max_seq_leng
                      pack: bool = False) -> float:
     """Share of batch positions that are padding over one epoch (what to report before training)."""
     sizes = _check_batching(records, batch_size, max_seq_length)
-    sizes = [s for s in sizes if s > 0]
-    if not sizes:
+    sizes = sizes[sizes > 0]
+    if not len(sizes):
         return 0.0
+    if not pack:  # batches are runs of the length-sorted sizes; their order does not change the share
+        ordered = np.sort(sizes)
+        starts = np.arange(0, len(ordered), batch_size)
+        longest = np.maximum.reduceat(ordered, starts)
+        counts = np.diff(np.append(starts, len(ordered)))
+        padded = np.maximum(PAD_MULTIPLE, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+        return float(1.0 - ordered.sum() / (counts * padded).sum())
     real = total = 0
+    size_list = sizes.tolist()
     for rows in _epoch_plan(sizes, batch_size, seed, 0, True, pack, max_seq_length):
-        fills = [sum(sizes[i] for i in row) for row in rows]
+        fills = [sum(size_list[i] for i in row) for row in rows]
         real += sum(fills)
         total += len(rows) * _padded_length(max(fills))
     return 1.0 - real / total
@@ -757,7 +1058,7 @@ class DataReport:
     """What `mlxtune data inspect` shows: formats, sizes, token lengths and what truncation will do."""
 
     formats: dict[str, str]  # file -> format
-    lengths: dict[str, list[int]]  # split -> token lengths before truncation
+    lengths: dict[str, np.ndarray]  # split -> token lengths before truncation
     max_seq_length: int
     truncated: int  # examples longer than max_seq_length that are kept, shortened
     dropped: int  # examples that will be left out (no trained token)
@@ -782,24 +1083,6 @@ def _tokenizer_of(model_or_tokenizer):
     return load_tokenizer(path, config)
 
 
-def _truncate_splits(splits: dict[str, list[Record]], max_seq_length: int,
-                     bos: int | None) -> tuple[dict[str, list[Record]], int, int]:
-    """Truncate every record; return the kept records per split and the truncated and dropped counts."""
-    out: dict[str, list[Record]] = {}
-    truncated = dropped = 0
-    for name, records in splits.items():
-        kept = []
-        for r in records:
-            t = truncate(r, max_seq_length, bos)
-            if t is None:
-                dropped += 1
-            else:
-                truncated += t is not r
-                kept.append(t)
-        out[name] = kept
-    return out, truncated, dropped
-
-
 def inspect_dataset(model, data, *, n: int = 3, max_seq_length: int = 2048, valid_split: float = 0.1,
                     test_split: float = 0.0, seed: int = 0, train_on_inputs: bool = False,
                     chat_template: str | None = None, prompt_key: str | None = None,
@@ -819,13 +1102,15 @@ def inspect_dataset(model, data, *, n: int = 3, max_seq_length: int = 2048, vali
                                            keys=keys, cache=cache)
     kept, truncated, dropped = _truncate_splits(splits, max_seq_length, _bos_id(tokenizer))
     train = kept["train"]
-    lengths = {name: [len(r.ids) for r in records] for name, records in splits.items()}
+    lengths = {name: np.concatenate([store.lengths[rows] for store, rows in parts]) if parts else np.zeros(0, np.int64)
+               for name, parts in splits.items()}
     padding = {}
-    if train:
+    if len(train):
         padding = {"bucketed": padding_fraction(train, batch_size, max_seq_length=max_seq_length, seed=seed),
                    "packed": padding_fraction(train, batch_size, max_seq_length=max_seq_length, seed=seed, pack=True)}
     rendering = templates.describe_rendering(tokenizer, templates.read_template_option(chat_template))
-    return DataReport(formats, lengths, max_seq_length, truncated, dropped, train[:n], tokenizer, padding, rendering)
+    return DataReport(formats, lengths, max_seq_length, truncated, dropped, list(train[:n]), tokenizer, padding,
+                      rendering)
 
 
 def highlight(tokenizer, record: Record, color: bool = False) -> str:
@@ -877,8 +1162,6 @@ def convert_dataset(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, 
         raise DataError(f"{dst} already exists: choose another output file or pass --force to replace it"
                         if dst.resolve() != src.resolve() else f"{dst} is the input file: write to another file")
     keys = _keys(prompt_key, completion_key, text_key, messages_key)
-    raw = read_records(src)
-    fmt = detect_file_format(src, raw, keys)
     template = templates.read_template_option(chat_template)
     tokenizer = _tokenizer_of(model) if model is not None else None
 
@@ -895,19 +1178,24 @@ def convert_dataset(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, 
         except jinja2.TemplateError as e:  # SecurityError (the sandbox said no), syntax and undefined names
             raise DataError(f"the chat template cannot render this record: {type(e).__name__}: {e}") from None
 
-    out = []
-    for line, record in raw:
-        where = f"{src}:{line}"
-        if fmt == Format.TEXT == target:
-            out.append({"text": _string(record[keys.text], f"\"{keys.text}\"", where, record)})
-        elif fmt == Format.TEXT:
-            raise _fail(where, f"plain text cannot become {target.value}: nothing says which part is the answer", record)
-        else:
-            messages, tools = to_messages(record, fmt, where, keys)
-            out.append(_from_messages(messages, tools, target, where, record, render_text))
-    with atomic_file(dst) as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
-    return len(out)
+    check = _FormatCheck(src, keys)
+    count = 0
+    # Streamed: one record in memory at a time; the output appears only once every record converted.
+    with atomic_file(dst) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for line, record in iter_records(src):
+            fmt = check(line, record)
+            where = f"{src}:{line}"
+            if fmt == Format.TEXT == target:
+                converted = {"text": _string(record[keys.text], f"\"{keys.text}\"", where, record)}
+            elif fmt == Format.TEXT:
+                raise _fail(where, f"plain text cannot become {target.value}: nothing says which part is the answer",
+                            record)
+            else:
+                messages, tools = to_messages(record, fmt, where, keys)
+                converted = _from_messages(messages, tools, target, where, record, render_text)
+            out.write(json.dumps(converted, ensure_ascii=False) + "\n")
+            count += 1
+    return count
 
 
 def split_dataset(file: str | os.PathLike, *, valid: float = 0.1, test: float = 0.0, seed: int = 0,
@@ -917,16 +1205,22 @@ def split_dataset(file: str | os.PathLike, *, valid: float = 0.1, test: float = 
     Uses the same seeded split as `load_dataset(file, valid_split=valid, test_split=test, seed=seed)`.
     """
     file = Path(file)
-    raw = read_records(file)
     out = Path(out) if out is not None else file.with_suffix("")
     if out.resolve() == file.resolve():
         raise ConfigError(f"--out {out} is the input file: choose a folder")
-    idx = split_indices(len(raw), valid, test, seed)
-    counts = {}
+    n = sum(1 for _ in iter_records(file))  # a first pass counts (and checks) the records
+    idx = split_indices(n, valid, test, seed)
+    which = np.zeros(n, np.int8)  # record -> index into `names`
+    names = [name for name, rows in idx.items() if len(rows) or name == "train"]
+    for k, name in enumerate(names):
+        which[idx[name]] = k
+    counts = {name: len(idx[name]) for name in names}
     with atomic_dir(out, force=force) as tmp:
-        for name, rows in idx.items():
-            if rows or name == "train":
-                (tmp / f"{name}.jsonl").write_text(
-                    "".join(json.dumps(raw[i][1], ensure_ascii=False) + "\n" for i in rows), encoding="utf-8")
-                counts[name] = len(rows)
+        files = [open(tmp / f"{name}.jsonl", "w", encoding="utf-8") for name in names]
+        try:
+            for k, (_, record) in enumerate(iter_records(file)):
+                files[which[k]].write(json.dumps(record, ensure_ascii=False) + "\n")
+        finally:
+            for f in files:
+                f.close()
     return counts

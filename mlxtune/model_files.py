@@ -74,9 +74,32 @@ def read_config(path: Path) -> dict:
     if not cfg_file.exists():
         raise ModelLoadError(f"{path} has no config.json: it is not a Hugging Face or MLX model directory")
     try:
-        return json.loads(cfg_file.read_text())
+        config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{cfg_file} is not valid JSON (line {e.lineno}): {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{cfg_file} is not UTF-8 text (byte {e.start})") from None
+    _check_config(cfg_file, config)
+    return config
+
+
+# Sizes every architecture reads as whole numbers: a string or a float there fails deep inside otherwise.
+WHOLE_NUMBER_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "vocab_size", "head_dim", "max_position_embeddings")
+
+
+def _check_config(cfg_file: Path, config) -> None:
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{cfg_file} is not a JSON object of model settings")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    if not isinstance(config.get("model_type", text.get("model_type")), str):
+        raise ModelLoadError(f"{cfg_file} has no model_type (say which architecture, e.g. \"llama\"): "
+                             "download or convert the model again")
+    for where, d in ((cfg_file, config), (f"{cfg_file} text_config", text)):
+        for key in WHOLE_NUMBER_KEYS:
+            value = d.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ModelLoadError(f"{where}: {key} must be a whole number, not {value!r}")
 
 
 def _rope_scaling_from(params: dict) -> dict | None:

@@ -7,6 +7,7 @@ Architectures come from mlx-lm (never rewritten here); finding the directory and
 
 from __future__ import annotations
 
+import json
 import os
 import pkgutil
 from dataclasses import dataclass
@@ -49,7 +50,22 @@ def load_tokenizer(path: Path, config: dict | None = None):
     try:
         return _load_tokenizer(path, eos_token_ids=(config or {}).get("eos_token_id"))
     except Exception as e:
-        raise ModelLoadError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from None
+        raise ModelLoadError(f"cannot load the tokenizer in {path}: {_tokenizer_file_problem(path) or ''}"
+                             f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _tokenizer_file_problem(path: Path) -> str | None:
+    """Why tokenizer.json is unreadable ('tokenizer.json is not valid JSON (line 3): ...; '), when it is."""
+    file = path / "tokenizer.json"
+    if not file.exists():
+        return None
+    try:
+        data = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"tokenizer.json is not valid JSON ({e}); "
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        return "tokenizer.json is not a tokenizers file (no \"model\" object); "
+    return "tokenizer.json: "
 
 
 def use_tanh_gelu_for_gemma(model, config: dict) -> None:

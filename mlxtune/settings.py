@@ -175,6 +175,8 @@ def read_config_file(path: str | os.PathLike) -> dict:
         raise ConfigError(f"{path}: expected a mapping of setting: value, got a {type(values).__name__}")
     if "lora_parameters" in values:  # mlx-lm layout: rank/scale/dropout/keys nested
         p = values.pop("lora_parameters") or {}
+        if not isinstance(p, dict):
+            raise ConfigError(f"{path}: lora_parameters must be a mapping (rank, scale, dropout, keys), got {p!r}")
         values.setdefault("rank", p.get("rank", 8))
         if "scale" in p:
             values.setdefault("alpha", float(p["scale"]) * values["rank"])
@@ -245,9 +247,13 @@ def training_args(config: str | os.PathLike | None = None, base: dict | None = N
     values: dict[str, Any] = {}
     if base:
         values.update(normalize_keys(base, "settings"))
+    from_file: set[str] = set()
     if config is not None:
         values.update(read_config_file(config))
-    values.update(normalize_keys({k: v for k, v in overrides.items() if v is not None}, "argument"))
+        from_file = set(values)
+    given = normalize_keys({k: v for k, v in overrides.items() if v is not None}, "argument")
+    from_file -= set(given)
+    values.update(given)
     fields = {f.name: f for f in dataclasses.fields(TrainingArgs)}
     for k, v in list(values.items()):  # YAML gives strings for "1e-4" and lists for target modules
         kind = type(fields[k].default)
@@ -259,6 +265,8 @@ def training_args(config: str | os.PathLike | None = None, base: dict | None = N
             elif k == "target_modules" and isinstance(v, (list, tuple)):
                 v = ",".join(v)
         except (TypeError, ValueError):
-            raise ConfigError(f"{k}: expected a {kind.__name__}, got {v!r}") from None
+            names = {int: "a whole number", float: "a number", bool: "true or false"}
+            where = f"{config}: {k}" if k in from_file else k
+            raise ConfigError(f"{where}: expected {names.get(kind, f'a {kind.__name__}')}, got {v!r}") from None
         values[k] = v
     return TrainingArgs(**values).validate()

@@ -186,9 +186,6 @@ class _Plan:
     turns: list[tuple[int, str, str | None]]  # (message index, prompt text, prompt+turn text or None)
     train_on_inputs: bool
 
-    def texts(self) -> list[str]:
-        return [self.full_text] + [t for _, before, after in self.turns for t in (before, after) if t is not None]
-
 
 def _plan(tokenizer, messages: list[dict], tools: list | None, template: str, train_on_inputs: bool) -> _Plan:
     full_text = render(tokenizer, messages, tools=tools, template=template)
@@ -200,43 +197,88 @@ def _plan(tokenizer, messages: list[dict], tools: list | None, template: str, tr
             before = render(tokenizer, messages[:i], tools=tools, template=template, add_generation_prompt=True)
             if not full_text.startswith(before):
                 raise _not_prefix(i)
-            after = render(tokenizer, messages[: i + 1], tools=tools, template=template)
+            # The conversation up to its last message is the whole conversation: no second rendering.
+            after = full_text if i == len(messages) - 1 else render(tokenizer, messages[: i + 1], tools=tools,
+                                                                    template=template)
             turns.append((i, before, after if full_text.startswith(after) else None))
     return _Plan(messages, full_text, turns, train_on_inputs)
 
 
-def _mask(tokenizer, plan: _Plan, encoded: dict[str, list[int]], specials: set[int]) -> tuple[list[int], list[bool]]:
+class _Offsets:
+    """Character spans of the tokens of one rendered text, for placing the prompt/answer boundaries.
+
+    A fast tokenizer's encoding knows them (and answers `char_to_token` without building the whole list);
+    a slow one is asked for an offset mapping once, when a boundary is actually needed.
+    """
+
+    def __init__(self, tokenizer, text: str, ids: list[int], encoding=None):
+        self.tokenizer, self.text, self.ids, self.encoding = tokenizer, text, ids, encoding
+        self._list: list[tuple[int, int]] | None = None
+
+    def spans(self) -> list[tuple[int, int]]:
+        if self._list is None:
+            if self.encoding is not None:
+                self._list = [tuple(o) for o in self.encoding.offsets]
+            else:
+                self._list = _offsets(self.tokenizer, self.text, self.ids)
+        return self._list
+
+    def _near(self, pos: int, answer_side: bool) -> int | None:
+        """`boundary` from the token at character `pos` and its neighbours (None: ask the whole span list)."""
+        k = self.encoding.char_to_token(pos)
+        span = self.encoding.token_to_chars(k) if k is not None else None
+        if span is None:
+            return None
+        # Spans are in text order, but several byte tokens can share one character's span: step back over
+        # the tokens that still end after `pos` (answer side) or start at or after it.
+        while k > 0:
+            before = self.encoding.token_to_chars(k - 1)
+            if before is None:
+                return None
+            if (before[1] if answer_side else before[0]) < pos + (1 if answer_side else 0):
+                break
+            k, span = k - 1, before
+        if answer_side:
+            return k
+        return k if span[0] >= pos else k + 1
+
+    def boundary(self, pos: int, answer_side: bool) -> int:
+        """Token index where the text prefix of length `pos` ends; a token spanning it goes to the answer.
+
+        answer_side: the first token that ends after `pos`; otherwise the first that starts at or after it.
+        """
+        n = len(self.ids)
+        if pos >= len(self.text):
+            return n
+        if self.encoding is not None:
+            k = self._near(pos, answer_side)
+            if k is not None:
+                return k
+        spans = self.spans()
+        if answer_side:
+            return next((k for k, (_, e) in enumerate(spans) if e > pos), n)
+        return next((k for k, (b, _) in enumerate(spans) if b >= pos), n)
+
+
+def _mask(tokenizer, plan: _Plan, full: list[int], offsets: _Offsets, specials: set[int],
+          decoded: dict) -> tuple[list[int], list[bool]]:
     full_text = plan.full_text
-    full = encoded[full_text]
     if plan.train_on_inputs:
         return full, [False] + [True] * (len(full) - 1)
-    cache: dict = {}
-
-    def offsets() -> list[tuple[int, int]]:
-        if "offsets" not in cache:
-            cache["offsets"] = _offsets(tokenizer, full_text, full)
-        return cache["offsets"]
-
-    def boundary(text: str, answer_side: bool) -> int:
-        """Token index where the prefix `text` ends; a token spanning it goes to the answer side."""
-        ids = encoded[text]
-        if full[: len(ids)] == ids:
-            return len(ids)
-        # The text is a prefix but a token spans the boundary ("Assistant: " + "name" -> " name").
-        if answer_side:
-            return next((k for k, (_, e) in enumerate(offsets()) if e > len(text)), len(full))
-        return next((k for k, (b, _) in enumerate(offsets()) if b >= len(text)), len(full))
-
     mask = [False] * len(full)
     for i, before, after in plan.turns:
         message = plan.messages[i]
-        start = boundary(before, answer_side=True)
+        start = offsets.boundary(len(before), answer_side=True)
         if after is not None:
-            end = boundary(after, answer_side=False)
+            end = offsets.boundary(len(after), answer_side=False)
             # Stop after the turn's last special token (its end-of-turn) when only whitespace follows it.
             last = max((j for j in range(start, end) if full[j] in specials), default=None)
-            if last is not None and not hf_tokenizer(tokenizer).decode(full[last + 1: end]).strip():
-                end = last + 1
+            if last is not None:
+                tail = tuple(full[last + 1: end])
+                if tail not in decoded:
+                    decoded[tail] = hf_tokenizer(tokenizer).decode(list(tail)).strip()
+                if not decoded[tail]:
+                    end = last + 1
         else:
             # The template renders this turn differently when it is not the last one (Qwen3 adds an empty
             # <think> block only to the final turn): find the turn's text after its header instead.
@@ -244,7 +286,7 @@ def _mask(tokenizer, plan: _Plan, encoded: dict[str, list[int]], specials: set[i
             at = full_text.find(content, len(before)) if content.strip() and not message.get("tool_calls") else -1
             if at < 0:
                 raise _not_prefix(i)
-            end = next((k for k, (b, _) in enumerate(offsets()) if b >= at + len(content)), len(full))
+            end = next((k for k, (b, _) in enumerate(offsets.spans()) if b >= at + len(content)), len(full))
             if end < len(full) and full[end] in specials:
                 end += 1  # the end-of-turn token
         for j in range(max(start, 1), end):
@@ -254,19 +296,28 @@ def _mask(tokenizer, plan: _Plan, encoded: dict[str, list[int]], specials: set[i
 
 def encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
     """`encode` of many texts at once (a fast tokenizer spreads the batch over all cores)."""
+    return [ids for ids, _ in _encode_many(tokenizer, texts)]
+
+
+def _encode_many(tokenizer, texts: list[str]) -> list[tuple[list[int], object]]:
+    """(ids, the fast tokenizer's Encoding or None) of each text."""
     hf = hf_tokenizer(tokenizer)
     if not texts:
         return []
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is not None and not getattr(hf, "split_special_tokens", False):
         # The Rust tokenizer directly: what `hf.encode` runs, without its per-text Python overhead.
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-    return [encode(tokenizer, t) for t in texts]
+        return [(e.ids, e) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return [(encode(tokenizer, t), None) for t in texts]
 
 
 def chat_to_ids_many(tokenizer, conversations: list[tuple[list[dict], list | None]], *, template: str | None = None,
                      train_on_inputs: bool = False, specials: set[int] | None = None) -> list:
-    """`chat_to_ids` of many (messages, tools) pairs: one result per pair, a DataError where it failed."""
+    """`chat_to_ids` of many (messages, tools) pairs: one result per pair, a DataError where it failed.
+
+    Only each whole conversation is tokenized: where a prompt ends inside it is read from the token
+    offsets (a prompt that tokenizes as a prefix of the whole ends exactly at a token boundary there).
+    """
     template = template_for(tokenizer, template)
     if template is None:
         return [DataError(NO_TEMPLATE)] * len(conversations)
@@ -277,12 +328,17 @@ def chat_to_ids_many(tokenizer, conversations: list[tuple[list[dict], list | Non
             plans.append(_plan(tokenizer, messages, tools, template, train_on_inputs))
         except DataError as e:
             plans.append(e)
-    texts = list(dict.fromkeys(t for p in plans if isinstance(p, _Plan) for t in p.texts()))
-    encoded = dict(zip(texts, encode_many(tokenizer, texts)))
+    texts = list(dict.fromkeys(p.full_text for p in plans if isinstance(p, _Plan)))
+    encoded = dict(zip(texts, _encode_many(tokenizer, texts)))
+    decoded: dict = {}
     out = []
     for p in plans:
+        if isinstance(p, DataError):
+            out.append(p)
+            continue
+        ids, encoding = encoded[p.full_text]
         try:
-            out.append(p if isinstance(p, DataError) else _mask(tokenizer, p, encoded, specials))
+            out.append(_mask(tokenizer, p, list(ids), _Offsets(tokenizer, p.full_text, ids, encoding), specials, decoded))
         except DataError as e:
             out.append(e)
     return out

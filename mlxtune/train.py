@@ -9,7 +9,9 @@ engine plugs in with the same data, loss, reports, checkpoints and adapter files
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import gc
 import hashlib
 import math
@@ -28,6 +30,7 @@ from .data import iterate_batches, load_dataset, padding_fraction, records_finge
 from .defaults import DEFAULT_LORA_CONFIG, fill_in
 from .distributed import World, check_same_run, torchrun_size
 from .errors import ConfigError, DataError
+from .files import FolderLock
 from .layers import apply_lora, count_parameters, remove_lora
 from .loop import TrainResult, train
 from .loss import evaluate_loss, model_parts
@@ -43,6 +46,25 @@ def _fmt_count(n: int) -> str:
     return f"{m:.0f}M" if m >= 100 else f"{m:.1f}M" if m >= 1 else f"{m:.3f}M"
 
 
+_HELD: list[contextlib.ExitStack] = []  # the locks of the lora() calls running now, innermost last
+
+
+def _releases_locks(fn):
+    """Whatever `fn` locks (`_HELD[-1].enter_context(...)`) is released when it returns or raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            _HELD.append(stack)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _HELD.pop()
+
+    return wrapper
+
+
+@_releases_locks
 def lora(model: Any = None, data: Any = None, *, tokenizer: Any = None, config: str | os.PathLike | None = None,
          callbacks: Iterable[Callable] = (), verbose: bool = True, resume_command: str | None = None,
          **kwargs) -> TrainResult:
@@ -130,6 +152,8 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
         say("note: --fsdp: a single process has nothing to shard (start the ranks with torchrun); training without it")
 
     adapter_file = Path(args.adapter_file)
+    if world.main:  # one run per adapter folder: a second one refuses instead of mixing checkpoints
+        _HELD[-1].enter_context(FolderLock(adapter_file.parent, "mlxtune lora run", "--adapter-file"))
     test_only = args.test and "iters" not in explicit and adapter_file.exists() and not args.resume
     if not test_only and adapter_file.exists() and not args.resume and not args.force:
         raise ConfigError(f"{adapter_file} already exists: pass --resume to continue it, --force to replace it, "

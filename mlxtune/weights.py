@@ -41,9 +41,46 @@ def read_header(file: Path) -> tuple[dict, int]:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > MAX_HEADER_BYTES or n > file.stat().st_size:
                 raise ValueError("header length is larger than the file")
-            return json.loads(f.read(n)), 8 + n
+            header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
     except (OSError, ValueError, struct.error) as e:
         raise ModelLoadError(f"cannot read {file}: not a valid safetensors file ({e}); download or convert it again") from None
+    _check_header(file, header, file.stat().st_size - 8 - n)
+    return header, 8 + n
+
+
+def _check_header(file: Path, header: dict, data_size: int) -> None:
+    """Every tensor's dtype, shape and byte range agree with each other and with the file, before anything
+    is read or allocated from them: a header that lies (sizes past the end, shared bytes) is refused."""
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{file}: tensor {name}"
+        if not isinstance(info, dict):
+            raise ModelLoadError(f"{where}: its header entry is not an object; download or convert the model again")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in NUMPY:
+            raise ModelLoadError(f"{where} has dtype {dtype}, which mlxtune cannot read")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise ModelLoadError(f"{where} has shape {shape!r}, not a list of sizes; download or convert the model again")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise ModelLoadError(f"{where} has data_offsets {offsets!r}, not [begin, end]; download or convert it again")
+        need = int(np.prod(shape, dtype=object)) * np.dtype(NUMPY[dtype]).itemsize
+        if offsets[1] - offsets[0] != need:
+            raise ModelLoadError(f"{where}: shape {shape} of {dtype} needs {need} bytes but data_offsets give "
+                                 f"{offsets[1] - offsets[0]}; download or convert the model again")
+        if offsets[1] > data_size:
+            raise ModelLoadError(f"{file} is truncated: tensor {name} ends at byte {offsets[1]} of the data, which has "
+                                 f"{data_size}; download or convert the model again")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ModelLoadError(f"{file}: tensors {a} and {b} claim the same bytes (overlapping data_offsets); "
+                                 "download or convert the model again")
 
 
 def tensor_shapes(file: Path) -> dict[str, list[int]]:
@@ -103,8 +140,6 @@ def index_tensors(model_dir: Path) -> dict[str, StoredTensor]:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            if info.get("dtype") not in NUMPY:
-                raise ModelLoadError(f"tensor {name} in {file} has dtype {info.get('dtype')}, which mlxtune cannot read")
             begin, _ = info["data_offsets"]
             index[name] = StoredTensor(file, info["dtype"], tuple(info["shape"]), data_start + begin)
     return index

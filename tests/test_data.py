@@ -369,7 +369,7 @@ def test_tokenization_is_cached_and_invalidated_by_content(toks, tmp_path, monke
     path = write_jsonl(tmp_path / "c.jsonl", [chat(*CONVERSATION), chat("Say hi", "Hello")])
     cache = tmp_path / "tokcache"
     first = load_dataset(path, tok, valid_split=0, cache=cache)
-    assert len(list(cache.glob("*.npz"))) == 1
+    assert len(list(cache.glob("*/meta.json"))) == 1  # one entry: a folder of compact arrays
 
     def boom(*a, **k):
         raise AssertionError("tokenized again")
@@ -614,3 +614,99 @@ def test_convert_renders_user_templates_in_a_sandbox(tmp_path):
     fine.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
     data.convert_dataset(src, tmp_path / "out.jsonl", "text", chat_template=str(fine))
     assert json.loads((tmp_path / "out.jsonl").read_text()) == {"text": "user: Say hi\nassistant: Hello\n"}
+
+
+# ------------------------------------------------------------------- streamed, compact, a million rows
+
+
+def test_cached_records_are_memory_mapped_compact_arrays(toks, tmp_path):
+    tok = toks["chatml"]
+    path = write_jsonl(tmp_path / "c.jsonl", [chat(f"q {i}", f"answer {i}") for i in range(50)])
+    cache = tmp_path / "tokcache"
+    fresh = load_dataset(path, tok, valid_split=0.2, cache=cache)
+    again = load_dataset(path, tok, valid_split=0.2, cache=cache)
+    store = again.train.stores[0]
+    assert isinstance(store.ids, np.memmap) and store.ids.dtype == np.uint16  # a 400-token vocabulary
+    assert isinstance(store.mask, np.memmap) and store.mask.dtype == np.bool_
+    assert list(fresh.train) == list(again.train) and list(fresh.valid) == list(again.valid)
+    # The same records as tokenizing each conversation alone.
+    for r, line in zip(again.train, again.train.stores[0].lines[again.train.row]):
+        ids, mask = templates.chat_to_ids(tok, chat(f"q {line - 1}", f"answer {line - 1}")["messages"])
+        assert (r.ids, r.mask) == (ids, mask)
+
+
+def test_worker_processes_tokenize_exactly_like_one_process(toks, tmp_path, monkeypatch):
+    tok = toks["chatml"]
+    rows = [chat(f"question {i} " * (i % 7 + 1), f"answer {i}") for i in range(1200)]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    monkeypatch.setenv("MLXTUNE_TOKENIZE_WORKERS", "0")
+    one = load_dataset(path, tok, valid_split=0.1, cache=False)
+    monkeypatch.setenv("MLXTUNE_TOKENIZE_WORKERS", "2")
+    two = load_dataset(path, tok, valid_split=0.1, cache=tmp_path / "tokcache")
+    assert np.array_equal(one.train.stores[0].ids, two.train.stores[0].ids)
+    assert np.array_equal(one.train.stores[0].mask, two.train.stores[0].mask)
+    assert np.array_equal(one.train.stores[0].lines, two.train.stores[0].lines)
+    # A bad record is still reported at its line when workers read it.
+    write_jsonl(path, rows[:1100] + [{"foo": 1}] + rows[1100:])
+    with pytest.raises(DataError, match=r"c\.jsonl:1101: record matches no known format"):
+        load_dataset(path, tok, valid_split=0.1, cache=False)
+
+
+def test_an_interrupted_tokenization_leaves_no_cache_entry(toks, tmp_path, monkeypatch):
+    tok = toks["chatml"]
+    path = write_jsonl(tmp_path / "c.jsonl", [chat(f"q {i}", "a") for i in range(3000)])
+    cache = tmp_path / "tokcache"
+    real, calls = data.records_from, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(data, "records_from", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_dataset(path, tok, cache=cache)
+    assert not cache.exists() or list(cache.iterdir()) == []  # no entry, no temporary folder
+    monkeypatch.setattr(data, "records_from", real)
+    assert len(load_dataset(path, tok, valid_split=0, cache=cache).train) == 3000
+
+
+def test_a_damaged_cache_entry_is_tokenized_again(toks, tmp_path):
+    tok = toks["chatml"]
+    path = write_jsonl(tmp_path / "c.jsonl", [chat(f"q {i}", "a") for i in range(20)])
+    cache = tmp_path / "tokcache"
+    first = list(load_dataset(path, tok, valid_split=0, cache=cache).train)
+    [entry] = list(cache.iterdir())
+    ids = entry / "ids.bin"
+    ids.write_bytes(ids.read_bytes()[:-2])  # a truncated file: its size no longer matches meta.json
+    assert list(load_dataset(path, tok, valid_split=0, cache=cache).train) == first
+
+
+def test_a_dataset_saved_by_the_datasets_library_is_data(toks, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")  # the optional extra, installed with mlxtune[test]
+    tok = toks["chatml"]
+    rows = [chat(f"q {i}", f"answer {i}") for i in range(30)]
+    valid = [chat(f"v {i}", f"check {i}") for i in range(5)]
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "validation": datasets.Dataset.from_list(valid)}).save_to_disk(str(folder))
+    (tmp_path / "jsonl").mkdir()
+    write_jsonl(tmp_path / "jsonl" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "jsonl" / "valid.jsonl", valid)
+    from_saved = load_dataset(folder, tok, cache=tmp_path / "tokcache")
+    from_files = load_dataset(tmp_path / "jsonl", tok, cache=False)
+    assert list(from_saved.train) == list(from_files.train) and list(from_saved.valid) == list(from_files.valid)
+    assert set(from_saved.formats) == {f"{folder}[train]", f"{folder}[validation]"}
+    # A single Dataset is split like a lone file; a bad row is named by its row number.
+    one = tmp_path / "one"
+    datasets.Dataset.from_list(rows[:10] + [{"messages": [{"role": "user", "content": "q"}]}] + rows[10:]).save_to_disk(str(one))
+    with pytest.raises(DataError, match=r"one:11: chat has no assistant turn"):
+        load_dataset(one, tok, cache=False)
+    # A hub id offline that is not in the local cache: one line saying so.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(DataError, match=r"--data nobody/no-such-dataset: no such file or folder.*HF_HUB_OFFLINE") as e:
+        load_dataset("nobody/no-such-dataset", tok, cache=False)
+    assert "\n" not in str(e.value)
