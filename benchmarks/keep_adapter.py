@@ -1,6 +1,7 @@
 """Fine-tune-aware quantization on the bundled task: plain q4_k_m / q4_0 against `--keep-adapter`, by `mlxtune compare`.
 
     python benchmarks/keep_adapter.py --work /tmp/keep      # ~40 min on 2 cores (two LoRA runs); prints the table
+    python benchmarks/keep_adapter.py --work /tmp/keep --scenarios fragile -n 100   # one scenario, 100 test rows
 
 Three adapters, each trained with the bundled settings (data/default-lora.yaml), fused, and written as f16,
 q8_0, q4_k_m and q4_0, the last two plain and with `--keep-adapter`:
@@ -23,6 +24,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,12 +36,15 @@ SCENARIOS = {"float": (None, 1000), "from-q4_k_m": ("q4_k_m", 1000), "fragile": 
 
 
 def run(*args: str, cwd: Path) -> None:
+    out = Path(args[args.index("--outfile") + 1]).name if "--outfile" in args else ""
+    keep = " --keep-adapter" if "--keep-adapter" in args else ""
+    print(f"  {time.strftime('%H:%M:%S')} mlxtune {args[0]} {out}{keep}", flush=True)
     r = subprocess.run([sys.executable, "-m", "mlxtune", *args], cwd=cwd, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"mlxtune {' '.join(args)} failed:\n{r.stderr[-3000:]}")
 
 
-def scenario(name: str, base: Path, iters: int, work: Path, data: Path) -> list[dict]:
+def scenario(name: str, base: Path, iters: int, work: Path, data: Path, n: int | None) -> list[dict]:
     d = work / name
     d.mkdir(parents=True, exist_ok=True)
     adapters = d / "adapters"
@@ -63,6 +68,8 @@ def scenario(name: str, base: Path, iters: int, work: Path, data: Path) -> list[
     report = d / "compare.json"
     args = ["compare", "--model", str(base), "--adapter-file", str(adapters), "--data", str(data), "--no-base",
             "--json", str(report), "--force"]
+    if n is not None:
+        args += ["-n", str(n)]
     for f in files:
         args += ["--gguf", str(f)]
     print(f"[{name}] comparing {len(files)} files ...", flush=True)
@@ -80,20 +87,29 @@ def scenario(name: str, base: Path, iters: int, work: Path, data: Path) -> list[
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True, help="working folder (adapters and fused models are reused)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help=f"comma-separated, run in this order (default: all of {', '.join(SCENARIOS)})")
+    p.add_argument("-n", dest="n", type=int, default=None, help="compare on the first N test rows only (default: all 200)")
     args = p.parse_args()
+    names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SCENARIOS]
+    if unknown:
+        p.error(f"--scenarios: unknown {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     from mlxtune.defaults import DEFAULT_DATA, DEFAULT_MODEL
 
     from tiny import gguf_rounded_copy
 
     work = args.work.resolve()
     rows = []
-    for name, (grid, iters) in SCENARIOS.items():
+    for name in names:
+        grid, iters = SCENARIOS[name]
         base = DEFAULT_MODEL
         if grid is not None:
             base = work / f"tiny-chat-from-{grid}"
             if not base.exists():
                 gguf_rounded_copy(DEFAULT_MODEL, base, grid)
-        rows += scenario(name, base, iters, work, DEFAULT_DATA)
+        rows += scenario(name, base, iters, work, DEFAULT_DATA, args.n)
+    print(f"compare rows: {args.n or 'all'}")
     print("| adapter | stage | exact match | kept of adapter's | agreement | mean KL | stopped | size |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
