@@ -45,6 +45,8 @@ def run(*args: str, cwd: Path) -> None:
 
 
 def scenario(name: str, base: Path, iters: int, work: Path, data: Path, n: int | None) -> list[dict]:
+    if iters != SCENARIOS[name][1]:  # another step count: its own folder, so a second run reuses the right adapter
+        name = f"{name}-{iters}"
     d = work / name
     d.mkdir(parents=True, exist_ok=True)
     adapters = d / "adapters"
@@ -88,11 +90,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True, help="working folder (adapters and fused models are reused)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help=f"comma-separated, run in this order (default: all of {', '.join(SCENARIOS)})")
+                   help=f"comma-separated NAME or NAME:STEPS, run in this order (default: all of {', '.join(SCENARIOS)})")
     p.add_argument("-n", dest="n", type=int, default=None, help="compare on the first N test rows only (default: all 200)")
     args = p.parse_args()
-    names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = [s for s in names if s not in SCENARIOS]
+    names = [s.strip().partition(":") for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s, _, _ in names if s not in SCENARIOS]
     if unknown:
         p.error(f"--scenarios: unknown {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     from mlxtune.defaults import DEFAULT_DATA, DEFAULT_MODEL
@@ -101,8 +103,9 @@ def main() -> None:
 
     work = args.work.resolve()
     rows = []
-    for name in names:
+    for name, _, steps in names:
         grid, iters = SCENARIOS[name]
+        iters = int(steps) if steps else iters
         base = DEFAULT_MODEL
         if grid is not None:
             base = work / f"tiny-chat-from-{grid}"
