@@ -10,8 +10,9 @@ q8_0, q4_k_m and q4_0, the last two plain and with `--keep-adapter`:
 - `from-q4_k_m`: 1000 steps on the bundled model as it comes out of a q4_k_m GGUF file (every tensor rounded
   through the recipe's encodings and back), the model a user holding a GGUF in LM Studio would fine-tune;
   writing the fused model with the same recipe rounds weights back towards the grid they came from.
-- `fragile`: 40 steps on the bundled model from a q4_0 file: an early adapter with small margins, the case
-  where rounding costs replies.
+- `fragile`: 40 steps on the bundled model from a q4_0 file: an early adapter with small margins. With the
+  bundled schedule (50 warmup steps) it measured 0% exact match, so it only shows KL and agreement;
+  `--scenarios fragile:150` (30% exact match) is the case where rounding costs replies (docs/benchmarks.md).
 
 Each row is a GGUF stage of `mlxtune compare` on the 200-row test split: exact match, the share of the
 adapter's exact match it keeps, agreement with the adapter, mean KL to it, stopped share and file size.
