@@ -1,6 +1,7 @@
 """Fine-tune-aware quantization on the bundled task: plain q4_k_m / q4_0 against `--keep-adapter`, by `mlxtune compare`.
 
     python benchmarks/keep_adapter.py --work /tmp/keep      # ~40 min on 2 cores (two LoRA runs); prints the table
+    python benchmarks/keep_adapter.py --work /tmp/keep --scenarios fragile -n 100   # one scenario, 100 test rows
 
 Three adapters, each trained with the bundled settings (data/default-lora.yaml), fused, and written as f16,
 q8_0, q4_k_m and q4_0, the last two plain and with `--keep-adapter`:
@@ -9,8 +10,9 @@ q8_0, q4_k_m and q4_0, the last two plain and with `--keep-adapter`:
 - `from-q4_k_m`: 1000 steps on the bundled model as it comes out of a q4_k_m GGUF file (every tensor rounded
   through the recipe's encodings and back), the model a user holding a GGUF in LM Studio would fine-tune;
   writing the fused model with the same recipe rounds weights back towards the grid they came from.
-- `fragile`: 40 steps on the bundled model from a q4_0 file: an early adapter with small margins, the case
-  where rounding costs replies.
+- `fragile`: 40 steps on the bundled model from a q4_0 file: an early adapter with small margins. With the
+  bundled schedule (50 warmup steps) it measured 0% exact match, so it only shows KL and agreement;
+  `--scenarios fragile:150` (30% exact match) is the case where rounding costs replies (docs/benchmarks.md).
 
 Each row is a GGUF stage of `mlxtune compare` on the 200-row test split: exact match, the share of the
 adapter's exact match it keeps, agreement with the adapter, mean KL to it, stopped share and file size.
@@ -23,6 +25,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,12 +37,17 @@ SCENARIOS = {"float": (None, 1000), "from-q4_k_m": ("q4_k_m", 1000), "fragile": 
 
 
 def run(*args: str, cwd: Path) -> None:
+    out = Path(args[args.index("--outfile") + 1]).name if "--outfile" in args else ""
+    keep = " --keep-adapter" if "--keep-adapter" in args else ""
+    print(f"  {time.strftime('%H:%M:%S')} mlxtune {args[0]} {out}{keep}", flush=True)
     r = subprocess.run([sys.executable, "-m", "mlxtune", *args], cwd=cwd, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"mlxtune {' '.join(args)} failed:\n{r.stderr[-3000:]}")
 
 
-def scenario(name: str, base: Path, iters: int, work: Path, data: Path) -> list[dict]:
+def scenario(name: str, base: Path, iters: int, work: Path, data: Path, n: int | None) -> list[dict]:
+    if iters != SCENARIOS[name][1]:  # another step count: its own folder, so a second run reuses the right adapter
+        name = f"{name}-{iters}"
     d = work / name
     d.mkdir(parents=True, exist_ok=True)
     adapters = d / "adapters"
@@ -63,6 +71,8 @@ def scenario(name: str, base: Path, iters: int, work: Path, data: Path) -> list[
     report = d / "compare.json"
     args = ["compare", "--model", str(base), "--adapter-file", str(adapters), "--data", str(data), "--no-base",
             "--json", str(report), "--force"]
+    if n is not None:
+        args += ["-n", str(n)]
     for f in files:
         args += ["--gguf", str(f)]
     print(f"[{name}] comparing {len(files)} files ...", flush=True)
@@ -80,20 +90,30 @@ def scenario(name: str, base: Path, iters: int, work: Path, data: Path) -> list[
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True, help="working folder (adapters and fused models are reused)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help=f"comma-separated NAME or NAME:STEPS, run in this order (default: all of {', '.join(SCENARIOS)})")
+    p.add_argument("-n", dest="n", type=int, default=None, help="compare on the first N test rows only (default: all 200)")
     args = p.parse_args()
+    names = [s.strip().partition(":") for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s, _, _ in names if s not in SCENARIOS]
+    if unknown:
+        p.error(f"--scenarios: unknown {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     from mlxtune.defaults import DEFAULT_DATA, DEFAULT_MODEL
 
     from tiny import gguf_rounded_copy
 
     work = args.work.resolve()
     rows = []
-    for name, (grid, iters) in SCENARIOS.items():
+    for name, _, steps in names:
+        grid, iters = SCENARIOS[name]
+        iters = int(steps) if steps else iters
         base = DEFAULT_MODEL
         if grid is not None:
             base = work / f"tiny-chat-from-{grid}"
             if not base.exists():
                 gguf_rounded_copy(DEFAULT_MODEL, base, grid)
-        rows += scenario(name, base, iters, work, DEFAULT_DATA)
+        rows += scenario(name, base, iters, work, DEFAULT_DATA, args.n)
+    print(f"compare rows: {args.n or 'all'}")
     print("| adapter | stage | exact match | kept of adapter's | agreement | mean KL | stopped | size |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
