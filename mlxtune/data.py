@@ -28,12 +28,12 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tqdm.auto import tqdm
 
-from . import templates
+# models as a module, not a name: models -> gguf -> gguf.importance -> data is an import cycle
+from . import models, templates
 from .errors import ConfigError, DataError
 from .files import atomic_dir, atomic_file
 from .gguf.sources import resolve_model
 from .model_files import read_config
-from .models import load_tokenizer
 
 CACHE_VERSION = 3  # bump whenever the records a file turns into change (masking, text EOS, ...)
 CHUNK = 512  # records tokenized per batch call
@@ -779,7 +779,7 @@ def _tokenizer_of(model_or_tokenizer):
         return model_or_tokenizer
     path = resolve_model(model_or_tokenizer)
     config = read_config(path) if (path / "config.json").exists() else {}
-    return load_tokenizer(path, config)
+    return models.load_tokenizer(path, config)
 
 
 def _truncate_splits(splits: dict[str, list[Record]], max_seq_length: int,

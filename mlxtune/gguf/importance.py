@@ -18,9 +18,11 @@ import numpy as np
 from mlx.utils import tree_unflatten
 from tqdm.auto import tqdm
 
-from ..data import load_dataset
+# modules, not names: mlxtune.data and mlxtune.models import the gguf package (for GGUF --model), so either
+# may still be initializing when this module loads
+from .. import data as data_module
+from .. import models
 from ..errors import DataError
-from ..models import load_model
 from .arch import tensor_namer, text_tensor_name
 
 MAX_RECORDS = 256  # examples measured: spread evenly over the training file
@@ -50,9 +52,9 @@ def importance_matrix(model_dir: str | os.PathLike, data, arch, cfg: dict, *, ma
 
     data: the training data (a folder's train split, or a .jsonl file), rendered as training renders it.
     """
-    loaded = load_model(model_dir)
+    loaded = models.load_model(model_dir)
     model = loaded.model
-    splits = load_dataset(str(data), loaded.tokenizer, valid_split=0.0, test_split=0.0, max_seq_length=max_seq_length,
+    splits = data_module.load_dataset(str(data), loaded.tokenizer, valid_split=0.0, test_split=0.0, max_seq_length=max_seq_length,
                           chat_template=chat_template, cache=False)
     records = splits.train
     if not records:
