@@ -4,7 +4,8 @@ On Apple silicon MLX's quantized matmul is a fast GPU kernel. On the CPU backend
 ~25-60x slower than a dense float32 matmul of the same shape, so a QLoRA step on a 135M model takes minutes
 where float32 LoRA takes seconds. Where MLX runs on the CPU, `compute_dequantized` switches every affine
 `nn.QuantizedLinear` (LoRA bases included, since a LoRA layer calls its base) and the tied head of a
-`nn.QuantizedEmbedding` to `mx.dequantize(w, scales, biases)` then a float32 matmul, one layer at a time.
+`nn.QuantizedEmbedding` to `mx.dequantize(w, scales, biases)` then a float32 matmul, one layer at a time,
+whenever a call carries at least `KERNEL_ROWS` token rows (one-token decoding keeps the kernel, faster there).
 
 The one thing to know: the weights stay 4-bit at rest and are de-quantized when a layer runs, in the forward
 pass and again in the backward pass (`mx.depends` on the layer's input, and on the incoming gradient, keeps
@@ -19,6 +20,14 @@ from functools import cache
 
 import mlx.core as mx
 import mlx.nn as nn
+
+# Below this many rows (one token at a time: generation) the kernel wins: 2.6 ms against 7.0 ms for one row
+# of 576 x 1536 at 4 bits, 8.5 against 6.6 for four (measured on the CPU backend, mlx 0.32).
+KERNEL_ROWS = 4
+
+
+def _rows(x) -> int:
+    return x.size // x.shape[-1] if x.ndim else 1
 
 
 def on_cpu() -> bool:
@@ -57,6 +66,8 @@ class DequantizedLinear(nn.QuantizedLinear):
     """An `nn.QuantizedLinear` (same parameters, same files) that multiplies through its de-quantized weight."""
 
     def __call__(self, x):
+        if _rows(x) < KERNEL_ROWS:
+            return super().__call__(x)
         y = _dequantized_matmul(self.group_size, self.bits)(x, self["weight"], self["scales"], self["biases"])
         return y + self["bias"] if "bias" in self else y
 
@@ -68,6 +79,8 @@ class DequantizedEmbedding(nn.QuantizedEmbedding):
     """
 
     def as_linear(self, x):
+        if _rows(x) < KERNEL_ROWS:
+            return super().as_linear(x)
         return _dequantized_matmul(self.group_size, self.bits)(x, self["weight"], self["scales"], self["biases"])
 
 
