@@ -16,8 +16,9 @@ step() {  # step NAME command...
   if [ "$1" != "$FIRST" ] && [ -n "$FIRST" ]; then echo "== $1: skipped"; return; fi
   FIRST=""
   echo "== $1: ${*:2}" | tee -a "$OUT/steps.log"
-  /usr/bin/time -f "== $1: wall %e s, peak RSS %M KB, load $(cut -d' ' -f1 /proc/loadavg)" "${@:2}" > "$OUT/$1.out" 2> >(tee "$OUT/$1.err" >&2)
-  grep "^== $1: wall" "$OUT/$1.err" | tee -a "$OUT/steps.log"
+  /usr/bin/time -o "$OUT/$1.time" -f "== $1: wall %e s, peak RSS %M KB, load $(cut -d' ' -f1 /proc/loadavg)" \
+    "${@:2}" > "$OUT/$1.out" 2> "$OUT/$1.err"
+  tee -a "$OUT/steps.log" < "$OUT/$1.time"
 }
 MT="$PY -m mlxtune"
 step convert  $MT convert --gguf "$SMOL" --mlx-path "$OUT/smol" --force
