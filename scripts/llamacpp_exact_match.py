@@ -22,6 +22,8 @@ def main() -> None:
     p.add_argument("data", help="a chat .jsonl file (messages ending with the assistant's answer)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--threads", type=int, default=1,
+                   help="llama.cpp threads (its threads spin: more threads than free cores is far slower)")
     a = p.parse_args()
     import llama_cpp  # heavy and optional: only this script needs it
 
@@ -29,7 +31,7 @@ def main() -> None:
     saved = os.dup(2)  # llama.cpp logs to fd 2 while loading
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     try:
-        llm = llama_cpp.Llama(a.gguf, n_ctx=512, n_threads=os.cpu_count(), verbose=False)
+        llm = llama_cpp.Llama(a.gguf, n_ctx=512, n_threads=a.threads, verbose=False)
     finally:
         os.dup2(saved, 2)
     correct = 0
