@@ -35,6 +35,7 @@ from mlx_lm.utils import dequantize_model
 from tqdm.auto import tqdm
 
 from .adapters import AdapterConfig, align_to_model, check_fits, find_adapter_file, read_adapter
+from .dequantized import compute_dequantized, dequantized_layers
 from .display import fields_html, fields_text
 from .errors import AdapterError, ConfigError, ExportError, MlxtuneWarning
 from .files import atomic_dir
@@ -432,6 +433,9 @@ def _check_reload(out: Path, model: nn.Module, tokens: mx.array) -> float:
     """Load the written directory as a user would and compare its logits with the in-memory fused model."""
     check_saved(out, model)
     reloaded = load_model(out).model
+    # the same arithmetic on both sides: load_model computes quantized layers through float32 weights on the CPU
+    # (mlxtune.dequantized), the in-memory model's re-quantized layers are plain QuantizedLinear
+    compute_dequantized(model, enable=dequantized_layers(reloaded) > 0)
     diff = float(mx.abs(reloaded(tokens).astype(mx.float32) - model(tokens).astype(mx.float32)).max())
     if diff > 0.0 and not diff <= 1e-3:
         raise ExportError(f"the written fused model does not reproduce the fused weights (max logit difference "

@@ -21,6 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .adapters import AdapterConfig, check_fits, model_adapter_arrays
+from .dequantized import compute_dequantized, on_cpu
 from .distributed import World
 from .errors import DataError, TrainingError
 from .layers import transformer_blocks
@@ -146,6 +147,8 @@ class MLXEngine:
         self.gather = self.parts.body is not None
         self.packing = self.parts.packing
         self.name = f"mlx ({'gpu' if mx.default_device() == mx.gpu else 'cpu'})"
+        if on_cpu():  # a model loaded elsewhere (mlx_lm.load) gets the CPU's fast QLoRA path too
+            compute_dequantized(model)
         if args.grad_checkpoint:
             checkpoint_blocks(model)
         model.train()

