@@ -21,7 +21,7 @@ import threading
 
 import numpy as np
 
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, DataError, TrainingError
 
 
 class World:
@@ -44,6 +44,13 @@ class World:
     def all_gather(self, values: np.ndarray) -> np.ndarray:
         """(size, *shape): every rank's `values`."""
         return np.asarray(values)[None]
+
+    def mean_loss(self, total: float, count: float) -> float:
+        """The loss per target token over every rank, from this rank's (sum of token losses, target tokens)."""
+        total, count = self.all_sum(np.array([total, count], np.float64))
+        if count == 0:
+            raise DataError("the evaluation records carry no target tokens (is every completion empty or truncated?)")
+        return float(total / count)
 
     def broadcast(self, arrays: dict[str, np.ndarray] | None, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Rank 0's `arrays` on every rank (`like` gives the names, shapes and dtypes where a rank has none)."""

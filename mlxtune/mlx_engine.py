@@ -23,7 +23,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .adapters import AdapterConfig, check_fits, model_adapter_arrays
 from .dequantized import compute_dequantized, on_cpu
 from .distributed import World
-from .errors import DataError, TrainingError
+from .errors import TrainingError
 from .layers import transformer_blocks
 from .loss import evaluate_sums, model_parts, prepare_batch, token_loss
 from .schedule import learning_rate_at
@@ -230,10 +230,7 @@ class MLXEngine:
     def evaluate(self, records, num_batches: int = -1) -> float:
         total, count = evaluate_sums(self.model, records, self.args.batch_size, self.args.max_seq_length, num_batches,
                                      share=(self.world.rank, self.world.size))
-        total, count = self.world.all_sum(np.array([total, count], np.float64))
-        if count == 0:
-            raise DataError("the evaluation records carry no target tokens (is every completion empty or truncated?)")
-        return float(total / count)
+        return self.world.mean_loss(total, count)
 
     def learning_rate(self) -> float:
         return self.optimizer.learning_rate.item()

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from .data import Batch
 from .distributed import World, rows_of, torchrun_size
-from .errors import DataError, TrainingError
+from .errors import TrainingError
 from .loss import batch_arrays, micro_batches
 from .schedule import learning_rate_at
 from .settings import TrainingArgs
@@ -317,10 +317,7 @@ class TorchEngine:
     def evaluate(self, records, num_batches: int = -1) -> float:
         total, count = evaluate_sums(self.model, records, self.args.batch_size, self.args.max_seq_length, num_batches,
                                      share=(self.world.rank, self.world.size))
-        total, count = self.world.all_sum(np.array([total, count], np.float64))
-        if count == 0:
-            raise DataError("the evaluation records carry no target tokens (is every completion empty or truncated?)")
-        return float(total / count)
+        return self.world.mean_loss(total, count)
 
     def learning_rate(self) -> float:
         return self.optimizer.lr
