@@ -20,6 +20,7 @@ import pytest
 import mlxtune
 from mlxtune.dequantized import dequantized_layers, on_cpu
 from mlxtune.generation import generate_ids, render_messages
+from mlxtune.gguf import runner
 from mlxtune.gguf.importer import import_gguf
 from mlxtune.models import load_model
 
@@ -67,19 +68,26 @@ def test_fused_q8_0_answers_like_the_fused_model_in_llamacpp(tuned):
     tokenizer = loaded.tokenizer
     with llamacpp.quiet():
         llm = llamacpp.load(fused.gguf, n_ctx=256)
+        g = runner.open_gguf(fused.gguf, 256)
     agree = total = 0
     for prompt in PROMPTS:
         messages = [{"role": "user", "content": prompt}]
         ids = render_messages(tokenizer, messages)
+        # the GGUF's own chat template (through the renderer create_chat_completion uses) gives our prompt tokens
+        rendered = g.formatter(messages=messages)
+        assert g.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True) == ids
         with llamacpp.quiet():
             chat = llm.create_chat_completion(messages=messages, temperature=0.0, repeat_penalty=1.0, max_tokens=40)
+            # from an empty cache, as the chat completion started: a reused prefix would evaluate the last prompt
+            # token alone, round otherwise, and may flip a near tie in a long reply
+            llm.reset()
             greedy = []
             for token in llm.generate(ids, temp=0.0, repeat_penalty=1.0):
                 if token == llm.token_eos() or len(greedy) == 40:
                     break
                 greedy.append(token)
         text = chat["choices"][0]["message"]["content"]
-        # the GGUF's own chat template renders the prompt as the tokenizer's template does (system prompt too)
+        # the chat completion is llama.cpp's greedy decoding of that prompt
         assert text == tokenizer.decode(greedy), prompt
         # the adapter is in the GGUF: a tool call, where the base model answers in prose
         before = generate_ids(base.model, base.tokenizer, ids, max_tokens=6).text
@@ -90,4 +98,5 @@ def test_fused_q8_0_answers_like_the_fused_model_in_llamacpp(tuned):
         assert margin.max() < 0.5, (prompt, margin.max())  # q8_0 moves these logits by ~0.3 at most (measured)
         agree += int((margin == 0).sum())
         total += len(greedy)
+    g.llm.close()
     assert agree >= 0.9 * total, (agree, total)
