@@ -38,14 +38,33 @@ def build(work: Path) -> tuple[Path, Path]:
 
 
 def run(cmd: list[str], threads: int = 1) -> str:
+    return run_ranks([cmd], threads)[0]
+
+
+def run_ranks(cmds: list[list[str]], threads: int = 1, extra: list[dict] | None = None) -> list[str]:
+    """Run the commands at the same time (one per rank); their standard outputs."""
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MLXTUNE_NO_OPENBLAS="0")
     blas = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
     if os.path.exists(blas):
         env["LD_PRELOAD"] = blas
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if "Iter" not in proc.stdout:
-        raise SystemExit(f"run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return proc.stdout
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              text=True, env=dict(env, **(extra[i] if extra else {})))
+             for i, cmd in enumerate(cmds)]
+    outs = [p.communicate() for p in procs]
+    for cmd, (out, err) in zip(cmds, outs):
+        if "Iter" not in out and cmd is cmds[0]:
+            raise SystemExit(f"run failed: {' '.join(cmd)}\n{err[-3000:]}")
+    return [out for out, _ in outs]
+
+
+def ring_ranks(cmd: list[str], work: Path, n: int = 2) -> str:
+    """`cmd` on n local ranks of MLX's ring backend, started the way mlx.launch starts them (MLX_RANK and a
+    MLX_HOSTFILE listing each rank's address) but without its output relay: mlx.launch 0.32 polls the ranks'
+    stdin pipes, which are always writable, so its relay threads spin a core; on 2 cores that is a rank's worth
+    of CPU. Rank 0's output."""
+    hostfile = work / "ring-hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{5320 + r}"] for r in range(n)]))
+    return run_ranks([cmd] * n, extra=[{"MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)} for r in range(n)])[0]
 
 
 def tokens_per_second(stdout: str) -> float:
@@ -69,8 +88,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--engines", default="mlx,torch" if importlib.util.find_spec("torch") else "mlx",
-                   help="comma list of mlx, torch, torch-fsdp")
+    p.add_argument("--engines", default="mlx,mlx-ring,torch" if importlib.util.find_spec("torch") else "mlx,mlx-ring",
+                   help="comma list of mlx (mlx.launch), mlx-ring (the ring ranks started directly), torch, torch-fsdp")
     a = p.parse_args()
     work = Path(tempfile.gettempdir()) / "mlxtune-bench-distributed"
     work.mkdir(exist_ok=True)
@@ -81,10 +100,15 @@ def main() -> None:
     mlxtune = [str(Path(sys.executable).parent / "mlxtune")]
     rows, singles = [], {}
     for engine in a.engines.split(","):
-        if engine == "mlx":
-            one = run(mlxtune + common + ["--adapter-file", str(work / "one" / "adapters.npz")])
-            two = run([str(Path(sys.executable).parent / "mlx.launch"), "-n", "2", "--backend", "ring", *mlxtune,
-                       *common, "--adapter-file", str(work / "two" / "adapters.npz")])
+        if engine in ("mlx", "mlx-ring"):
+            if "mlx" not in singles:
+                singles["mlx"] = run(mlxtune + common + ["--adapter-file", str(work / "one" / "adapters.npz")])
+            one = singles["mlx"]
+            if engine == "mlx":
+                two = run([str(Path(sys.executable).parent / "mlx.launch"), "-n", "2", "--backend", "ring",
+                           *mlxtune, *common, "--adapter-file", str(work / "two" / "adapters.npz")])
+            else:
+                two = ring_ranks(mlxtune + common + ["--adapter-file", str(work / "two" / "adapters.npz")], work)
         else:  # torch, torch-fsdp: torchrun with gloo (python -m mlxtune on each rank)
             torch_args = ["--backend", "torch"] + (["--fsdp"] if engine == "torch-fsdp" else [])
             if "torch" not in singles:  # the one-process run is the same for both rows

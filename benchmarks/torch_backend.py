@@ -82,7 +82,7 @@ def build_random(out: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------- children
 
-def child_ours(model: str, backend: str, out: str, steps: int, quantize: bool) -> dict:
+def child_ours(model: str, backend: str, out: str, steps: int, quantize: bool, seed: int, order: str) -> dict:
     import mlxtune
     from mlxtune import mlx_engine
 
@@ -92,7 +92,7 @@ def child_ours(model: str, backend: str, out: str, steps: int, quantize: bool) -
     reports = []
     result = mlxtune.lora(model, str(DATA), backend=backend, iters=steps, steps_per_report=steps, steps_per_eval=0,
                           val_batches=1, save_every=0, plot=False, verbose=False, adapter_file=f"{out}/adapters.npz",
-                          callbacks=[reports.append], quantize=quantize, **SETTINGS)
+                          callbacks=[reports.append], quantize=quantize, seed=seed, batch_order=order, **SETTINGS)
     train = next(r for r in reports if "train_loss" in r)
     cuda = backend == "torch" and _cuda()
     return {"adapter": str(result.adapter_file), "tokens_per_second": train["tokens_per_second"],
@@ -105,7 +105,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def child_trl(model_dir: str, out: str, steps: int, quantize: bool) -> dict:
+def child_trl(model_dir: str, out: str, steps: int, quantize: bool, seed: int) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -145,7 +145,7 @@ def child_trl(model_dir: str, out: str, steps: int, quantize: bool) -> dict:
                        gradient_accumulation_steps=1, learning_rate=s["learning_rate"], lr_scheduler_type="constant",
                        warmup_steps=0, weight_decay=0.0, max_grad_norm=s["max_grad_norm"], max_length=s["max_seq_length"],
                        completion_only_loss=True, packing=False, logging_steps=steps, save_strategy="no", report_to=[],
-                       use_cpu=not cuda, bf16=cuda, fp16=False, seed=0, dataloader_num_workers=0, disable_tqdm=True)
+                       use_cpu=not cuda, bf16=cuda, fp16=False, seed=seed, dataloader_num_workers=0, disable_tqdm=True)
     peft_config = LoraConfig(r=s["rank"], lora_alpha=s["alpha"], lora_dropout=0.0, target_modules="all-linear",
                              task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
@@ -177,11 +177,12 @@ def run_child(args: list[str]) -> dict:
 def child_main(argv: list[str]) -> None:
     import resource
 
-    kind, model, out, steps, quantize = argv[0], argv[1], argv[2], int(argv[3]), argv[4] == "1"
+    kind, model, out, steps, quantize, seed = argv[0], argv[1], argv[2], int(argv[3]), argv[4] == "1", int(argv[5])
     if kind == "trl":
-        result = child_trl(model, out, steps, quantize)
+        result = child_trl(model, out, steps, quantize, seed)
     else:
-        result = child_ours(model, kind, out, steps, quantize)
+        backend, _, order = kind.partition("-")
+        result = child_ours(model, backend, out, steps, quantize, seed, order or "length")
     result["process_peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     print(json.dumps(result))
 
@@ -207,23 +208,32 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--work", default=None, help="folder for models and adapters (default: a temp dir)")
     parser.add_argument("--quantize", action="store_true", help="QLoRA: NF4 bases on CUDA (float bases on the CPU)")
+    parser.add_argument("--seeds", default="0", help="comma list: every trainer runs once per seed (LoRA init, data order)")
+    parser.add_argument("--mlx-seeds", type=int, default=1, help="the MLX backend runs only the first N seeds")
     opts = parser.parse_args()
     work = Path(opts.work or tempfile.mkdtemp(prefix="torch-backend-bench-"))
     from mlxtune.adapters import import_peft
 
+    seeds = [int(x) for x in opts.seeds.split(",")]
+    kinds = ("torch-length", "torch-random", "trl", "mlx-length")
     rows = []
     for name in opts.models.split(","):
         model_dir = ROOT / "data" / "tiny-chat" if name == "bundled" else build_random(work / name)
-        results = {}
-        for kind in ("torch", "trl", "mlx"):
-            out = work / f"{name}-{kind}"
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True)
-            print(f"{name}: training with {kind} ...", file=sys.stderr, flush=True)
-            r = run_child(["--child", kind, str(model_dir), str(out), str(opts.steps), "1" if opts.quantize else "0"])
-            adapter = r.get("adapter") or import_peft(r["peft"], out / "imported" / "adapters.npz", force=True)
-            r["val_loss"] = val_loss(model_dir, adapter)
-            results[kind] = r
+        results: dict[str, list[dict]] = {k: [] for k in kinds}
+        for n, seed in enumerate(seeds):
+            for kind in kinds:
+                if kind == "mlx-length" and n >= opts.mlx_seeds:
+                    continue
+                out = work / f"{name}-{kind}-{seed}"
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir(parents=True)
+                print(f"{name}: training with {kind}, seed {seed} ...", file=sys.stderr, flush=True)
+                r = run_child(["--child", kind, str(model_dir), str(out), str(opts.steps), "1" if opts.quantize else "0",
+                               str(seed)])
+                adapter = r.get("adapter") or import_peft(r["peft"], out / "imported" / "adapters.npz", force=True)
+                r["val_loss"] = val_loss(model_dir, adapter)
+                print(f"  {r['tokens_per_second']:.0f} tokens/s, val loss {r['val_loss']:.3f}", file=sys.stderr, flush=True)
+                results[kind].append(r)
         rows.append((name, results))
 
     import mlx.core as mx
@@ -234,19 +244,36 @@ def main() -> None:
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, trl {trl.__version__}, mlx {mx.__version__}; {opts.steps} steps, "
           f"batch 4, rank 16, all linear layers, unpacked, max length 256, "
-          f"{'bfloat16 on CUDA' if torch.cuda.is_available() else 'float32 on the CPU'}{', NF4' if opts.quantize else ''}\n")
+          f"{'bfloat16 on CUDA' if torch.cuda.is_available() else 'float32 on the CPU'}{', NF4' if opts.quantize else ''}; "
+          f"seeds {opts.seeds} (MLX: the first {opts.mlx_seeds}); means over seeds, val loss mean (min-max); "
+          f"load average {open('/proc/loadavg').read().split()[0] if os.path.exists('/proc/loadavg') else '?'}\n")
+    names = {"torch-length": "mlxtune --backend torch (length-bucketed batches, the default)",
+             "torch-random": "mlxtune --backend torch --batch-order random",
+             "trl": "transformers + PEFT + TRL SFTTrainer (random batches)",
+             "mlx-length": "mlxtune --backend mlx (length-bucketed)"}
     print("| model | trainer | real tokens/s | training peak RSS | process peak RSS | val loss |")
     print("|---|---|---:|---:|---:|---:|")
+
+    def mean(rs, key):
+        return sum(r[key] for r in rs) / len(rs)
+
     for name, results in rows:
-        names = {"torch": "mlxtune --backend torch", "trl": "transformers + PEFT + TRL SFTTrainer",
-                 "mlx": "mlxtune --backend mlx"}
-        for kind in ("torch", "trl", "mlx"):
-            r = results[kind]
-            print(f"| {name} | {names[kind]} | {r['tokens_per_second']:.0f} | {r['train_peak_gb']:.2f} GB | "
-                  f"{r['process_peak_gb']:.2f} GB | {r['val_loss']:.3f} |")
-        t, h = results["torch"], results["trl"]
-        print(f"| {name} | torch backend / TRL | **{t['tokens_per_second'] / h['tokens_per_second']:.2f}x** | "
-              f"**{t['train_peak_gb'] / h['train_peak_gb']:.2f}x** | {t['process_peak_gb'] / h['process_peak_gb']:.2f}x | |")
+        for kind in kinds:
+            rs = results[kind]
+            if not rs:
+                continue
+            vals = [r["val_loss"] for r in rs]
+            spread = f" ({min(vals):.3f}-{max(vals):.3f})" if len(vals) > 1 else ""
+            print(f"| {name} | {names[kind]} | {mean(rs, 'tokens_per_second'):.0f} | {mean(rs, 'train_peak_gb'):.2f} GB | "
+                  f"{mean(rs, 'process_peak_gb'):.2f} GB | {mean(rs, 'val_loss'):.3f}{spread} |")
+        h = results["trl"]
+        for kind in ("torch-length", "torch-random"):
+            t = results[kind]
+            speed = mean(t, "tokens_per_second") / mean(h, "tokens_per_second")
+            print(f"| {name} | {kind.replace('-', ' ')} / TRL | **{speed:.2f}x** | "
+                  f"**{mean(t, 'train_peak_gb') / mean(h, 'train_peak_gb'):.2f}x** | "
+                  f"{mean(t, 'process_peak_gb') / mean(h, 'process_peak_gb'):.2f}x | "
+                  f"{mean(t, 'val_loss') - mean(h, 'val_loss'):+.3f} |")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ def settings_fingerprint(args: TrainingArgs, adapter_modules: list[str], base: s
         keys.append("iters")  # the decay length depends on it
     if args.bias_correction:
         keys.append("bias_correction")  # only when set, like quantize below
+    if args.batch_order != "length" and not args.pack:
+        keys.append("batch_order")  # only when it changes the batches, and not the default (older checkpoints)
     if args.quantize:
         keys.append("quantize")  # a 4-bit base computes other losses (only when set: older checkpoints lack the key)
     fp = {k: getattr(args, k) for k in keys}
@@ -168,8 +170,9 @@ def resume_point(args: TrainingArgs, fingerprint: dict, files: RunFiles) -> Resu
     if diff:
         k = diff[0]
         hint = " (a decaying --lr-schedule is tied to --iters; train longer with --lr-schedule constant)" if k == "iters" else ""
-        raise ConfigError(f"--resume: the checkpoint {ckpt} was trained with {k}={old.get(k)!r} but this run has "
-                          f"{k}={fingerprint[k]!r}: use the same settings, or pass a new --adapter-file{hint}")
+        was = old.get(k, defaults.get(k))
+        raise ConfigError(f"--resume: the checkpoint {ckpt} was trained with {k}={was} but this run has "
+                          f"{k}={fingerprint[k]}: use the same settings, or pass a new --adapter-file{hint}")
     if start >= args.iters:
         raise ConfigError(f"--resume: the newest checkpoint {ckpt} is already at iteration {start}; "
                           f"pass a larger --iters to continue")

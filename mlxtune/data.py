@@ -923,20 +923,25 @@ def _pack(order: Sequence[int], sizes: Sequence[int], capacity: int) -> list[lis
 
 
 def _epoch_plan(sizes: np.ndarray, batch_size: int, seed: int, epoch: int, shuffle: bool, pack: bool,
-                capacity: int) -> list:
+                capacity: int, order: str = "length") -> list:
     """One epoch as batches, a pure function of its arguments. A batch is a list of rows of record indices
-    when packing, else an array of record indices (one per row)."""
+    when packing, else an array of record indices (one per row). `order="random"` (unpacked) draws each
+    batch's rows at random instead of grouping similar lengths."""
     n = len(sizes)
     rng = np.random.default_rng([seed, epoch])
     jitter = rng.random(n) if shuffle else np.arange(n, dtype=float)
-    if pack:
+    if order == "random" and not pack:
+        # Rows in the order of the same per-epoch draw that breaks length ties: one permutation, then batches.
+        order_ = np.argsort(jitter, kind="stable")
+        batches: list = [order_[i:i + batch_size] for i in range(0, n, batch_size)]
+    elif pack:
         order = np.argsort(jitter, kind="stable").tolist()
         size_list = sizes.tolist()
         rows = _pack(order, size_list, capacity)
         fill = [sum(size_list[i] for i in row) for row in rows]
         by_len = sorted(range(len(rows)), key=lambda r: fill[r])
         rows = [rows[r] for r in by_len]
-        batches: list = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     else:
         # Sort by length, ties broken randomly per epoch, so each batch holds similar lengths.
         order = np.lexsort((jitter, sizes))
@@ -994,8 +999,10 @@ def _check_batching(records, batch_size: int, max_seq_length: int) -> np.ndarray
 
 
 def iterate_batches(records: Sequence[Record], batch_size: int, *, max_seq_length: int = 2048, seed: int = 0,
-                    start_step: int = 0, loop: bool = True, shuffle: bool = True, pack: bool = False) -> Iterator[Batch]:
-    """Length-bucketed (or packed) batches in shuffled order, deterministic given `seed`.
+                    start_step: int = 0, loop: bool = True, shuffle: bool = True, pack: bool = False,
+                    order: str = "length") -> Iterator[Batch]:
+    """Length-bucketed (or packed, or with `order="random"` random) batches in shuffled order, deterministic
+    given `seed`.
 
     `records`: a RecordSet (read from the cache as batches need them) or a list of Records.
     `start_step=k` yields exactly what a fresh iterator yields from its k-th batch on (for --resume).
@@ -1018,7 +1025,7 @@ def iterate_batches(records: Sequence[Record], batch_size: int, *, max_seq_lengt
         if not loop and epoch > 0:
             return
     while True:
-        plan = _epoch_plan(sizes, batch_size, seed, epoch, shuffle, pack, max_seq_length)
+        plan = _epoch_plan(sizes, batch_size, seed, epoch, shuffle, pack, max_seq_length, order)
         for rows in plan[skip:]:
             yield _make_batch(records, rows, max_seq_length, pack)
         skip = max(0, skip - len(plan))
@@ -1028,12 +1035,17 @@ def iterate_batches(records: Sequence[Record], batch_size: int, *, max_seq_lengt
 
 
 def padding_fraction(records: Sequence[Record], batch_size: int, *, max_seq_length: int = 2048, seed: int = 0,
-                     pack: bool = False) -> float:
+                     pack: bool = False, order: str = "length") -> float:
     """Share of batch positions that are padding over one epoch (what to report before training)."""
     sizes = _check_batching(records, batch_size, max_seq_length)
     sizes = sizes[sizes > 0]
     if not len(sizes):
         return 0.0
+    if not pack and order == "random":
+        plan = _epoch_plan(sizes, batch_size, seed, 0, True, False, max_seq_length, order)
+        longest = np.array([sizes[rows].max() for rows in plan])
+        padded = np.maximum(PAD_MULTIPLE, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
+        return float(1.0 - sizes.sum() / (padded * np.array([len(rows) for rows in plan])).sum())
     if not pack:  # batches are runs of the length-sorted sizes; their order does not change the share
         ordered = np.sort(sizes)
         starts = np.arange(0, len(ordered), batch_size)

@@ -257,7 +257,7 @@ def micro_batch_shapes(records, args: TrainingArgs, pack: bool, gather: bool, *,
     steps = min(max(args.iters, 1), SCAN_LIMIT)
     shapes = set()
     batches = iterate_batches(records, size * accum, max_seq_length=args.max_seq_length, seed=args.seed,
-                              loop=True, shuffle=True, pack=pack)
+                              loop=True, shuffle=True, pack=pack, order=args.batch_order)
     for _, batch in zip(range(steps), batches):
         for part in micro_batches(batch, accum):
             arrays = batch_arrays(part, gather)

@@ -233,13 +233,15 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
     if args.pack and not engine.packing:
         say("note: this architecture's attention cannot take a packed mask; training unpacked")
     if args.iters > 0:
-        pad = padding_fraction(splits.train, needed, max_seq_length=args.max_seq_length, seed=args.seed, pack=pack)
-        say(f"Batches: {100 * pad:.0f}% padding ({'packed rows' if pack else 'length-bucketed'}; "
-            f"{'--no-pack' if pack else '--pack'} to compare)")
+        pad = padding_fraction(splits.train, needed, max_seq_length=args.max_seq_length, seed=args.seed, pack=pack,
+                               order=args.batch_order)
+        kind = "packed rows" if pack else "length-bucketed" if args.batch_order == "length" else "random batches"
+        say(f"Batches: {100 * pad:.0f}% padding ({kind}; {'--no-pack' if pack else '--pack'} to compare)")
 
     def batches(start: int):
         return iterate_batches(splits.train, needed, max_seq_length=args.max_seq_length, seed=args.seed,
-                               start_step=start, loop=True, shuffle=True, pack=pack)
+                               start_step=start, loop=True, shuffle=True, pack=pack,
+                               order=args.batch_order)
 
     template = template_for(tokenizer, read_template_option(args.chat_template))
     fingerprint = settings_fingerprint(args, modules, base_model, data=records_fingerprint(splits.train),

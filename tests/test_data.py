@@ -451,22 +451,40 @@ def _same(a, b):
                for f in ("inputs", "targets", "loss_mask")) and (a.segments is None) == (b.segments is None)
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_batches_are_deterministic_and_resume_at_any_step(pack):
+@pytest.mark.parametrize("pack,order", [(False, "length"), (True, "length"), (False, "random")])
+def test_batches_are_deterministic_and_resume_at_any_step(pack, order):
     records = synthetic()
-    per_epoch = sum(1 for _ in iterate_batches(records, 4, max_seq_length=64, loop=False, pack=pack))
+    kw = dict(max_seq_length=64, pack=pack, order=order)
+    per_epoch = sum(1 for _ in iterate_batches(records, 4, loop=False, **kw))
     total = 2 * per_epoch + 3  # run past two epoch boundaries
-    fresh = list(itertools.islice(iterate_batches(records, 4, max_seq_length=64, seed=7, pack=pack), total))
-    again = list(itertools.islice(iterate_batches(records, 4, max_seq_length=64, seed=7, pack=pack), total))
-    other = list(itertools.islice(iterate_batches(records, 4, max_seq_length=64, seed=8, pack=pack), total))
+    fresh = list(itertools.islice(iterate_batches(records, 4, seed=7, **kw), total))
+    again = list(itertools.islice(iterate_batches(records, 4, seed=7, **kw), total))
+    other = list(itertools.islice(iterate_batches(records, 4, seed=8, **kw), total))
     assert all(_same(a, b) for a, b in zip(fresh, again))
     assert not all(_same(a, b) for a, b in zip(fresh, other))
     # Epochs differ from each other (reshuffled), and each holds every example.
     assert not all(_same(a, b) for a, b in zip(fresh[:per_epoch], fresh[per_epoch:]))
     for k in (1, per_epoch - 1, per_epoch, per_epoch + 2, 2 * per_epoch):
         resumed = list(itertools.islice(
-            iterate_batches(records, 4, max_seq_length=64, seed=7, start_step=k, pack=pack), total - k))
+            iterate_batches(records, 4, seed=7, start_step=k, **kw), total - k))
         assert len(resumed) == total - k and all(_same(a, b) for a, b in zip(resumed, fresh[k:])), k
+
+
+def test_random_batch_order_mixes_lengths_and_still_covers_every_example_once_an_epoch():
+    records = synthetic(n=200, lo=4, hi=60)
+    spread = {}
+    for order in ("length", "random"):
+        seen, gaps = [], []
+        for b in iterate_batches(records, 8, max_seq_length=64, seed=3, loop=False, order=order):
+            real = np.array(b.targets) != 0
+            lengths = [int(np.flatnonzero(row).max()) + 1 for row in real]
+            gaps.append(max(lengths) - min(lengths))
+            seen += [tuple(np.array(row)[:n]) for row, n in zip(b.inputs, lengths)]
+        assert sorted(seen) == sorted(tuple(r.ids[:-1]) for r in records)
+        spread[order] = np.mean(gaps)
+    assert spread["random"] > 5 * max(spread["length"], 1), spread
+    bucketed = padding_fraction(records, 8, max_seq_length=64)
+    assert padding_fraction(records, 8, max_seq_length=64, order="random") > 2 * bucketed
 
 
 def test_length_buckets_and_packing_keep_padding_small():

@@ -230,6 +230,11 @@ def test_resume_refuses_other_data_or_another_chat_template(tiny_llama, chat_dat
     with pytest.raises(ConfigError, match=r"trained on another chat template .*same --chat-template"):
         mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=folder / "adapters.npz", resume=True,
                      chat_template=str(template), **settings)
+    unpacked = dict(settings, pack=False, iters=4)  # another batch order would not continue the same run
+    mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=tmp_path / "u" / "adapters.npz", **unpacked)
+    with pytest.raises(ConfigError, match=r"batch_order=length but this run has batch_order=random"):
+        mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=tmp_path / "u" / "adapters.npz", resume=True,
+                     **dict(unpacked, iters=8, batch_order="random"))
     resumed = mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=folder / "adapters.npz", resume=True, **settings)
     assert resumed.iterations == 12  # the same data and template resume
 
