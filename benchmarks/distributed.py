@@ -51,9 +51,9 @@ def run_ranks(cmds: list[list[str]], threads: int = 1, extra: list[dict] | None 
                               text=True, env=dict(env, **(extra[i] if extra else {})))
              for i, cmd in enumerate(cmds)]
     outs = [p.communicate() for p in procs]
-    for cmd, (out, err) in zip(cmds, outs):
-        if "Iter" not in out and cmd is cmds[0]:
-            raise SystemExit(f"run failed: {' '.join(cmd)}\n{err[-3000:]}")
+    out, err = outs[0]  # rank 0 reports
+    if "Iter" not in out:
+        raise SystemExit(f"run failed: {' '.join(cmds[0])}\n{err[-3000:]}")
     return [out for out, _ in outs]
 
 
