@@ -26,7 +26,7 @@ import signal
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -1032,6 +1032,38 @@ def iterate_batches(records: Sequence[Record], batch_size: int, *, max_seq_lengt
         epoch += 1
         if not loop:
             return
+
+
+def batch_rows(batch: Batch, rows: slice) -> Batch:
+    """Rows `rows` of a batch: a micro-batch, or a rank's share (n_real, a report number, stays the batch's)."""
+    seg = None if batch.segments is None else batch.segments[rows]
+    return replace(batch, inputs=batch.inputs[rows], targets=batch.targets[rows], loss_mask=batch.loss_mask[rows],
+                   segments=seg)
+
+
+def evaluation_batches(records, batch_size: int, max_seq_length: int, num_batches: int = -1, *,
+                       share: tuple[int, int] = (0, 1), every_rank_runs: bool = False) -> Iterator[Batch]:
+    """What an evaluation scores: the first `num_batches` batches of `records` (-1 = all), unpacked, in order.
+    `share=(rank, size)`: only rows rank::size of each batch (a rank's part of the sums); a rank with no row
+    in a short last batch skips it, or with `every_rank_runs` gets a row that counts nothing (under FSDP
+    every forward is a collective of all ranks)."""
+    if not records:
+        raise DataError("no records to evaluate (the split is empty)")
+    rank, size = share
+    batches = iterate_batches(records, min(batch_size, len(records)), max_seq_length=max_seq_length, seed=0,
+                              start_step=0, loop=False, shuffle=False, pack=False)
+    for i, batch in enumerate(batches):
+        if num_batches != -1 and i >= num_batches:
+            return
+        if size > 1:
+            if len(batch.inputs) > rank:
+                batch = batch_rows(batch, slice(rank, None, size))
+            elif every_rank_runs:
+                batch = batch_rows(batch, slice(0, 1))
+                batch = replace(batch, loss_mask=np.zeros_like(batch.loss_mask))
+            else:
+                continue
+        yield batch
 
 
 def padding_fraction(records: Sequence[Record], batch_size: int, *, max_seq_length: int = 2048, seed: int = 0,

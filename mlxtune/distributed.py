@@ -12,7 +12,6 @@ own, only a check that all ranks start from the same settings and data. This mod
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -92,12 +91,9 @@ def torchrun_size() -> int:
 def rows_of(batch, world: World):
     """This rank's share of a global batch (a `mlxtune.data.Batch`): rows rank::size (n_real, a report number,
     stays the global batch's)."""
-    if world.size == 1:
-        return batch
-    rows = slice(world.rank, None, world.size)
-    seg = None if batch.segments is None else batch.segments[rows]
-    return dataclasses.replace(batch, inputs=batch.inputs[rows], targets=batch.targets[rows],
-                               loss_mask=batch.loss_mask[rows], segments=seg)
+    from .data import batch_rows  # lazily: data imports mlx-lm (through models), this module stays light
+
+    return batch if world.size == 1 else batch_rows(batch, slice(world.rank, None, world.size))
 
 
 def check_same_run(world: World, fingerprint: dict, batch_size: int) -> None:

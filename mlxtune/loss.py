@@ -12,7 +12,6 @@ function mlx-lm's model files call, without touching those files.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 import warnings
 from collections.abc import Callable
@@ -22,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .data import iterate_batches, round_up
+from .data import batch_rows, evaluation_batches, round_up
 from .errors import ConfigError, DataError, FallbackWarning
 
 
@@ -204,10 +203,7 @@ def micro_batches(batch, accumulation: int) -> list:
         return [batch]
     rows = batch.inputs.shape[0]
     size = -(-rows // accumulation)
-    return [dataclasses.replace(batch, inputs=batch.inputs[lo:lo + size], targets=batch.targets[lo:lo + size],
-                                loss_mask=batch.loss_mask[lo:lo + size],
-                                segments=None if batch.segments is None else batch.segments[lo:lo + size])
-            for lo in range(0, rows, size)]
+    return [batch_rows(batch, slice(lo, lo + size)) for lo in range(0, rows, size)]
 
 
 def prepare_batch(batch, gather: bool = True) -> list[mx.array]:
@@ -263,26 +259,14 @@ def evaluate_sums(model: nn.Module, records, batch_size: int, max_seq_length: in
                   share: tuple[int, int] = (0, 1)) -> tuple[float, float]:
     """(sum of token losses, target tokens) over the first `num_batches` batches of `records` (-1 = all),
     unpacked, in order. `share=(rank, size)`: only rows rank::size of each batch (a rank's part of the sums)."""
-    if not records:
-        raise DataError("no records to evaluate (the split is empty)")
     parts = model_parts(model)
     gather = parts.body is not None
-    rank, size = share
+    batches = evaluation_batches(records, batch_size, max_seq_length, num_batches, share=share)
     was_training = model.training
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
-    batches = iterate_batches(records, min(batch_size, len(records)), max_seq_length=max_seq_length, seed=0,
-                              start_step=0, loop=False, shuffle=False, pack=False)
     try:
-        for i, batch in enumerate(batches):
-            if num_batches != -1 and i >= num_batches:
-                break
-            if size > 1:
-                rows = slice(rank, None, size)
-                batch = dataclasses.replace(batch, inputs=batch.inputs[rows], targets=batch.targets[rows],
-                                            loss_mask=batch.loss_mask[rows])
-                if not len(batch.inputs):
-                    continue
+        for batch in batches:
             s, n = token_loss(model, parts, prepare_batch(batch, gather), gather)
             total, count = total + s, count + n
             mx.eval(total, count)

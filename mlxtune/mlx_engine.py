@@ -9,7 +9,6 @@ default, see `mlxtune.loss`), so another objective plugs in without another loop
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from functools import partial
@@ -21,8 +20,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .adapters import AdapterConfig, check_fits, model_adapter_arrays
+from .data import batch_rows
 from .dequantized import compute_dequantized, on_cpu
-from .distributed import World
+from .distributed import World, rows_of
 from .errors import TrainingError
 from .layers import transformer_blocks
 from .loss import evaluate_sums, model_parts, prepare_batch, token_loss
@@ -62,13 +62,6 @@ def checkpoint_blocks(model: nn.Module) -> None:
 
             made[cls] = type(cls.__name__, (cls,), {"__call__": checkpointed, "_mlxtune_checkpointed": True})
         block.__class__ = made[cls]
-
-
-def _rows(batch, rows: slice):
-    """The rows `rows` of a Batch: a micro-batch, or a rank's share (n_real, a report number, stays the batch's)."""
-    seg = None if batch.segments is None else batch.segments[rows]
-    return dataclasses.replace(batch, inputs=batch.inputs[rows], targets=batch.targets[rows],
-                               loss_mask=batch.loss_mask[rows], segments=seg)
 
 
 class MLXWorld(World):
@@ -204,7 +197,7 @@ class MLXEngine:
         mx.random.seed(self.args.seed * 1_000_003 + iteration)  # dropout noise is a function of (seed, step): exact resume
         self.optimizer.learning_rate = learning_rate_at(self.args, iteration)
         world, accum = self.world, self.args.grad_accumulation
-        mine = _rows(batch, slice(world.rank, None, world.size)) if world.size > 1 else batch
+        mine = rows_of(batch, world)
         try:
             if accum == 1:
                 total, n, norm = self._step(*prepare_batch(mine, self.gather))
@@ -214,7 +207,7 @@ class MLXEngine:
                 acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
                 total, n = mx.array(0.0), mx.array(0.0)
                 for lo in range(0, rows, size):
-                    t, c, acc = self._accumulate(acc, *prepare_batch(_rows(mine, slice(lo, lo + size)), self.gather))
+                    t, c, acc = self._accumulate(acc, *prepare_batch(batch_rows(mine, slice(lo, lo + size)), self.gather))
                     total, n = total + t, n + c
                     # one micro-batch at a time: left lazy, MLX ran them all in one graph and the peak grew with
                     # every micro-batch, so accumulation saved no memory (measured: 1.7x at 2 micro-batches)

@@ -14,7 +14,6 @@ module is only imported through `mlxtune.backends.torch_module`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from .adapters import UNMAPPED_ARCHS, AdapterConfig, align_names, checked_arrays, hf_name, mlx_name, read_adapter
-from .data import iterate_batches
+from .data import evaluation_batches
 from .errors import AdapterError, ConfigError, DataError, ModelLoadError
 from .layers import ATTENTION_MODULES, MLP_MODULES, initial_lora_a, resolve_targets, select_layers
 from .loss import batch_arrays
@@ -370,29 +369,16 @@ def evaluate_sums(model, records, batch_size: int, max_seq_length: int, num_batc
                   share: tuple[int, int] = (0, 1)) -> tuple[float, float]:
     """(sum of token losses, target tokens) over the first `num_batches` batches of `records` (-1 = all),
     unpacked, in order. `share=(rank, size)`: only rows rank::size of each batch (a rank's part of the sums)."""
-    if not records:
-        raise DataError("no records to evaluate (the split is empty)")
     parts = model_parts(model)
     gather = parts.body is not None
-    rank, size = share
     device = model.get_input_embeddings().weight.device
+    batches = evaluation_batches(records, batch_size, max_seq_length, num_batches, share=share, every_rank_runs=True)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
-    batches = iterate_batches(records, min(batch_size, len(records)), max_seq_length=max_seq_length, seed=0,
-                              start_step=0, loop=False, shuffle=False, pack=False)
     try:
         with torch.no_grad():
-            for i, batch in enumerate(batches):
-                if num_batches != -1 and i >= num_batches:
-                    break
-                if size > 1:
-                    rows = slice(rank, None, size) if len(batch.inputs) > rank else slice(0, 1)
-                    # a rank without rows in the last batch still runs a forward (of a row it does not count):
-                    # with --fsdp every forward is a collective of all ranks
-                    mask = batch.loss_mask[rows] if len(batch.inputs) > rank else np.zeros_like(batch.loss_mask[rows])
-                    batch = dataclasses.replace(batch, inputs=batch.inputs[rows], targets=batch.targets[rows],
-                                                loss_mask=mask)
+            for batch in batches:
                 s, n = token_loss(model, parts, to_tensors(batch_arrays(batch, gather, bucket=False), device), gather)
                 total, count = total + s.item(), count + n.item()
     finally:
