@@ -232,19 +232,23 @@ def renderer(tokenizer, template: str) -> Callable[[list[dict], list | None, boo
         return broken
     if compiled is None:
         return slow
-    variables = dict(hf.special_tokens_map)
+    # What `compiled.render(**variables)` does, with the template's globals (`raise_exception`, `namespace`,
+    # ...) merged into one dict once: Jinja merges them from a ChainMap on every call, half of a render.
+    env = compiled.environment
+    variables = {**compiled.globals, **hf.special_tokens_map}
 
     def fast(messages, tools, add_generation_prompt):
         tools = tools or None
         if not _unchanged_by_transformers(messages, tools):
             return slow(messages, tools, add_generation_prompt)
+        context = compiled.new_context({**variables, "messages": messages, "tools": tools, "documents": None,
+                                        "add_generation_prompt": add_generation_prompt}, shared=True)
         try:
-            return compiled.render(messages=messages, tools=tools, documents=None,
-                                   add_generation_prompt=add_generation_prompt, **variables)
+            return env.concat(compiled.root_render_func(context))
         except Exception as e:
             raise _cannot_render(e) from None
 
-    return fast
+    return fast if not env.is_async else slow
 
 
 def _cannot_render(e: Exception) -> DataError:
