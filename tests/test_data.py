@@ -469,16 +469,6 @@ def test_batches_are_deterministic_and_resume_at_any_step(pack):
         assert len(resumed) == total - k and all(_same(a, b) for a, b in zip(resumed, fresh[k:])), k
 
 
-def test_batch_order_is_lexsorts_order_ties_included():
-    """Length-bucketed batches are a fixed function of the seed (runs resume on them): the faster sort gives
-    exactly np.lexsort's order, with tied lengths, tied jitter and lengths past 16 bits."""
-    rng = np.random.default_rng(0)
-    for n, top in ((5000, 7), (5000, 600), (3000, 70000), (1, 3), (0, 3)):
-        sizes = rng.integers(0, top, n)
-        for jitter in (rng.random(n), np.zeros(n), np.repeat(rng.random((n + 1) // 2), 2)[:n]):
-            assert np.array_equal(data._by_size_then_jitter(sizes, jitter), np.lexsort((jitter, sizes)))
-
-
 def test_length_buckets_and_packing_keep_padding_small():
     records = synthetic(n=200, lo=4, hi=60)
     bucketed = padding_fraction(records, 8, max_seq_length=64)
@@ -499,6 +489,16 @@ def _masked_ce_sum(logits, targets, mask):
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     picked = mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return -(picked * mask).sum()
+
+
+def test_batch_order_is_lexsorts_order_ties_included():
+    """Length-bucketed batches are a fixed function of the seed (runs resume on them): the faster sort gives
+    exactly np.lexsort's order, with tied lengths, tied jitter and lengths past 16 bits."""
+    rng = np.random.default_rng(0)
+    for n, top in ((5000, 7), (5000, 600), (3000, 70000), (1, 3), (0, 3)):
+        sizes = rng.integers(0, top, n)
+        for jitter in (rng.random(n), np.zeros(n), np.repeat(rng.random((n + 1) // 2), 2)[:n]):
+            assert np.array_equal(data._by_size_then_jitter(sizes, jitter), np.lexsort((jitter, sizes)))
 
 
 def test_packed_batch_gives_the_same_loss_as_the_examples_one_by_one(tiny_llama, tmp_path):
