@@ -53,7 +53,9 @@ def make_chats(path: Path, n: int, seed: int = 0) -> None:
 
 
 def measure(cmd: list[str], env: dict) -> dict:
-    """Seconds to the first step, seconds in all, peak RSS of the process and of its tree (GB)."""
+    """Seconds to the first step, seconds in all, peak RSS of the process and of its tree (GB), and the
+    machine's 1-minute load average before and after (other jobs slow every time here down)."""
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     proc = psutil.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     peak = {"own": 0, "tree": 0}
@@ -81,7 +83,8 @@ def measure(cmd: list[str], env: dict) -> dict:
     total = time.perf_counter() - start
     if code != 0 or first is None:
         sys.exit(f"{' '.join(cmd[:4])} ... failed (exit {code}):\n{''.join(tail)}")
-    return {"first": first, "total": total, "own": peak["own"] / 1e9, "tree": peak["tree"] / 1e9}
+    return {"first": first, "total": total, "own": peak["own"] / 1e9, "tree": peak["tree"] / 1e9,
+            "load": f"{load_before:.1f} / {os.getloadavg()[0]:.1f}"}
 
 
 def main() -> None:
@@ -113,10 +116,15 @@ def main() -> None:
             theirs = [sys.executable, "-m", "mlx_lm", "lora", "--train", *common, "--adapter-path", str(tmp / "theirs")]
             rows["mlx-lm (tokenizes per batch)"] = measure(theirs + ["--num-layers", "2"], env)
     print(f"\n{args.rows:,} rows, {size / 1e6:.0f} MB; os.cpu_count() = {os.cpu_count()}\n")
-    print("| run | to first step (s) | whole run (s) | peak RSS, process (GB) | peak RSS, process tree (GB) |")
-    print("|---|---|---|---|---|")
+    print("| run | to first step (s) | whole run (s) | peak RSS, process (GB) | peak RSS, process tree (GB) "
+          "| load before / after |")
+    print("|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['first']:.1f} | {r['total']:.1f} | {r['own']:.2f} | {r['tree']:.2f} |")
+        print(f"| {name} | {r['first']:.1f} | {r['total']:.1f} | {r['own']:.2f} | {r['tree']:.2f} | {r['load']} |")
+    theirs = rows.get("mlx-lm (tokenizes per batch)")
+    if theirs:  # the machine's speed cancels out of a ratio taken in the same run
+        for name in ("mlxtune, first run", "mlxtune, with its cache"):
+            print(f"{name}: {rows[name]['first'] / theirs['first']:.2f}x mlx-lm's time to the first step")
 
 
 if __name__ == "__main__":

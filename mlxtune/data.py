@@ -17,6 +17,8 @@ from __future__ import annotations
 import bisect
 import codecs
 import collections
+import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -39,9 +41,7 @@ from tqdm.auto import tqdm
 from . import hf_datasets, templates
 from .errors import ConfigError, DataError, FallbackWarning
 from .files import atomic_dir, atomic_file
-from .gguf.sources import resolve_model
 from .model_files import read_config
-from .models import load_tokenizer
 from .token_cache import (
     CacheWriteError,
     Record,
@@ -489,6 +489,27 @@ def _text_ids(tokenizer, texts: list[str]) -> list[list[int]]:
 def records_from(tokenizer, raw: list[tuple[int, Any]], fmt: Format, opts: _Options, name: str | os.PathLike,
                  specials: set[int] | None = None) -> list[tuple[list[int], list[bool]]]:
     """(ids, mask) of some (line, JSON) pairs of one source, all of format `fmt`; the first problem is raised."""
+    with _gc_paused():
+        return _records_from(tokenizer, raw, fmt, opts, name, specials)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's cycle collector paused while a chunk is tokenized. A chunk allocates tens of containers a
+    record (parsed JSON, messages, id and mask lists) that form no cycles, and each few hundred allocations
+    made the collector walk them again: ~15% of the CPU time of tokenizing. It runs once after the chunk."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _records_from(tokenizer, raw: list[tuple[int, Any]], fmt: Format, opts: _Options, name: str | os.PathLike,
+                  specials: set[int] | None) -> list[tuple[list[int], list[bool]]]:
     if fmt == Format.TEXT:
         texts = [_string(rec[opts.keys.text], f"\"{opts.keys.text}\"", f"{name}:{line}", rec) for line, rec in raw]
         return [(ids, [False] + [True] * (len(ids) - 1)) for ids in _text_ids(tokenizer, texts)]
@@ -623,6 +644,8 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(tokenizer, opts: _Options, specials: set[int], name: str, dtype) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
+    # One worker per core already keeps every core busy: the tokenizer's own threads would only contend.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _WORKER.update(tokenizer=tokenizer, opts=opts, specials=specials, name=name, dtype=dtype)
 
 
@@ -922,6 +945,16 @@ def _pack(order: Sequence[int], sizes: Sequence[int], capacity: int) -> list[lis
     return rows
 
 
+def _by_size_then_jitter(sizes: np.ndarray, jitter: np.ndarray) -> np.ndarray:
+    """`np.lexsort((jitter, sizes))`, in two stable sorts: the lengths (which fit 16 bits below 65536 tokens)
+    are radix-sorted, 2x faster at a million records; the order is the same, ties included."""
+    by_jitter = np.argsort(jitter, kind="stable")
+    key = sizes[by_jitter]
+    if len(key) and 0 <= key.min() and key.max() < 1 << 16:
+        key = key.astype(np.uint16)
+    return by_jitter[np.argsort(key, kind="stable")]
+
+
 def _epoch_plan(sizes: np.ndarray, batch_size: int, seed: int, epoch: int, shuffle: bool, pack: bool,
                 capacity: int, order: str = "length") -> list:
     """One epoch as batches, a pure function of its arguments. A batch is a list of rows of record indices
@@ -944,7 +977,7 @@ def _epoch_plan(sizes: np.ndarray, batch_size: int, seed: int, epoch: int, shuff
         batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     else:
         # Sort by length, ties broken randomly per epoch, so each batch holds similar lengths.
-        order = np.lexsort((jitter, sizes))
+        order = _by_size_then_jitter(sizes, jitter)
         batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches)).tolist()]
@@ -1122,6 +1155,11 @@ class DataReport:
 def _tokenizer_of(model_or_tokenizer):
     if not isinstance(model_or_tokenizer, (str, os.PathLike)):
         return model_or_tokenizer
+    # Imported here: mlx-lm brings torch in through transformers (seconds), and the worker processes that
+    # tokenize big files import this module but never load a model.
+    from .gguf.sources import resolve_model
+    from .models import load_tokenizer
+
     path = resolve_model(model_or_tokenizer)
     config = read_config(path) if (path / "config.json").exists() else {}
     return load_tokenizer(path, config)

@@ -12,10 +12,13 @@ impossible (the template drops earlier answers) we say so (`TemplateMaskError`) 
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, FallbackWarning
 from .model_files import read_json
 
 # `--chat-template chatml`: ChatML, for a model without a template of its own that should learn one.
@@ -139,12 +142,117 @@ def plain_ids(tokenizer, prompt: str, completion: str, train_on_inputs: bool = F
 
 def render(tokenizer, messages: list[dict], *, tools: list | None = None, template: str,
            add_generation_prompt: bool = False) -> str:
-    hf = hf_tokenizer(tokenizer)
+    """The text of `messages` under `template`, exactly as the tokenizer's `apply_chat_template` writes it."""
+    return renderer(tokenizer, template)(messages, tools, add_generation_prompt)
+
+
+# Message keys transformers rewrites before rendering (it copies a message's reasoning under each name),
+# so a conversation holding one is rendered by transformers itself.
+_REASONING_KEYS = frozenset(("reasoning_content", "thinking", "reasoning"))
+_SCALARS = (str, int, float, bool)
+
+
+def _plain(value) -> bool:
+    """JSON made of exact built-in types (what a data file parses to): transformers passes it on unchanged."""
+    kind = type(value)
+    if kind in _SCALARS or value is None:
+        return True
+    if kind is list:
+        return all(_plain(v) for v in value)
+    if kind is dict:
+        return all(type(k) is str and _plain(v) for k, v in value.items())
+    return False
+
+
+def _unchanged_by_transformers(messages, tools) -> bool:
+    """Whether apply_chat_template would hand these to the template as they are (only copied): plain JSON,
+    no None-valued message field (it drops those) and no reasoning field (it aliases those)."""
+    if type(messages) is not list or not (tools is None or type(tools) is list):
+        return False
+    for m in messages:
+        if type(m) is not dict or not _REASONING_KEYS.isdisjoint(m):
+            return False
+        for k, v in m.items():
+            if v is None or type(k) is not str or not (type(v) is str or _plain(v)):
+                return False
+    return tools is None or all(type(t) is dict and _plain(t) for t in tools)
+
+
+def _transformers_compiler():
+    """transformers' template compiler (a private helper: absent from some versions), or None."""
+    # transformers is heavy, and every tokenizer that has a chat template brought it in already.
     try:
-        return hf.apply_chat_template(messages, tools=tools or None, chat_template=template, tokenize=False,
-                                      add_generation_prompt=add_generation_prompt)
-    except Exception as e:  # Jinja raise_exception(...) and template bugs
-        raise DataError(f"the chat template cannot render this conversation: {type(e).__name__}: {e}") from None
+        from transformers.utils import chat_template_utils
+    except ImportError:
+        return None
+    return getattr(chat_template_utils, "_compile_jinja_template", None)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str):
+    """transformers' own compiled template for `template` (its sandboxed environment, `tojson`,
+    `raise_exception`, `strftime_now`, loop controls), compiled once per template text; None without it."""
+    compile_template = _transformers_compiler()
+    if compile_template is None:
+        warnings.warn(FallbackWarning("chat templates render through apply_chat_template, one call a conversation "
+                                      "(slower): this transformers has no _compile_jinja_template"), stacklevel=3)
+        return None
+    return compile_template(template)
+
+
+def renderer(tokenizer, template: str) -> Callable[[list[dict], list | None, bool], str]:
+    """`render` for many conversations: (messages, tools, add_generation_prompt) -> text.
+
+    Rendering is the template compiled once by transformers and called with what `apply_chat_template`
+    passes it (the messages, tools, `documents=None`, `add_generation_prompt` and the special tokens:
+    `bos_token`, `eos_token`, ...), so the text is the same without its per-call conversions. Input that
+    those conversions would change (message objects, None fields, reasoning fields) goes through
+    `apply_chat_template` itself.
+    """
+    hf = hf_tokenizer(tokenizer)
+
+    def slow(messages, tools, add_generation_prompt):
+        try:
+            return hf.apply_chat_template(messages, tools=tools or None, chat_template=template, tokenize=False,
+                                          add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # Jinja raise_exception(...) and template bugs
+            raise _cannot_render(e) from None
+
+    own = getattr(hf, "chat_template", None)
+    if isinstance(own, dict) and template in own:  # a template's name: transformers looks it up
+        return slow
+    try:
+        compiled = _compiled(template)
+    except Exception as e:  # a syntax error: said per conversation, as apply_chat_template says it
+        error = _cannot_render(e)
+
+        def broken(messages, tools, add_generation_prompt):
+            raise error
+
+        return broken
+    if compiled is None:
+        return slow
+    # What `compiled.render(**variables)` does, with the template's globals (`raise_exception`, `namespace`,
+    # ...) merged into one dict once: Jinja merges them from a ChainMap on every call, half of a render.
+    env = compiled.environment
+    variables = {**compiled.globals, **hf.special_tokens_map}
+
+    def fast(messages, tools, add_generation_prompt):
+        tools = tools or None
+        if not _unchanged_by_transformers(messages, tools):
+            return slow(messages, tools, add_generation_prompt)
+        context = compiled.new_context({**variables, "messages": messages, "tools": tools, "documents": None,
+                                        "add_generation_prompt": add_generation_prompt}, shared=True)
+        try:
+            return env.concat(compiled.root_render_func(context))
+        except Exception as e:
+            raise _cannot_render(e) from None
+
+    return fast if not env.is_async else slow
+
+
+def _cannot_render(e: Exception) -> DataError:
+    return DataError(f"the chat template cannot render this conversation: {type(e).__name__}: {e}")
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -187,19 +295,19 @@ class _Plan:
     train_on_inputs: bool
 
 
-def _plan(tokenizer, messages: list[dict], tools: list | None, template: str, train_on_inputs: bool) -> _Plan:
-    full_text = render(tokenizer, messages, tools=tools, template=template)
+def _plan(render, messages: list[dict], tools: list | None, train_on_inputs: bool) -> _Plan:
+    """`render`: a `renderer` of the template."""
+    full_text = render(messages, tools, False)
     turns = []
     if not train_on_inputs:
         for i, message in enumerate(messages):
             if message.get("role") != "assistant":
                 continue
-            before = render(tokenizer, messages[:i], tools=tools, template=template, add_generation_prompt=True)
+            before = render(messages[:i], tools, True)
             if not full_text.startswith(before):
                 raise _not_prefix(i)
             # The conversation up to its last message is the whole conversation: no second rendering.
-            after = full_text if i == len(messages) - 1 else render(tokenizer, messages[: i + 1], tools=tools,
-                                                                    template=template)
+            after = full_text if i == len(messages) - 1 else render(messages[: i + 1], tools, False)
             turns.append((i, before, after if full_text.startswith(after) else None))
     return _Plan(messages, full_text, turns, train_on_inputs)
 
@@ -272,7 +380,7 @@ def _mask(tokenizer, plan: _Plan, full: list[int], offsets: _Offsets, specials: 
         if after is not None:
             end = offsets.boundary(len(after), answer_side=False)
             # Stop after the turn's last special token (its end-of-turn) when only whitespace follows it.
-            last = max((j for j in range(start, end) if full[j] in specials), default=None)
+            last = next((j for j in range(end - 1, start - 1, -1) if full[j] in specials), None)
             if last is not None:
                 tail = tuple(full[last + 1: end])
                 if tail not in decoded:
@@ -289,8 +397,9 @@ def _mask(tokenizer, plan: _Plan, full: list[int], offsets: _Offsets, specials: 
             end = next((k for k, (b, _) in enumerate(offsets.spans()) if b >= at + len(content)), len(full))
             if end < len(full) and full[end] in specials:
                 end += 1  # the end-of-turn token
-        for j in range(max(start, 1), end):
-            mask[j] = True
+        first = max(start, 1)
+        if end > first:
+            mask[first:end] = [True] * (end - first)
     return full, mask
 
 
@@ -322,10 +431,11 @@ def chat_to_ids_many(tokenizer, conversations: list[tuple[list[dict], list | Non
     if template is None:
         return [DataError(NO_TEMPLATE)] * len(conversations)
     specials = special_ids(tokenizer) if specials is None else specials
+    render = renderer(tokenizer, template)
     plans: list = []
     for messages, tools in conversations:
         try:
-            plans.append(_plan(tokenizer, messages, tools, template, train_on_inputs))
+            plans.append(_plan(render, messages, tools, train_on_inputs))
         except DataError as e:
             plans.append(e)
     texts = list(dict.fromkeys(p.full_text for p in plans if isinstance(p, _Plan)))

@@ -509,6 +509,16 @@ def _masked_ce_sum(logits, targets, mask):
     return -(picked * mask).sum()
 
 
+def test_batch_order_is_lexsorts_order_ties_included():
+    """Length-bucketed batches are a fixed function of the seed (runs resume on them): the faster sort gives
+    exactly np.lexsort's order, with tied lengths, tied jitter and lengths past 16 bits."""
+    rng = np.random.default_rng(0)
+    for n, top in ((5000, 7), (5000, 600), (3000, 70000), (1, 3), (0, 3)):
+        sizes = rng.integers(0, top, n)
+        for jitter in (rng.random(n), np.zeros(n), np.repeat(rng.random((n + 1) // 2), 2)[:n]):
+            assert np.array_equal(data._by_size_then_jitter(sizes, jitter), np.lexsort((jitter, sizes)))
+
+
 def test_packed_batch_gives_the_same_loss_as_the_examples_one_by_one(tiny_llama, tmp_path):
     from mlxtune.models import load
 
@@ -668,6 +678,14 @@ def test_worker_processes_tokenize_exactly_like_one_process(toks, tmp_path, monk
     write_jsonl(path, rows[:1100] + [{"foo": 1}] + rows[1100:])
     with pytest.raises(DataError, match=r"c\.jsonl:1101: record matches no known format"):
         load_dataset(path, tok, valid_split=0.1, cache=False)
+
+
+def test_worker_processes_start_without_mlx_lm_or_torch():
+    """A tokenizing worker imports mlxtune.data (and the tokenizer's transformers), never what loads a model:
+    mlx-lm brought torch in, seconds of start-up and hundreds of MB a worker."""
+    code = "import sys, mlxtune.data; print(sorted(m for m in ('mlx_lm', 'torch', 'mlx.core') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_an_interrupted_tokenization_leaves_no_cache_entry(toks, tmp_path, monkeypatch):
