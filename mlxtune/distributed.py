@@ -20,6 +20,7 @@ import threading
 
 import numpy as np
 
+from .data import batch_rows
 from .errors import ConfigError, DataError, TrainingError
 
 
@@ -91,8 +92,6 @@ def torchrun_size() -> int:
 def rows_of(batch, world: World):
     """This rank's share of a global batch (a `mlxtune.data.Batch`): rows rank::size (n_real, a report number,
     stays the global batch's)."""
-    from .data import batch_rows  # lazily: data imports mlx-lm (through models), this module stays light
-
     return batch if world.size == 1 else batch_rows(batch, slice(world.rank, None, world.size))
 
 
