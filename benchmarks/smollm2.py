@@ -83,7 +83,7 @@ def body_parameters(model_dir: Path) -> int:
 def worker(a) -> dict:
     import numpy as np
 
-    np.random.seed(0)  # mlx-lm's batch order (it permutes with numpy's global generator)
+    np.random.seed(a.seed)  # mlx-lm's batch order (it permutes with numpy's global generator)
     fn = {"mlxlm": tt.worker_mlxlm, "mlxtune": tt.worker_mlxtune, "eval": tt.worker_eval}[a.worker]
     result = fn(a)
     if a.worker != "eval":
@@ -122,6 +122,7 @@ def main() -> None:
     p.add_argument("--q4-steps", type=int, default=3, help="timed 4-bit steps (mlx-lm's take minutes each on the CPU)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0, help="batch order and LoRA initialisation of both trainers")
     p.add_argument("--max-seq-length", type=int, default=512)
     p.add_argument("--weights", default="float32,4-bit", help="comma list of: float32, 4-bit")
     p.add_argument("--data", default=str(ROOT / "data" / "toolcall"))
@@ -156,7 +157,7 @@ def main() -> None:
     for weights, model in models.items():
         iters = 1 + (a.steps if weights == "float32" else a.q4_steps)
         common = ["--model", model, "--data", a.data, "--batch-size", a.batch_size, "--lr", a.lr,
-                  "--max-seq-length", a.max_seq_length, "--iters", iters]
+                  "--max-seq-length", a.max_seq_length, "--iters", iters, "--seed", a.seed]
         for name, kind in (("mlx-lm", "mlxlm"), ("mlxtune", "mlxtune")):
             t = time.time()
             r = spawn("--worker", kind, *common, "--out", work / f"{weights}-{kind}")
