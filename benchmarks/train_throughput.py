@@ -108,7 +108,7 @@ def worker_mlxlm(a) -> dict:
     from mlx_lm.utils import load
 
     model, tok = load(a.model)
-    mx.random.seed(0)
+    mx.random.seed(getattr(a, "seed", 0))
     model.freeze()
     linear_to_lora_layers(model, len(model.layers), {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": KEYS})
     train_set, _, _ = load_local_dataset(Path(a.data), tok, SimpleNamespace(mask_prompt=True))
@@ -163,8 +163,8 @@ def worker_mlxtune(a) -> dict:
         return report["trained_tokens"] >= a.target_tokens or report["iteration"] >= a.iters
 
     mx.reset_peak_memory()
-    result = mlxtune.lora(model, a.data, tokenizer=tok, lora_layers=-1, rank=8, alpha=16.0, seed=0, iters=10**6,
-                          batch_size=batch, learning_rate=a.lr, optimizer="adam", max_grad_norm=0, pack=a.pack,
+    result = mlxtune.lora(model, a.data, tokenizer=tok, lora_layers=-1, rank=8, alpha=16.0, seed=getattr(a, "seed", 0),
+                          iters=10**6, batch_size=batch, learning_rate=a.lr, optimizer="adam", max_grad_norm=0, pack=a.pack,
                           steps_per_report=a.report, steps_per_eval=0, save_every=0, plot=False,
                           max_seq_length=a.max_seq_length, adapter_file=str(Path(a.out) / "adapters.npz"),
                           force=True, callbacks=[until_target], verbose=False)

