@@ -124,6 +124,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0, help="batch order and LoRA initialisation of both trainers")
     p.add_argument("--max-seq-length", type=int, default=512)
+    p.add_argument("--batch-order", default="length", choices=("length", "random"),
+                   help="mlxtune's batch order (mlx-lm 0.32's chat batches come in file order: its length sort "
+                        "reads the length of each record's dict, not of its tokens)")
     p.add_argument("--weights", default="float32,4-bit", help="comma list of: float32, 4-bit")
     p.add_argument("--data", default=str(ROOT / "data" / "toolcall"))
     p.add_argument("--work", default=None, help="keep models and adapters here (default: a temp dir)")
@@ -157,7 +160,8 @@ def main() -> None:
     for weights, model in models.items():
         iters = 1 + (a.steps if weights == "float32" else a.q4_steps)
         common = ["--model", model, "--data", a.data, "--batch-size", a.batch_size, "--lr", a.lr,
-                  "--max-seq-length", a.max_seq_length, "--iters", iters, "--seed", a.seed]
+                  "--max-seq-length", a.max_seq_length, "--iters", iters, "--seed", a.seed,
+                  "--batch-order", a.batch_order]
         for name, kind in (("mlx-lm", "mlxlm"), ("mlxtune", "mlxtune")):
             t = time.time()
             r = spawn("--worker", kind, *common, "--out", work / f"{weights}-{kind}")

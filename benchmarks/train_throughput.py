@@ -167,7 +167,8 @@ def worker_mlxtune(a) -> dict:
                           iters=10**6, batch_size=batch, learning_rate=a.lr, optimizer="adam", max_grad_norm=0, pack=a.pack,
                           steps_per_report=a.report, steps_per_eval=0, save_every=0, plot=False,
                           max_seq_length=a.max_seq_length, adapter_file=str(Path(a.out) / "adapters.npz"),
-                          force=True, callbacks=[until_target], verbose=False)
+                          force=True, callbacks=[until_target], verbose=False,
+                          batch_order=getattr(a, "batch_order", "length"))
     seconds, tokens = clock.steady()
     return {"seconds": seconds, "tokens": tokens, "real_tokens": result.trained_tokens, "peak": mx.get_peak_memory(),
             "adapter": str(result.adapter_file), "iters": result.iterations, "rows_per_batch": batch}
