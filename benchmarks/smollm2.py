@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -93,14 +92,7 @@ def worker(a) -> dict:
 
 
 def spawn(*args) -> dict:
-    env = dict(os.environ)
-    blas = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
-    if os.path.exists(blas) and "openblas" not in env.get("LD_PRELOAD", ""):
-        env["LD_PRELOAD"] = blas
-    proc = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"worker {args[:2]} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return tt.spawn(*args, script=__file__)
 
 
 def table(rows: list[dict], body: int) -> str:

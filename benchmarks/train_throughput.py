@@ -185,12 +185,13 @@ def worker_eval(a) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- driver
-def spawn(*args) -> dict:
+def spawn(*args, script: str = __file__) -> dict:
+    """Run `script` (this one, or another driver that shares these workers) as a worker; its last JSON line."""
     env = dict(os.environ)
     blas = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
     if os.path.exists(blas) and "openblas" not in env.get("LD_PRELOAD", ""):
         env["LD_PRELOAD"] = blas
-    proc = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"worker {args[:2]} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
