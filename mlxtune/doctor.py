@@ -20,6 +20,7 @@ import mlx.core as mx
 from . import __version__
 from .backends import select_backend
 from .blas import blas_in_use, find_openblas
+from .files import proc_field_bytes
 
 
 @dataclass
@@ -108,12 +109,12 @@ def blas() -> str:
 def memory_gb() -> tuple[float | None, float | None]:
     """(total, available) system memory in GB."""
     gb = 1024 ** 3
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        return info["MemTotal"] / gb, info.get("MemAvailable", info.get("MemFree", 0)) / gb
-    except (OSError, KeyError, ValueError, IndexError):
-        pass
+    total = proc_field_bytes("/proc/meminfo", "MemTotal")
+    if total is not None:
+        available = proc_field_bytes("/proc/meminfo", "MemAvailable")
+        if available is None:
+            available = proc_field_bytes("/proc/meminfo", "MemFree") or 0
+        return total / gb, available / gb
     total = available = None
     try:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / gb

@@ -242,3 +242,16 @@ class FolderLock:
 
     def __del__(self) -> None:
         self.release()
+
+
+def proc_field_bytes(path: str, key: str) -> int | None:
+    """A `Key:  N kB` field of a Linux /proc file (/proc/meminfo, /proc/self/status) in bytes; None where the
+    file or the field is absent (macOS, Windows)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -21,7 +21,6 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -32,6 +31,7 @@ from .data import iterate_batches, load_dataset
 from .defaults import DEFAULT_LORA_CONFIG, fill_in
 from .display import fields_html
 from .errors import ConfigError
+from .files import proc_field_bytes
 from .layers import MLP_MODULES, LoRALinear, apply_lora, transformer_blocks
 from .loss import _find_parts, batch_arrays, micro_batches
 from .models import load_model
@@ -389,12 +389,9 @@ def parse_size(text: str | int | float) -> int:
 
 def available_ram() -> int:
     """Bytes the OS can hand out now without swapping (MemAvailable on Linux)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available = proc_field_bytes("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -546,13 +543,7 @@ def _lazy_lora_model(args: TrainingArgs, layers_given: bool, model: nn.Module | 
 
 def _process_baseline() -> int:
     """This process's resident memory (what a CPU torch run's peak RSS starts from)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_field_bytes("/proc/self/status", "VmRSS") or 0
 
 
 def _torch_weight_bytes(model) -> int:

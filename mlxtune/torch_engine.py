@@ -29,6 +29,7 @@ import torch.distributed as dist
 from .data import Batch
 from .distributed import World, rows_of, torchrun_size
 from .errors import TrainingError
+from .files import proc_field_bytes
 from .loss import batch_arrays, micro_batches
 from .schedule import learning_rate_at
 from .settings import TrainingArgs
@@ -104,13 +105,9 @@ class MLXOptimizer:
 
 
 def _peak_rss_gb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / 1e9
-    except OSError:
-        pass
+    peak = proc_field_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak / 1e9
     import resource  # not on Windows; ru_maxrss is KiB on Linux, bytes on macOS
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
