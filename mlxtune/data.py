@@ -44,6 +44,7 @@ from .files import atomic_dir, atomic_file
 from .model_files import read_config
 from .token_cache import (
     CacheWriteError,
+    LazyStore,
     Record,
     RecordSet,
     Source,
@@ -61,6 +62,8 @@ CHUNK = 1024  # records tokenized per batch call
 TOKENIZE_BAR_MIN = {"B": 1 << 20, "rows": 2000}  # smaller sources tokenize without a progress bar
 PARALLEL_MIN_BYTES = 32 << 20  # files from this size are tokenized by worker processes (one per core)
 MAX_WORKERS = 8
+LAZY_MIN_BYTES = 64 << 20  # JSON-lines files from this size are tokenized lazily (MLXTUNE_LAZY_TOKENIZE=0/1 decides)
+LAZY_SAMPLE = 1000  # records tokenized up front from a lazy file: its format, and its tokens per byte
 MAX_RECORD_BYTES = 16 << 20  # a longer line (or JSON array element) is refused: nothing that long can train
 BOM = codecs.BOM_UTF8
 NEWLINE = "\n"
@@ -96,6 +99,7 @@ class DataSplits:
     dropped: int = 0  # examples with no trained token (after truncation), left out
     formats: dict[str, str] = field(default_factory=dict)  # file -> detected format name
     held_out: int = 0  # valid examples taken from a directory's train.jsonl because it has no valid.jsonl
+    lazy: list[str] = field(default_factory=list)  # files tokenized as batches read them (LazyStore)
 
     def summary(self) -> str:
         """One line for the start of training: sizes, formats and the truncation counts."""
@@ -107,6 +111,9 @@ class DataSplits:
             text += f"; {self.truncated} examples truncated"
         if self.dropped:
             text += f"; {self.dropped} dropped (no trained token left)"
+        if self.lazy:
+            text += (f"; {', '.join(Path(f).name for f in self.lazy)} tokenized as batches read it (lengths "
+                     "estimated from bytes, truncation not counted; MLXTUNE_LAZY_TOKENIZE=0 tokenizes it first)")
         return text
 
 
@@ -580,14 +587,17 @@ def _vocab_size(tokenizer) -> int:
 def tokenize_file(path: str | os.PathLike, tokenizer, opts: _Options, cache_dir: Path | None = None,
                   fingerprint: str | None = None) -> Store:
     """Every record of one file as a Store of compact arrays, from the cache when it is fresh."""
-    return tokenize_source(file_source(path), tokenizer, opts, cache_dir, fingerprint)
+    return tokenize_source(file_source(path), tokenizer, opts, cache_dir, fingerprint, lazy=False)
 
 
 def tokenize_source(source: Source, tokenizer, opts: _Options, cache_dir: Path | None = None,
-                    fingerprint: str | None = None) -> Store:
-    """Every record of `source`, tokenized in streamed chunks into a Store (cached in `cache_dir/KEY`)."""
+                    fingerprint: str | None = None, lazy: bool = True) -> Store | LazyStore:
+    """Every record of `source`, tokenized in streamed chunks into a Store (cached in `cache_dir/KEY`);
+    with `lazy`, a big JSON-lines file becomes a LazyStore instead (see `lazy_tokenizing`)."""
     fingerprint = fingerprint or _tokenizer_fingerprint(tokenizer)
     key = _cache_key(source, fingerprint, opts)
+    if lazy and lazy_tokenizing(source):
+        return _lazy_store(source, tokenizer, opts, key)
     folder = None
     if cache_dir is not None:
         store = open_store(cache_dir / key)
@@ -600,6 +610,92 @@ def tokenize_source(source: Source, tokenizer, opts: _Options, cache_dir: Path |
         warnings.warn(FallbackWarning(f"cannot write the tokenization cache ({e}): tokenizing {source.name} again "
                                       "without it"), stacklevel=2)
         return _tokenize(source, tokenizer, opts, key, None)
+
+
+def lazy_tokenizing(source: Source) -> bool:
+    """Whether `source` is tokenized as batches read it: JSON-lines files of LAZY_MIN_BYTES and more, unless
+    MLXTUNE_LAZY_TOKENIZE says otherwise (1: every JSON-lines file, 0: none).
+
+    Why: tokenizing is ~0.3 ms a record on one CPU core, so a million rows cost minutes before the first
+    step. Lazily, training starts after one scan of the file; what it gives up: batches are grouped by
+    each line's byte length (an estimate of its token length), a bad record is reported when a batch reads
+    it, and no token cache is written.
+    """
+    setting = os.environ.get("MLXTUNE_LAZY_TOKENIZE", "").strip()
+    if setting not in ("", "0", "1"):
+        raise ConfigError(f"MLXTUNE_LAZY_TOKENIZE={setting!r} must be 0 (tokenize every file first) or 1 "
+                          "(tokenize every JSON-lines file as batches read it)")
+    if source.raw_lines is None:
+        return False
+    return setting == "1" if setting else source.size >= LAZY_MIN_BYTES
+
+
+def _scan_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(line numbers, byte offsets, byte lengths) of the non-blank lines of a JSON-lines file, read in blocks."""
+    ends = []
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            ends.append(np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + (size + 1))
+            size += len(block)
+    end = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+    if not len(end) or end[-1] != size:
+        end = np.append(end, size)  # the last line has no newline
+    start = np.concatenate([[0], end[:-1]]).astype(np.int64)
+    nbytes = end - start
+    too_long = np.flatnonzero(nbytes > MAX_RECORD_BYTES)
+    if len(too_long):
+        raise DataError(f"{path}:{too_long[0] + 1}: the line is longer than {MAX_RECORD_BYTES >> 20} MB: a record "
+                        "that long cannot train (split the document into several records)")
+    # Short lines may be blank (whitespace only): look at those; a long blank line becomes an empty record.
+    blank = np.zeros(len(start), bool)
+    with open(path, "rb") as f:
+        for k in np.flatnonzero(nbytes <= 16).tolist():
+            f.seek(int(start[k]))
+            blank[k] = not f.read(int(nbytes[k])).strip()
+    keep = ~blank & (nbytes > 0)
+    return np.flatnonzero(keep).astype(np.int64) + 1, start[keep], nbytes[keep]
+
+
+def _lazy_store(source: Source, tokenizer, opts: _Options, key: str) -> LazyStore:
+    path = Path(source.name)
+    lines, offsets, nbytes = _scan_lines(path)
+    if not len(lines):
+        raise DataError(f"{path}: the file is empty: it needs one JSON record per line")
+    specials = templates.special_ids(tokenizer)
+    check = _FormatCheck(source.name, opts.keys)
+
+    def read(raw_lines: list[tuple[int, bytes]]) -> list:
+        records = []
+        for n, raw in raw_lines:
+            record = _parse_line(path, n, raw, True)
+            if record is _BLANK:  # a long line of whitespace: nothing to train
+                records.append((n, None))
+                continue
+            check(n, record)
+            records.append((n, record))
+        done = iter(records_from(tokenizer, [r for r in records if r[1] is not None], check.first[1], opts,
+                                 source.name, specials) if any(r[1] is not None for r in records) else [])
+        return [([0], [False]) if record is None else next(done) for _, record in records]
+
+    # The first records, tokenized now: the file's format (every later record must match it) and its tokens
+    # per byte, which turn each line's bytes into the length estimate batches are planned on.
+    sample = []
+    with open(path, "rb") as f:
+        for k in range(min(LAZY_SAMPLE, len(lines))):
+            f.seek(int(offsets[k]))
+            raw = f.read(int(nbytes[k]))
+            sample.append((int(lines[k]), raw[len(BOM):] if lines[k] == 1 and raw.startswith(BOM) else raw))
+    for n, raw in sample:  # the file's format is its first record's, as for a whole file
+        record = _parse_line(path, n, raw, n != sample[0][0])
+        if record is not _BLANK:
+            check(n, record)
+            break
+    tokens = sum(len(ids) for ids, _ in read(sample))
+    per_byte = tokens / max(1, int(nbytes[:len(sample)].sum()))
+    estimate = np.maximum(2, np.ceil(nbytes * per_byte)).astype(np.int32)
+    return LazyStore(content_key(key, "lazy"), check.first[1].value, lines, offsets, nbytes, estimate, read, path,
+                     id_dtype(_vocab_size(tokenizer)))
 
 
 def _tokenize(source: Source, tokenizer, opts: _Options, key: str, folder: Path | None) -> Store:
@@ -723,6 +819,11 @@ def _batched(items: Iterable, n: int) -> Iterator[list]:
 # ------------------------------------------------------------------------------- splitting and truncating
 
 
+def is_lazy(records) -> bool:
+    """Whether some of `records` are tokenized only when read (a LazyStore's)."""
+    return isinstance(records, RecordSet) and any(isinstance(st, LazyStore) for st in records.stores)
+
+
 def records_fingerprint(records: Sequence[Record]) -> str:
     """A short hash of exactly what training sees: every record's token ids and loss mask, in order.
 
@@ -818,9 +919,10 @@ def _resolve_inputs(data) -> list[tuple[Source, str | None]]:
 
 
 def _load_untruncated(data, tokenizer, *, valid_split, test_split, seed, train_on_inputs, chat_template,
-                      keys: Keys, cache) -> tuple[dict[str, list[tuple[Store, np.ndarray]]], dict[str, str], int]:
+                      keys: Keys, cache, lazy: bool = True) -> tuple[dict[str, list[tuple[Store, np.ndarray]]],
+                                                                      dict[str, str], int]:
     """The records of each split as (store, rows) pairs, the format of each source, and how many valid
-    records were held out of a train file."""
+    records were held out of a train file. `lazy`: big JSON-lines files may become LazyStores."""
     opts = _options(tokenizer, chat_template, train_on_inputs, keys)
     cache_dir = None
     if cache:
@@ -830,7 +932,7 @@ def _load_untruncated(data, tokenizer, *, valid_split, test_split, seed, train_o
     formats = {}
     held_out = 0
     for source, split in _resolve_inputs(data):
-        store = tokenize_source(source, tokenizer, opts, cache_dir, fingerprint)
+        store = tokenize_source(source, tokenizer, opts, cache_dir, fingerprint, lazy=lazy)
         formats[source.name] = store.fmt
         if split in SPLITS:
             splits[split].append((store, np.arange(len(store), dtype=np.int64)))
@@ -893,7 +995,8 @@ def load_dataset(data, tokenizer, *, valid_split: float = 0.1, test_split: float
     `tokenizer`: mlx-lm TokenizerWrapper or a Hugging Face tokenizer.
     `chat_template`: template text or a file, overriding the tokenizer's.
     `cache`: True (~/.cache/mlxtune/data, or $MLXTUNE_CACHE/data), False, or a directory. The splits are
-    RecordSets over the cached arrays: records are read when a batch needs them.
+    RecordSets over the cached arrays: records are read when a batch needs them. A big JSON-lines file is
+    tokenized as batches read it instead (`lazy_tokenizing`).
     """
     if max_seq_length < 2:
         raise ConfigError(f"--max-seq-length {max_seq_length} must be at least 2")
@@ -901,9 +1004,10 @@ def load_dataset(data, tokenizer, *, valid_split: float = 0.1, test_split: float
     splits, formats, held_out = _load_untruncated(data, tokenizer, valid_split=valid_split, test_split=test_split,
                                                   seed=seed, train_on_inputs=train_on_inputs,
                                                   chat_template=chat_template, keys=keys, cache=cache)
+    lazy = list(dict.fromkeys(str(st.path) for parts in splits.values() for st, _ in parts if isinstance(st, LazyStore)))
     out, n_truncated, n_dropped = _truncate_splits(splits, max_seq_length, _bos_id(tokenizer))
     return DataSplits(out["train"], out["valid"], out["test"], truncated=n_truncated, dropped=n_dropped,
-                      formats=formats, held_out=held_out)
+                      formats=formats, held_out=held_out, lazy=lazy)
 
 
 # ------------------------------------------------------------------------------------------------ batching
@@ -1181,7 +1285,7 @@ def inspect_dataset(model, data, *, n: int = 3, max_seq_length: int = 2048, vali
     keys = _keys(prompt_key, completion_key, text_key, messages_key)
     splits, formats, _ = _load_untruncated(data, tokenizer, valid_split=valid_split, test_split=test_split,
                                            seed=seed, train_on_inputs=train_on_inputs, chat_template=chat_template,
-                                           keys=keys, cache=cache)
+                                           keys=keys, cache=cache, lazy=False)  # exact lengths, whatever the size
     kept, truncated, dropped = _truncate_splits(splits, max_seq_length, _bos_id(tokenizer))
     train = kept["train"]
     lengths = {name: np.concatenate([store.lengths[rows] for store, rows in parts]) if parts else np.zeros(0, np.int64)

@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .backends import select_backend
-from .data import iterate_batches, load_dataset
+from .data import PAD_MULTIPLE, is_lazy, iterate_batches, load_dataset, round_up
 from .defaults import DEFAULT_LORA_CONFIG, fill_in
 from .display import fields_html
 from .errors import ConfigError
@@ -57,6 +57,7 @@ CHECKPOINTED = {  # --grad-checkpoint: blocks keep their inputs; one block at a 
 HALF_PRECISION = {False: 1.14, True: 1.0}  # 2-byte activations keep some float32 temporaries (softmax, norms)
 EVALUATION = {"attention": 2.058, "hidden": 13.641, "mlp": 3.551, "head": 3.963}  # forward only: no saved blocks
 MARGIN = 0.85  # settings suggested or chosen by --auto-fit leave the planner's 15% accuracy free under the budget
+LAZY_SCAN_LIMIT = 64  # batches read ahead from lazily tokenized data (each read tokenizes its records)
 SCAN_LIMIT = 5000  # batches read ahead of a run (the shapes repeat from epoch to epoch; this bounds the time)
 
 
@@ -254,8 +255,13 @@ def micro_batch_shapes(records, args: TrainingArgs, pack: bool, gather: bool, *,
     """The distinct micro-batch shapes of the run's batches (the same iterator `mlxtune.lora` draws from)."""
     size = batch_size or args.batch_size
     accum = grad_accumulation or args.grad_accumulation
-    steps = min(max(args.iters, 1), SCAN_LIMIT)
+    steps = min(max(args.iters, 1), LAZY_SCAN_LIMIT if is_lazy(records) else SCAN_LIMIT)
     shapes = set()
+    if is_lazy(records) and len(records):
+        # Reading thousands of batches would tokenize them all: the first few are read, and the longest
+        # estimated record stands for the rest, as a full micro-batch of its length.
+        longest = max(PAD_MULTIPLE, round_up(int(min(records.lengths.max(), args.max_seq_length)) - 1, PAD_MULTIPLE))
+        shapes.add(MicroBatch(size, longest, size * longest, False))
     batches = iterate_batches(records, size * accum, max_seq_length=args.max_seq_length, seed=args.seed,
                               loop=True, shuffle=True, pack=pack, order=args.batch_order)
     for _, batch in zip(range(steps), batches):

@@ -26,7 +26,7 @@ import mlx.nn as nn
 from .adapters import AdapterConfig, load_adapter
 from .backends import select_backend, torch_module
 from .checkpoints import settings_fingerprint
-from .data import iterate_batches, load_dataset, padding_fraction, records_fingerprint
+from .data import is_lazy, iterate_batches, load_dataset, padding_fraction, records_fingerprint
 from .defaults import DEFAULT_LORA_CONFIG, fill_in
 from .dequantized import compute_dequantized, on_cpu
 from .distributed import World, check_same_run, torchrun_size
@@ -211,7 +211,7 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
     say(f"Trainable parameters: {100 * trainable / max(total, 1):.3f}% ({_fmt_count(trainable)}/{_fmt_count(total)})")
 
     if args.iters > 0:  # the memory plan: one line; refuse, adapt (--auto-fit) or go on (--force)
-        pack_ok = args.pack and (torch_models is not None or model_parts(model).packing)
+        pack_ok = args.pack and (torch_models is not None or model_parts(model).packing) and not is_lazy(splits.train)
         args = check_memory(model, splits, args, backend=backend.name, device=backend.device, pack=pack_ok, say=say)
     needed = args.batch_size * args.grad_accumulation
     if args.iters > 0 and len(splits.train) < needed:
@@ -229,14 +229,18 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
                 f"their {whole / 1e6:.3f} MB of frozen weights (LoRA weights, embedding and output head stay whole)")
     else:
         engine = MLXEngine(model, make_optimizer(args), args, world=world)
-    pack = args.pack and engine.packing
+    pack = args.pack and engine.packing and not is_lazy(splits.train)
     if args.pack and not engine.packing:
         say("note: this architecture's attention cannot take a packed mask; training unpacked")
+    elif args.pack and not pack:
+        say("note: packing needs every example's token length, and this data is tokenized as batches read it: "
+            "training unpacked (MLXTUNE_LAZY_TOKENIZE=0 tokenizes it first)")
     if args.iters > 0:
         pad = padding_fraction(splits.train, needed, max_seq_length=args.max_seq_length, seed=args.seed, pack=pack,
                                order=args.batch_order)
         kind = "packed rows" if pack else "length-bucketed" if args.batch_order == "length" else "random batches"
-        say(f"Batches: {100 * pad:.0f}% padding ({kind}; {'--no-pack' if pack else '--pack'} to compare)")
+        estimated = ", from the estimated lengths" if is_lazy(splits.train) else ""
+        say(f"Batches: {100 * pad:.0f}% padding ({kind}{estimated}; {'--no-pack' if pack else '--pack'} to compare)")
 
     def batches(start: int):
         return iterate_batches(splits.train, needed, max_seq_length=args.max_seq_length, seed=args.seed,

@@ -746,3 +746,98 @@ def test_a_dataset_saved_by_the_datasets_library_is_data(toks, tmp_path, monkeyp
     with pytest.raises(DataError, match=r"--data nobody/no-such-dataset: no such file or folder.*HF_HUB_OFFLINE") as e:
         load_dataset("nobody/no-such-dataset", tok, cache=False)
     assert "\n" not in str(e.value)
+
+
+def _eager_and_lazy(monkeypatch, path, tok, **kw):
+    monkeypatch.setenv("MLXTUNE_LAZY_TOKENIZE", "0")
+    eager = load_dataset(path, tok, cache=False, **kw)
+    monkeypatch.setenv("MLXTUNE_LAZY_TOKENIZE", "1")
+    lazy = load_dataset(path, tok, cache=False, **kw)
+    return eager, lazy
+
+
+def test_a_lazily_tokenized_file_reads_the_same_records(toks, tmp_path, monkeypatch):
+    """Lazily (a big file), each record is tokenized and truncated when read: the same tokens and masks as
+    tokenizing the whole file first, BOM, CRLF and blank lines included; what truncation drops reads as a
+    record with nothing to train."""
+    tok = toks["llama3"]
+    rows = [json.dumps(chat("word " * (i % 23 + 1), f"answer {i} " * (i % 5 + 1))) for i in range(300)]
+    rows[7] = "   "  # a blank line is no record
+    rows[40] = json.dumps({"messages": [{"role": "user", "content": "long " * 60}, {"role": "assistant", "content": ""}]})
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(data.BOM + "\r\n".join(rows).encode() + b"\r\n")
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": ""}, {"text": "Hello there, how are you?"}] * 5)
+    eager, lazy = _eager_and_lazy(monkeypatch, [path, text], tok, valid_split=0.1, test_split=0.1, seed=2,
+                                  max_seq_length=24)
+    assert data.is_lazy(lazy.train) and not data.is_lazy(eager.train) and lazy.lazy == [str(path), str(text)]
+    assert "tokenized as batches read it" in lazy.summary() and eager.truncated > 0 and eager.dropped == 5
+
+    def where(records):  # (file or cache key, line) of each item
+        def name(store):
+            return str(store.path) if isinstance(store, data.LazyStore) else store.key
+        return {(name(records.stores[p]), int(records.stores[p].lines[r])): k
+                for k, (p, r) in enumerate(zip(records.part.tolist(), records.row.tolist()))}
+
+    for name in ("train", "valid", "test"):
+        e, z = getattr(eager, name), getattr(lazy, name)
+        paths = {st.key: str(zst.path) for st, zst in zip(sorted(e.stores, key=lambda s: s.fmt),
+                                                         sorted(z.stores, key=lambda s: s.fmt))}
+        kept = {(paths[key], line): k for (key, line), k in where(e).items()}
+        lines = where(z)
+        assert set(kept) <= set(lines)
+        for at, k in lines.items():
+            ids, mask = z.arrays(k)
+            assert len(ids) <= 24
+            if at in kept:
+                assert e[kept[at]] == Record(ids.tolist(), mask.tolist())
+            else:
+                assert not mask.any()  # dropped when tokenized first: nothing trains here
+        assert (z.lengths > 1).all()
+    assert len(lazy.train) + len(lazy.valid) + len(lazy.test) == 299 + 10
+
+
+def test_lazy_batches_cover_every_record_and_match_random_order(toks, tmp_path, monkeypatch):
+    tok = toks["chatml"]
+    path = write_jsonl(tmp_path / "c.jsonl", [chat("q " * (i % 9 + 1), f"answer {i}") for i in range(90)])
+    eager, lazy = _eager_and_lazy(monkeypatch, path, tok, valid_split=0.1)
+    # Random order draws rows without lengths: with nothing dropped, the same batches either way.
+    for a, b in zip(iterate_batches(eager.train, 4, order="random", loop=False),
+                    iterate_batches(lazy.train, 4, order="random", loop=False), strict=True):
+        assert np.array_equal(a.inputs, b.inputs) and np.array_equal(a.loss_mask, b.loss_mask)
+    # Length order groups the estimated lengths; each record still comes once an epoch.
+    seen = sorted(tuple(row[row > 0]) for b in iterate_batches(lazy.train, 4, loop=False) for row in b.targets)
+    assert seen == sorted(tuple(np.asarray(r.ids[1:])[np.asarray(r.ids[1:]) > 0]) for r in eager.train)
+    assert data.records_fingerprint(lazy.train) == data.records_fingerprint(load_dataset(path, tok, valid_split=0.1,
+                                                                                         cache=False).train)
+
+
+def test_a_lazy_file_reports_a_bad_record_when_a_batch_reads_it(toks, tmp_path, monkeypatch):
+    tok = toks["chatml"]
+    rows = [chat(f"q {i}", "a") for i in range(30)]
+    path = write_jsonl(tmp_path / "c.jsonl", rows[:20] + [{"foo": 1}] + rows[20:25] + ['{"messages": ['] + rows[25:])
+    monkeypatch.setenv("MLXTUNE_LAZY_TOKENIZE", "1")
+    monkeypatch.setattr(data, "LAZY_SAMPLE", 10)  # the bad lines are past the records read up front
+    train = load_dataset(path, tok, valid_split=0, cache=False).train
+    by_line = dict(zip(train.stores[0].lines[train.row].tolist(), range(len(train))))
+    with pytest.raises(DataError, match=r"c\.jsonl:21: record matches no known format"):
+        train.arrays(by_line[21])
+    with pytest.raises(DataError, match=r"c\.jsonl:27: not valid JSON"):
+        train.arrays(by_line[27])
+    assert train[by_line[22]] == load_train(write_jsonl(tmp_path / "one.jsonl", [rows[20]]), tok)[0]
+
+
+def test_which_files_are_tokenized_lazily(toks, tmp_path, monkeypatch):
+    tok = toks["chatml"]
+    path = write_jsonl(tmp_path / "c.jsonl", [chat(f"q {i}", "a") for i in range(40)])
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps([chat("q", "a")] * 40))
+    monkeypatch.delenv("MLXTUNE_LAZY_TOKENIZE", raising=False)
+    assert not load_dataset(path, tok, cache=False).lazy
+    monkeypatch.setattr(data, "LAZY_MIN_BYTES", path.stat().st_size)  # from this size on
+    assert load_dataset(path, tok, cache=False).lazy == [str(path)]
+    assert not load_dataset(array, tok, cache=False).lazy  # a JSON array is read as a whole
+    monkeypatch.setenv("MLXTUNE_LAZY_TOKENIZE", "0")
+    assert not load_dataset(path, tok, cache=False).lazy
+    monkeypatch.setenv("MLXTUNE_LAZY_TOKENIZE", "yes")
+    with pytest.raises(data.ConfigError, match="MLXTUNE_LAZY_TOKENIZE='yes' must be 0"):
+        load_dataset(path, tok, cache=False)

@@ -479,3 +479,21 @@ def test_rank_larger_than_a_layer_is_refused(tiny_llama, chat_data, tmp_path):
     with pytest.raises(ConfigError, match=r"--rank 40 is larger than model.layers.\d+.self_attn.[kv]_proj \(32 x 64\)"):
         mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=tmp_path / "r" / "adapters.npz", iters=1,
                      batch_size=2, rank=40, **FAST)
+
+
+def test_lazily_tokenized_data_trains_and_resumes_exactly(tiny_llama, chat_data, tmp_path, monkeypatch):
+    """A big file is tokenized as batches read it: training, its checkpoints and --resume work the same way."""
+    monkeypatch.setenv("MLXTUNE_LAZY_TOKENIZE", "1")
+    whole = mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=tmp_path / "whole" / "adapters.npz", **RESUME)
+    folder = tmp_path / "stopped"
+    stopped = mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=folder / "adapters.npz",
+                           callbacks=[lambda report: report["iteration"] >= 6], **RESUME)
+    assert stopped.stopped_early and (folder / "0000004_adapters.npz").exists()
+    resumed = mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=folder / "adapters.npz", resume=True, **RESUME)
+    a, b = npz(whole.adapter_file), npz(resumed.adapter_file)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert resumed.trained_tokens == whole.trained_tokens > 0
+    monkeypatch.setenv("MLXTUNE_LAZY_TOKENIZE", "0")  # the same data tokenized first: another run, refused
+    with pytest.raises(ConfigError, match="data"):
+        mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=folder / "adapters.npz", resume=True, **RESUME)
