@@ -119,6 +119,8 @@ def main() -> None:
     p.add_argument("--batch-order", default="length", choices=("length", "random"),
                    help="mlxtune's batch order (mlx-lm 0.32's chat batches come in file order: its length sort "
                         "reads the length of each record's dict, not of its tokens)")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="both trainers recompute each block's activations in the backward pass")
     p.add_argument("--weights", default="float32,4-bit", help="comma list of: float32, 4-bit")
     p.add_argument("--data", default=str(ROOT / "data" / "toolcall"))
     p.add_argument("--work", default=None, help="keep models and adapters here (default: a temp dir)")
@@ -153,7 +155,7 @@ def main() -> None:
         iters = 1 + (a.steps if weights == "float32" else a.q4_steps)
         common = ["--model", model, "--data", a.data, "--batch-size", a.batch_size, "--lr", a.lr,
                   "--max-seq-length", a.max_seq_length, "--iters", iters, "--seed", a.seed,
-                  "--batch-order", a.batch_order]
+                  "--batch-order", a.batch_order] + (["--grad-checkpoint"] if a.grad_checkpoint else [])
         for name, kind in (("mlx-lm", "mlxlm"), ("mlxtune", "mlxtune")):
             t = time.time()
             r = spawn("--worker", kind, *common, "--out", work / f"{weights}-{kind}")
@@ -165,7 +167,7 @@ def main() -> None:
     import mlx.core as mx
 
     print(f"SmolLM2-135M-Instruct ({body / 1e6:.1f}M body parameters), data/toolcall, batch {a.batch_size}, "
-          f"lr {a.lr}, {os.cpu_count()} CPUs, mlx {mx.__version__} "
+          f"{'--grad-checkpoint, ' if a.grad_checkpoint else ''}lr {a.lr}, {os.cpu_count()} CPUs, mlx {mx.__version__} "
           f"({'GPU' if mx.default_device() == mx.gpu else 'CPU'}); one warm-up step before the timed ones")
     print(table(rows, body))
 

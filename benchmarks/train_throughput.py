@@ -130,7 +130,7 @@ def worker_mlxlm(a) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     args = trainer.TrainingArgs(batch_size=a.batch_size, iters=a.iters, steps_per_report=a.report, steps_per_eval=10**9,
                                 steps_per_save=10**9, adapter_file=str(out / "adapters.safetensors"),
-                                max_seq_length=a.max_seq_length)
+                                max_seq_length=a.max_seq_length, grad_checkpoint=getattr(a, "grad_checkpoint", False))
     mx.reset_peak_memory()
     trainer.train(model, optim.Adam(learning_rate=a.lr), CacheDataset(train_set), None, args=args,
                   iterate_batches=counting, training_callback=Callback())
@@ -168,7 +168,8 @@ def worker_mlxtune(a) -> dict:
                           steps_per_report=a.report, steps_per_eval=0, save_every=0, plot=False,
                           max_seq_length=a.max_seq_length, adapter_file=str(Path(a.out) / "adapters.npz"),
                           force=True, callbacks=[until_target], verbose=False,
-                          batch_order=getattr(a, "batch_order", "length"))
+                          batch_order=getattr(a, "batch_order", "length"),
+                          grad_checkpoint=getattr(a, "grad_checkpoint", False))
     seconds, tokens = clock.steady()
     return {"seconds": seconds, "tokens": tokens, "real_tokens": result.trained_tokens, "peak": mx.get_peak_memory(),
             "adapter": str(result.adapter_file), "iters": result.iterations, "rows_per_batch": batch}

@@ -54,6 +54,7 @@ from .token_cache import (
     id_dtype,
     open_store,
     pack_records,
+    truncate_record,
     truncated,
 )
 
@@ -859,24 +860,9 @@ def split_indices(n: int, valid_split: float, test_split: float, seed: int) -> d
 
 
 def truncate(record: Record, max_seq_length: int, bos_id: int | None = None) -> Record | None:
-    """Fit `record` into max_seq_length tokens, cutting prompt tokens from the start first.
-
-    A leading BOS (`bos_id`) and the token just before the first target stay. If the targets alone are
-    too long, the end is cut too. A record with no target left is None (dropped). (`token_cache.truncated`
-    does the same to whole stores at once.)
-    """
-    ids, mask = record.ids, record.mask
-    excess = len(ids) - max_seq_length
-    if excess <= 0:
-        return record if any(mask) else None
-    keep = 1 if bos_id is not None and ids and ids[0] == bos_id else 0
-    first = next((i for i, m in enumerate(mask) if m), len(ids))
-    cut = min(excess, max(0, first - 1 - keep))  # prompt tokens after BOS and before ids[first - 1]
-    ids, mask = ids[:keep] + ids[keep + cut:], mask[:keep] + mask[keep + cut:]
-    ids, mask = ids[:max_seq_length], [False] + mask[1:max_seq_length]
-    if not any(mask):
-        return None
-    return Record(ids, mask)
+    """Fit `record` into max_seq_length tokens (`token_cache.truncate_record`); None when nothing trained is left."""
+    ids, mask = truncate_record(np.asarray(record.ids, np.int64), np.asarray(record.mask, bool), max_seq_length, bos_id)
+    return Record(ids.tolist(), mask.tolist()) if mask.any() else None
 
 
 def _bos_id(tokenizer) -> int | None:

@@ -142,18 +142,27 @@ class LazyStore:
         return out
 
     def truncated_record(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Record i cut as `data.truncate` cuts it; a record it would drop keeps no trained token."""
+        """Record i cut to `limit`; a record truncation would drop keeps no trained token."""
         ids, mask = self.record(i)
-        max_len, bos = self.limit if self.limit is not None else (len(ids), None)
-        if len(ids) <= max_len:
-            return ids, mask
-        keep = 1 if bos is not None and ids[0] == bos else 0
-        first = _first_true(mask)
-        cut = min(len(ids) - max_len, max(0, first - 1 - keep))
-        ids = np.concatenate([ids[:keep], ids[keep + cut:]])[:max_len]
-        mask = np.concatenate([mask[:keep], mask[keep + cut:]])[:max_len]
-        mask[0] = False
+        return truncate_record(ids, mask, *self.limit) if self.limit is not None else (ids, mask)
+
+
+def truncate_record(ids: np.ndarray, mask: np.ndarray, max_seq_length: int,
+                    bos: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """One record fit into max_seq_length tokens, cutting prompt tokens from the start first.
+
+    A leading BOS (`bos`) and the token just before the first target stay; if the targets alone are too long,
+    the end is cut too. Nothing trained may be left (the caller drops or ignores such a record). `truncated`
+    does the same to many records of a store at once.
+    """
+    if len(ids) <= max_seq_length:
         return ids, mask
+    keep = 1 if bos is not None and ids[0] == bos else 0
+    cut = min(len(ids) - max_seq_length, max(0, _first_true(mask) - 1 - keep))
+    ids = np.concatenate([ids[:keep], ids[keep + cut:]])[:max_seq_length]
+    mask = np.concatenate([mask[:keep], mask[keep + cut:]])[:max_seq_length]
+    mask[0] = False
+    return ids, mask
 
 
 class CacheWriteError(Exception):
@@ -302,7 +311,7 @@ class RecordSet(Sequence):
     """Records chosen from stores, each possibly truncated; a `Sequence` of `data.Record` read on demand.
 
     Item k is store `stores[part[k]]`, record `row[k]`, read as `ids[:keep] + ids[keep + cut:][:length - keep]`
-    with the mask's first position cleared when `cut` or the length changed it (see `data.truncate`).
+    with the mask's first position cleared when `cut` or the length changed it (see `truncate_record`).
     """
 
     stores: list[Store | LazyStore]
@@ -415,7 +424,7 @@ class RecordSet(Sequence):
 
 
 def truncated(store: Store, rows: np.ndarray, max_seq_length: int, bos: int | None) -> tuple[RecordSet, int, int]:
-    """`data.truncate` of records `rows` of `store`, done on the per-record arrays: (kept, truncated, dropped).
+    """`truncate_record` of records `rows` of `store`, done on the per-record arrays: (kept, truncated, dropped).
 
     Prompt tokens after a leading BOS are cut first (up to the token before the first target), then the end.
     A LazyStore is cut as its records are read (nothing is counted then).
