@@ -33,6 +33,8 @@ class ModelParts:
     head: Callable | None
     mask_modules: list  # the python modules whose `create_attention_mask` the model calls
     packing: bool = True  # verified: a packed row gives the same loss as its examples one by one
+    projection: nn.Module | None = None  # the head's frozen vocabulary projection when the loss can slice it
+    cap: float | None = None  # final logit soft-capping (Gemma 2)
 
 
 def _find_parts(model: nn.Module) -> ModelParts:
@@ -42,9 +44,9 @@ def _find_parts(model: nn.Module) -> ModelParts:
     if not isinstance(inner, nn.Module):
         return ModelParts(None, None, mask_modules)
     if "lm_head" in model and not getattr(model, "tie_word_embeddings", False):
-        proj = model.lm_head
+        owner = proj = model.lm_head
     elif hasattr(inner, "embed_tokens") and hasattr(inner.embed_tokens, "as_linear"):
-        proj = inner.embed_tokens.as_linear
+        owner, proj = inner.embed_tokens, inner.embed_tokens.as_linear
     else:
         return ModelParts(None, None, mask_modules)
     args = getattr(model, "args", None)
@@ -54,7 +56,103 @@ def _find_parts(model: nn.Module) -> ModelParts:
         logits = proj(h)
         return mx.tanh(logits / cap) * cap if cap else logits
 
-    return ModelParts(lambda inputs: inner(inputs), head, mask_modules)
+    return ModelParts(lambda inputs: inner(inputs), head, mask_modules, projection=_sliceable(owner), cap=cap)
+
+
+# ---------------------------------------------------------------------------------------- the sliced head
+
+HEAD_SLICE = 4096  # vocabulary rows the loss projects onto at a time (see `_sliced_cross_entropy`)
+
+
+def _sliceable(module) -> nn.Module | None:
+    """`module` if the loss may project onto slices of its rows: a frozen, plain or affine-quantized
+    Linear/Embedding (a LoRA-adapted head, or another kind, goes through the whole projection)."""
+    from .dequantized import DequantizedEmbedding, DequantizedLinear
+
+    plain = (nn.Linear, nn.Embedding)
+    quantized = (nn.QuantizedLinear, nn.QuantizedEmbedding, DequantizedLinear, DequantizedEmbedding)
+    if type(module) in quantized:
+        return module if getattr(module, "mode", "affine") == "affine" and "biases" in module else None
+    return module if type(module) in plain else None
+
+
+def _slice_logits(module: nn.Module, h: mx.array, lo: int, hi: int) -> mx.array:
+    """h @ rows lo:hi of the projection's weight, as its own forward pass computes them."""
+    from .dequantized import KERNEL_ROWS, DequantizedEmbedding, DequantizedLinear, _dequantized_matmul, _rows
+
+    w = module["weight"][lo:hi]
+    if "scales" in module:
+        scales, biases = module["scales"][lo:hi], module["biases"][lo:hi]
+        if isinstance(module, (DequantizedLinear, DequantizedEmbedding)) and _rows(h) >= KERNEL_ROWS:
+            z = _dequantized_matmul(module.group_size, module.bits)(h, w, scales, biases)
+        else:
+            z = mx.quantized_matmul(h, w, scales, biases, transpose=True, group_size=module.group_size,
+                                    bits=module.bits)
+    else:
+        z = h @ w.T
+    return z + module["bias"][lo:hi] if "bias" in module else z
+
+
+def _slice_input_grad(module: nn.Module, dz: mx.array, lo: int, hi: int) -> mx.array:
+    """dz @ rows lo:hi of the projection's weight: the gradient of `_slice_logits` with respect to h."""
+    w = module["weight"][lo:hi]
+    if "scales" not in module:
+        return dz @ w
+    scales, biases = module["scales"][lo:hi], module["biases"][lo:hi]
+    return dz @ mx.dequantize(w, scales, biases, module.group_size, module.bits).astype(dz.dtype)
+
+
+def _sliced_cross_entropy(parts: ModelParts, h: mx.array, t: mx.array) -> mx.array:
+    """Per-row cross-entropy of the head's logits for (rows, hidden) states `h` and targets `t`, without the
+    whole (rows, vocabulary) logits: HEAD_SLICE rows of the projection at a time give a running log-sum-exp
+    and the target logits that fall in them, forward, and are recomputed one slice at a time for the
+    gradient. SmolLM2 (49k vocabulary, 8-bit tied embedding), 256 target rows: the head's temporaries were
+    ~240-290 MB in one piece (logits, softmax and gradients, 50 MB each). The same values as
+    `nn.losses.cross_entropy` on the whole logits, summed in another order."""
+    module, cap = parts.projection, parts.cap
+    vocab = module["weight"].shape[0]
+    slices = [(lo, min(lo + HEAD_SLICE, vocab)) for lo in range(0, vocab, HEAD_SLICE)]
+
+    def logits(x, lo, hi):
+        z = _slice_logits(module, x, lo, hi).astype(mx.float32)
+        return mx.tanh(z / cap) * cap if cap else z
+
+    def after(x, previous):
+        # MLX runs independent branches in any order, so without this every slice's logits could exist at
+        # once: each slice starts once the previous one is reduced.
+        return x if previous is None else mx.depends([x], previous)[0]
+
+    @mx.custom_function
+    def loss(x, targets):
+        lse = target = previous = None
+        for lo, hi in slices:
+            z = logits(after(x, previous), lo, hi)
+            at = mx.take_along_axis(z, mx.clip(targets - lo, 0, hi - lo - 1)[:, None], axis=-1)[:, 0]
+            part = mx.logsumexp(z, axis=-1)
+            hit = mx.where((targets >= lo) & (targets < hi), at, 0.0)
+            lse = part if lse is None else mx.logaddexp(lse, part)
+            target = hit if target is None else target + hit
+            previous = [lse, target]
+        return lse - target, lse
+
+    @loss.vjp
+    def loss_vjp(primals, cotangents, outputs):
+        x, targets = primals
+        d, lse = cotangents[0], outputs[1]
+        grad = previous = None
+        for lo, hi in slices:
+            z = logits(after(x, previous), lo, hi)
+            dz = mx.exp(z - lse[:, None])  # softmax
+            dz = dz - (mx.arange(lo, hi)[None] == targets[:, None])
+            dz = dz * d[:, None]
+            if cap:
+                dz = dz * (1 - (z / cap) ** 2)
+            part = _slice_input_grad(module, dz.astype(x.dtype), lo, hi)
+            grad = part if grad is None else grad + part
+            previous = [grad]
+        return grad, mx.zeros_like(targets)
+
+    return loss(h, t)[0]
 
 
 def model_parts(model: nn.Module) -> ModelParts:
@@ -75,7 +173,7 @@ def model_parts(model: nn.Module) -> ModelParts:
             except TypeError:  # an inner model with another calling convention
                 same = False
             if not same:
-                parts.body = parts.head = None
+                parts.body = parts.head = parts.projection = None
                 warnings.warn(f"{type(model).__module__}: the body/head split does not reproduce the model's logits, "
                               "so the loss runs the vocabulary projection on every position (slower, more memory)",
                               FallbackWarning, stacklevel=2)
@@ -150,6 +248,8 @@ def _loss_sums(model, parts: ModelParts, inputs, targets, weights, index=None, s
             t = targets.reshape(-1)
             if index is not None:
                 h, t = h[index], t[index]
+            if parts.projection is not None and parts.projection["weight"].shape[0] > HEAD_SLICE:
+                return (_sliced_cross_entropy(parts, h, t) * weights).sum(), weights.sum()
             logits = parts.head(h)
         else:
             logits = model(inputs)

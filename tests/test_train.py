@@ -358,17 +358,23 @@ def test_resume_starts_from_an_mlx_lm_adapter(tiny_llama, chat_data, tmp_path):
     assert set(mx.load(str(folder / "adapters.safetensors"))) == set(npz(src.adapter_file))
 
 
+@pytest.mark.parametrize("head_slice", [None, 100])
 @pytest.mark.parametrize("arch", ["qwen2", "gemma2", "gemma3"])
-def test_loss_is_exact_across_architectures(arch, tmp_path_factory):
+def test_loss_is_exact_across_architectures(arch, head_slice, tmp_path_factory, monkeypatch):
     """Tied embeddings (qwen2), logit soft-capping and 5-D attention (gemma2), sliding windows (gemma3):
-    the gathered-head loss, packed where the architecture allows it, equals the plain per-example loss."""
+    the gathered-head loss, packed where the architecture allows it, equals the plain per-example loss;
+    with the vocabulary projected 100 rows at a time too (`loss.HEAD_SLICE`)."""
+    from mlxtune import loss as loss_module
     from mlxtune.data import Record
 
     from hf_models import cached_hf_model
 
+    if head_slice:
+        monkeypatch.setattr(loss_module, "HEAD_SLICE", head_slice)
     model, _ = load(cached_hf_model(tmp_path_factory, arch))
     parts = model_parts(model)
-    assert parts.body is not None
+    assert parts.body is not None and parts.projection is not None
+    assert (parts.cap is not None) == (arch == "gemma2")
     assert parts.packing == (arch != "gemma2")  # gemma2 broadcasts masks over (kv, repeat) heads: unpacked
     rng = np.random.default_rng(0)
     records = []
@@ -497,3 +503,43 @@ def test_lazily_tokenized_data_trains_and_resumes_exactly(tiny_llama, chat_data,
     monkeypatch.setenv("MLXTUNE_LAZY_TOKENIZE", "0")  # the same data tokenized first: another run, refused
     with pytest.raises(ConfigError, match="data"):
         mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=folder / "adapters.npz", resume=True, **RESUME)
+
+
+@pytest.mark.parametrize("weights", ["float32", "4-bit", "4-bit computed de-quantized"])
+def test_the_sliced_head_gives_the_whole_heads_loss_and_gradients(tiny_llama, chat_data, weights, monkeypatch):
+    """The loss projects onto HEAD_SLICE vocabulary rows at a time and recomputes them for the gradient
+    (`loss._sliced_cross_entropy`): the same loss and LoRA gradients as the whole projection, for a plain,
+    a quantized and a de-quantizing head (the tiny llama's lm_head is its own, untied)."""
+    from mlx.utils import tree_flatten
+
+    from mlxtune import loss as loss_module
+    from mlxtune.dequantized import compute_dequantized
+    from mlxtune.layers import apply_lora
+
+    model, tok = load(str(tiny_llama))
+    if weights != "float32":
+        nn.quantize(model, group_size=32, bits=4)
+    compute_dequantized(model, enable=weights.endswith("de-quantized"))
+    model.freeze()
+    apply_lora(model, lora_layers=-1, rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    for _, m in model.named_modules():  # LoRA B starts at zero: give it values so that A gets a gradient too
+        if isinstance(m, LoRALinear):
+            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
+    parts = model_parts(model)
+    assert parts.projection is model.lm_head
+    splits = load_dataset(str(chat_data), tok, cache=False)
+    batch = next(iterate_batches(splits.train, 4, seed=1))
+
+    def value_and_grads():
+        loss, grads = nn.value_and_grad(model, lambda m: loss_fn(m, batch)[0])(model)
+        return loss.item(), dict(tree_flatten(grads))
+
+    vocab = model.lm_head["weight"].shape[0]
+    monkeypatch.setattr(loss_module, "HEAD_SLICE", vocab)  # one piece: the whole projection
+    whole, whole_grads = value_and_grads()
+    monkeypatch.setattr(loss_module, "HEAD_SLICE", vocab // 3 + 1)  # three slices, the last one short
+    sliced, sliced_grads = value_and_grads()
+    assert abs(whole - sliced) < 1e-5 * abs(whole)
+    assert set(whole_grads) == set(sliced_grads) and len(whole_grads) == 12
+    for k, g in whole_grads.items():
+        np.testing.assert_allclose(np.array(sliced_grads[k]), np.array(g), rtol=1e-3, atol=1e-6, err_msg=k)
