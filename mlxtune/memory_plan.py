@@ -33,7 +33,7 @@ from .display import fields_html
 from .errors import ConfigError
 from .files import proc_field_bytes
 from .layers import MLP_MODULES, LoRALinear, apply_lora, transformer_blocks
-from .loss import _find_parts, batch_arrays, micro_batches
+from .loss import HEAD_SLICE, _find_parts, batch_arrays, micro_batches
 from .models import load_model
 from .settings import TrainingArgs, normalize_keys, read_config_file, training_args
 
@@ -76,6 +76,7 @@ class ModelShape:
     first_adapted: int  # index of the first block carrying a LoRA layer
     lora_mlp: bool  # LoRA on the MLP projections (their inputs are kept for the backward pass)
     gather: bool = True  # the loss gathers target positions before the vocabulary projection
+    head_vocab: int = 0  # vocabulary rows whose logits exist at once (loss.HEAD_SLICE when it slices; 0: vocab)
 
     @property
     def weight_bytes(self) -> int:
@@ -243,11 +244,14 @@ def model_shape(model: nn.Module, gather: bool | None = None) -> ModelShape:
                 float_sizes.append(v.dtype.size)
     if first == len(blocks):
         first = 0
+    parts = _find_parts(model)
     if gather is None:
-        gather = _find_parts(model).body is not None
+        gather = parts.body is not None
+    # The MLX loss projects onto HEAD_SLICE vocabulary rows at a time (a slice and its gradient at once)
+    sliced = gather and parts.projection is not None and vocab > HEAD_SLICE
     return ModelShape(blocks=len(blocks), hidden=hidden, intermediate=inter, heads=heads, vocab=vocab,
                       act_bytes=max(float_sizes, default=4), weights=weights, lora_bytes=lora_bytes,
-                      first_adapted=first, lora_mlp=lora_mlp, gather=gather)
+                      first_adapted=first, lora_mlp=lora_mlp, gather=gather, head_vocab=HEAD_SLICE if sliced else 0)
 
 
 def micro_batch_shapes(records, args: TrainingArgs, pack: bool, gather: bool, *, batch_size: int | None = None,
@@ -297,7 +301,7 @@ def _terms(s: ModelShape, b: MicroBatch) -> dict[str, float]:
     e = s.act_bytes
     tokens = b.rows * b.length
     return {"attention": b.rows * s.heads * b.length ** 2 * e, "hidden": tokens * s.hidden * e,
-            "mlp": tokens * s.intermediate * e, "head": b.targets * s.vocab * 4,
+            "mlp": tokens * s.intermediate * e, "head": b.targets * (s.head_vocab or s.vocab) * 4,
             "packed_mask": b.rows * b.length ** 2 if b.packed else 0}
 
 
@@ -468,6 +472,7 @@ def check_memory(model, splits, args: TrainingArgs, *, backend: str = "mlx", dev
     if backend == "torch":  # shapes from the MLX twin (lazy: no weight is read), sizes from torch's tensors
         shape = model_shape(_lazy_lora_model(args, False))
         shape.weights = {"torch tensors": _torch_weight_bytes(model)}
+        shape.head_vocab = 0  # the torch loss projects onto the whole vocabulary
         if device == "cpu":
             baseline = max(0, _process_baseline() - shape.weight_bytes)
     else:
@@ -528,6 +533,8 @@ def plan(model: Any = None, data: Any = None, *, config: str | os.PathLike | Non
                           completion_key=args.completion_key, text_key=args.text_key,
                           messages_key=args.messages_key, cache=True)
     shape = model_shape(_lazy_lora_model(args, layers_given, loaded.model))
+    if backend.name == "torch":
+        shape.head_vocab = 0  # the torch loss projects onto the whole vocabulary
     baseline = _process_baseline() if backend.name == "torch" and backend.device == "cpu" else 0
     result = plan_for(shape, splits, args, backend=backend.name, device=backend.device, baseline=baseline)
     if verbose:
