@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .data import batch_rows, evaluation_batches, round_up
 from .errors import ConfigError, DataError, FallbackWarning
@@ -248,7 +249,8 @@ def _loss_sums(model, parts: ModelParts, inputs, targets, weights, index=None, s
             t = targets.reshape(-1)
             if index is not None:
                 h, t = h[index], t[index]
-            if parts.projection is not None and parts.projection["weight"].shape[0] > HEAD_SLICE:
+            if (parts.projection is not None and parts.projection["weight"].shape[0] > HEAD_SLICE
+                    and not tree_flatten(parts.projection.trainable_parameters())):  # its VJP is for h only
                 return (_sliced_cross_entropy(parts, h, t) * weights).sum(), weights.sum()
             logits = parts.head(h)
         else:

@@ -369,9 +369,13 @@ def test_loss_is_exact_across_architectures(arch, head_slice, tmp_path_factory, 
 
     from hf_models import cached_hf_model
 
+    sliced = []
     if head_slice:
         monkeypatch.setattr(loss_module, "HEAD_SLICE", head_slice)
+        real = loss_module._sliced_cross_entropy
+        monkeypatch.setattr(loss_module, "_sliced_cross_entropy", lambda *a: sliced.append(1) or real(*a))
     model, _ = load(cached_hf_model(tmp_path_factory, arch))
+    model.freeze()  # as training has it: a head with trainable weights is projected whole
     parts = model_parts(model)
     assert parts.body is not None and parts.projection is not None
     assert (parts.cap is not None) == (arch == "gemma2")
@@ -389,6 +393,7 @@ def test_loss_is_exact_across_architectures(arch, head_slice, tmp_path_factory, 
         s, c = s + loss.item() * n.item(), c + n.item()
     assert c == count
     assert abs(s / c - total / count) < 1e-4
+    assert bool(sliced) == bool(head_slice)
 
 
 def test_no_model_no_data_trains_the_bundled_demo(tmp_path, monkeypatch, capsys):
@@ -539,6 +544,10 @@ def test_the_sliced_head_gives_the_whole_heads_loss_and_gradients(tiny_llama, ch
     whole, whole_grads = value_and_grads()
     monkeypatch.setattr(loss_module, "HEAD_SLICE", vocab // 3 + 1)  # three slices, the last one short
     sliced, sliced_grads = value_and_grads()
+    if weights == "float32":  # a head that trains needs its own gradient: the whole projection again
+        model.lm_head.unfreeze()
+        loss, grads = value_and_grads()
+        assert abs(loss - whole) < 1e-6 * abs(whole) and "lm_head.weight" in grads
     assert abs(whole - sliced) < 1e-5 * abs(whole)
     assert set(whole_grads) == set(sliced_grads) and len(whole_grads) == 12
     for k, g in whole_grads.items():
