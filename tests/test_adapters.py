@@ -293,4 +293,6 @@ def test_mlx_lm_own_tools_load_and_fuse_an_mlxtune_adapter_folder(tiny_llama, tm
     proc = subprocess.run([sys.executable, "-m", "mlx_lm", "fuse", "--model", str(tiny_llama), "--adapter-path",
                            str(folder), "--save-path", str(fused)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    np.testing.assert_allclose(np.array(load(fused)[0](mx.array(IDS))), expected, atol=1e-4)
+    # mlx_lm.fuse adds the update into the weights (another summation order than base + adapter): with
+    # OpenBLAS on one x86 machine a logit moved by 1.2e-4; a wrong scale or a missing layer moves them by >1e-2.
+    np.testing.assert_allclose(np.array(load(fused)[0](mx.array(IDS))), expected, atol=5e-4)
