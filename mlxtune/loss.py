@@ -77,6 +77,16 @@ def _sliceable(module) -> nn.Module | None:
     return module if type(module) in plain else None
 
 
+def head_slice(parts: ModelParts) -> int:
+    """Vocabulary rows whose logits the loss holds at once: HEAD_SLICE where it slices the head (a frozen
+    projection with more rows than that; `_sliced_cross_entropy`'s VJP is for the hidden states only),
+    else 0 for the whole vocabulary. The memory planner asks the same question here."""
+    p = parts.projection
+    if p is None or p["weight"].shape[0] <= HEAD_SLICE or tree_flatten(p.trainable_parameters()):
+        return 0
+    return HEAD_SLICE
+
+
 def _slice_logits(module: nn.Module, h: mx.array, lo: int, hi: int) -> mx.array:
     """h @ rows lo:hi of the projection's weight, as its own forward pass computes them."""
     from .dequantized import KERNEL_ROWS, DequantizedEmbedding, DequantizedLinear, _dequantized_matmul, _rows
@@ -249,8 +259,7 @@ def _loss_sums(model, parts: ModelParts, inputs, targets, weights, index=None, s
             t = targets.reshape(-1)
             if index is not None:
                 h, t = h[index], t[index]
-            if (parts.projection is not None and parts.projection["weight"].shape[0] > HEAD_SLICE
-                    and not tree_flatten(parts.projection.trainable_parameters())):  # its VJP is for h only
+            if head_slice(parts):
                 return (_sliced_cross_entropy(parts, h, t) * weights).sum(), weights.sum()
             logits = parts.head(h)
         else:

@@ -33,7 +33,7 @@ from .display import fields_html
 from .errors import ConfigError
 from .files import proc_field_bytes
 from .layers import MLP_MODULES, LoRALinear, apply_lora, transformer_blocks
-from .loss import HEAD_SLICE, _find_parts, batch_arrays, micro_batches
+from .loss import _find_parts, batch_arrays, head_slice, micro_batches
 from .models import load_model
 from .settings import TrainingArgs, normalize_keys, read_config_file, training_args
 
@@ -76,7 +76,7 @@ class ModelShape:
     first_adapted: int  # index of the first block carrying a LoRA layer
     lora_mlp: bool  # LoRA on the MLP projections (their inputs are kept for the backward pass)
     gather: bool = True  # the loss gathers target positions before the vocabulary projection
-    head_vocab: int = 0  # vocabulary rows whose logits exist at once (loss.HEAD_SLICE when it slices; 0: vocab)
+    head_vocab: int = 0  # vocabulary rows whose logits exist at once (loss.head_slice; 0: the whole vocab)
 
     @property
     def weight_bytes(self) -> int:
@@ -207,8 +207,9 @@ def _arg(config, *names, default=None):
     return default
 
 
-def model_shape(model: nn.Module, gather: bool | None = None) -> ModelShape:
-    """Read a model (loaded lazily or not, LoRA layers applied) without evaluating any of its weights."""
+def model_shape(model: nn.Module, gather: bool | None = None, *, sliced_head: bool = True) -> ModelShape:
+    """Read a model (loaded lazily or not, LoRA layers applied) without evaluating any of its weights.
+    `sliced_head=False`: the loss that will run projects onto the whole vocabulary (the torch engine's)."""
     config = getattr(model, "args", None) or getattr(model, "config", None) or {}
     text = getattr(config, "text_config", None)
     if isinstance(text, dict):  # multimodal configs nest the language model's numbers
@@ -247,11 +248,10 @@ def model_shape(model: nn.Module, gather: bool | None = None) -> ModelShape:
     parts = _find_parts(model)
     if gather is None:
         gather = parts.body is not None
-    # The MLX loss projects onto HEAD_SLICE vocabulary rows at a time (a slice and its gradient at once)
-    sliced = gather and parts.projection is not None and vocab > HEAD_SLICE
     return ModelShape(blocks=len(blocks), hidden=hidden, intermediate=inter, heads=heads, vocab=vocab,
                       act_bytes=max(float_sizes, default=4), weights=weights, lora_bytes=lora_bytes,
-                      first_adapted=first, lora_mlp=lora_mlp, gather=gather, head_vocab=HEAD_SLICE if sliced else 0)
+                      first_adapted=first, lora_mlp=lora_mlp, gather=gather,
+                      head_vocab=head_slice(parts) if gather and sliced_head else 0)
 
 
 def micro_batch_shapes(records, args: TrainingArgs, pack: bool, gather: bool, *, batch_size: int | None = None,
@@ -470,9 +470,8 @@ def check_memory(model, splits, args: TrainingArgs, *, backend: str = "mlx", dev
     Returns the settings to train with: a copy with other batch settings when --auto-fit chose them."""
     baseline = 0
     if backend == "torch":  # shapes from the MLX twin (lazy: no weight is read), sizes from torch's tensors
-        shape = model_shape(_lazy_lora_model(args, False))
+        shape = model_shape(_lazy_lora_model(args, False), sliced_head=False)
         shape.weights = {"torch tensors": _torch_weight_bytes(model)}
-        shape.head_vocab = 0  # the torch loss projects onto the whole vocabulary
         if device == "cpu":
             baseline = max(0, _process_baseline() - shape.weight_bytes)
     else:
@@ -532,9 +531,7 @@ def plan(model: Any = None, data: Any = None, *, config: str | os.PathLike | Non
                           chat_template=args.chat_template, prompt_key=args.prompt_key,
                           completion_key=args.completion_key, text_key=args.text_key,
                           messages_key=args.messages_key, cache=True)
-    shape = model_shape(_lazy_lora_model(args, layers_given, loaded.model))
-    if backend.name == "torch":
-        shape.head_vocab = 0  # the torch loss projects onto the whole vocabulary
+    shape = model_shape(_lazy_lora_model(args, layers_given, loaded.model), sliced_head=backend.name != "torch")
     baseline = _process_baseline() if backend.name == "torch" and backend.device == "cpu" else 0
     result = plan_for(shape, splits, args, backend=backend.name, device=backend.device, baseline=baseline)
     if verbose:

@@ -520,6 +520,7 @@ def test_the_sliced_head_gives_the_whole_heads_loss_and_gradients(tiny_llama, ch
     from mlxtune import loss as loss_module
     from mlxtune.dequantized import compute_dequantized
     from mlxtune.layers import apply_lora
+    from mlxtune.memory_plan import model_shape
 
     model, tok = load(str(tiny_llama))
     if weights != "float32":
@@ -544,10 +545,14 @@ def test_the_sliced_head_gives_the_whole_heads_loss_and_gradients(tiny_llama, ch
     whole, whole_grads = value_and_grads()
     monkeypatch.setattr(loss_module, "HEAD_SLICE", vocab // 3 + 1)  # three slices, the last one short
     sliced, sliced_grads = value_and_grads()
+    # the memory plan counts the slice the loss holds, and the whole vocabulary for the torch engine's loss
+    assert model_shape(model).head_vocab == vocab // 3 + 1
+    assert model_shape(model, sliced_head=False).head_vocab == 0
     if weights == "float32":  # a head that trains needs its own gradient: the whole projection again
         model.lm_head.unfreeze()
         loss, grads = value_and_grads()
         assert abs(loss - whole) < 1e-6 * abs(whole) and "lm_head.weight" in grads
+        assert model_shape(model).head_vocab == 0
     assert abs(whole - sliced) < 1e-5 * abs(whole)
     assert set(whole_grads) == set(sliced_grads) and len(whole_grads) == 12
     for k, g in whole_grads.items():
