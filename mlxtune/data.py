@@ -54,6 +54,7 @@ from .token_cache import (
     id_dtype,
     open_store,
     pack_records,
+    raw_lines,
     truncate_record,
     truncated,
 )
@@ -572,8 +573,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MLXTUNE_CACHE", Path.home() / ".cache" / "mlxtune")) / "data"
 
 
-def _cache_key(source: Source, fingerprint: str, opts: _Options) -> str:
-    return content_key(source.identity(), f"{CACHE_VERSION}|{fingerprint}|{opts.train_on_inputs}|{opts.keys}|",
+def _cache_key(source: Source, fingerprint: str, opts: _Options, identity: str | None = None) -> str:
+    return content_key(identity or source.identity(), f"{CACHE_VERSION}|{fingerprint}|{opts.train_on_inputs}|{opts.keys}|",
                        opts.template if opts.template is not None else "\0no template")
 
 
@@ -596,9 +597,9 @@ def tokenize_source(source: Source, tokenizer, opts: _Options, cache_dir: Path |
     """Every record of `source`, tokenized in streamed chunks into a Store (cached in `cache_dir/KEY`);
     with `lazy`, a big JSON-lines file becomes a LazyStore instead (see `lazy_tokenizing`)."""
     fingerprint = fingerprint or _tokenizer_fingerprint(tokenizer)
-    key = _cache_key(source, fingerprint, opts)
     if lazy and lazy_tokenizing(source):
-        return _lazy_store(source, tokenizer, opts, key)
+        return _lazy_store(source, tokenizer, opts, fingerprint)
+    key = _cache_key(source, fingerprint, opts)
     folder = None
     if cache_dir is not None:
         store = open_store(cache_dir / key)
@@ -631,12 +632,15 @@ def lazy_tokenizing(source: Source) -> bool:
     return setting == "1" if setting else source.size >= LAZY_MIN_BYTES
 
 
-def _scan_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(line numbers, byte offsets, byte lengths) of the non-blank lines of a JSON-lines file, read in blocks."""
+def _scan_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(line numbers, byte offsets, byte lengths) of the non-blank lines of a JSON-lines file, read in blocks,
+    and a hash of its bytes (the same pass: a second read of a big file cost ~0.5 s before the first step)."""
     ends = []
     size = 0
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 24):
+            digest.update(block)
             ends.append(np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + (size + 1))
             size += len(block)
     end = np.concatenate(ends) if ends else np.zeros(0, np.int64)
@@ -655,47 +659,38 @@ def _scan_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             f.seek(int(start[k]))
             blank[k] = not f.read(int(nbytes[k])).strip()
     keep = ~blank & (nbytes > 0)
-    return np.flatnonzero(keep).astype(np.int64) + 1, start[keep], nbytes[keep]
+    return np.flatnonzero(keep).astype(np.int64) + 1, start[keep], nbytes[keep], digest.hexdigest()
 
 
-def _lazy_store(source: Source, tokenizer, opts: _Options, key: str) -> LazyStore:
+def _lazy_store(source: Source, tokenizer, opts: _Options, fingerprint: str) -> LazyStore:
     path = Path(source.name)
-    lines, offsets, nbytes = _scan_lines(path)
+    lines, offsets, nbytes, digest = _scan_lines(path)
     if not len(lines):
         raise DataError(f"{path}: the file is empty: it needs one JSON record per line")
     specials = templates.special_ids(tokenizer)
     check = _FormatCheck(source.name, opts.keys)
 
-    def read(raw_lines: list[tuple[int, bytes]]) -> list:
+    def read(raw: list[tuple[int, bytes]]) -> list:
         records = []
-        for n, raw in raw_lines:
-            record = _parse_line(path, n, raw, True)
-            if record is _BLANK:  # a long line of whitespace: nothing to train
-                records.append((n, None))
-                continue
-            check(n, record)
-            records.append((n, record))
-        done = iter(records_from(tokenizer, [r for r in records if r[1] is not None], check.first[1], opts,
-                                 source.name, specials) if any(r[1] is not None for r in records) else [])
+        for n, line in raw:
+            record = _parse_line(path, n, line, n != lines[0])
+            if record is not _BLANK:  # (a long line of whitespace: nothing to train)
+                check(n, record)  # the first record read fixes the file's format, as for a whole file
+            records.append((n, None if record is _BLANK else record))
+        kept = [r for r in records if r[1] is not None]
+        done = iter(records_from(tokenizer, kept, check.first[1], opts, source.name, specials) if kept else ())
         return [([0], [False]) if record is None else next(done) for _, record in records]
 
     # The first records, tokenized now: the file's format (every later record must match it) and its tokens
     # per byte, which turn each line's bytes into the length estimate batches are planned on.
-    sample = []
-    with open(path, "rb") as f:
-        for k in range(min(LAZY_SAMPLE, len(lines))):
-            f.seek(int(offsets[k]))
-            raw = f.read(int(nbytes[k]))
-            sample.append((int(lines[k]), raw[len(BOM):] if lines[k] == 1 and raw.startswith(BOM) else raw))
-    for n, raw in sample:  # the file's format is its first record's, as for a whole file
-        record = _parse_line(path, n, raw, n != sample[0][0])
-        if record is not _BLANK:
-            check(n, record)
-            break
-    tokens = sum(len(ids) for ids, _ in read(sample))
-    per_byte = tokens / max(1, int(nbytes[:len(sample)].sum()))
+    sample = min(LAZY_SAMPLE, len(lines))
+    tokens = sum(len(ids) for ids, _ in read(raw_lines(path, lines, offsets, nbytes, range(sample))))
+    if check.first is None:
+        raise DataError(f"{path}: the first {sample} lines hold only whitespace: it needs one JSON record per line")
+    per_byte = tokens / max(1, int(nbytes[:sample].sum()))
     estimate = np.maximum(2, np.ceil(nbytes * per_byte)).astype(np.int32)
-    return LazyStore(content_key(key, "lazy"), check.first[1].value, lines, offsets, nbytes, estimate, read, path,
+    key = content_key(_cache_key(source, fingerprint, opts, identity=digest), "lazy")
+    return LazyStore(key, check.first[1].value, lines, offsets, nbytes, estimate, read, path,
                      id_dtype(_vocab_size(tokenizer)))
 
 

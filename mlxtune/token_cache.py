@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -128,13 +128,7 @@ class LazyStore:
         if hit is not None:
             self._recent.move_to_end(i)
             return hit
-        with open(self.path, "rb") as f:
-            f.seek(int(self.offsets[i]))
-            raw = f.read(int(self.nbytes[i]))
-        line = int(self.lines[i])
-        if line == 1 and raw.startswith(codecs.BOM_UTF8):
-            raw = raw[len(codecs.BOM_UTF8):]
-        [(ids, mask)] = self.read([(line, raw)])
+        [(ids, mask)] = self.read(raw_lines(self.path, self.lines, self.offsets, self.nbytes, [i]))
         out = np.asarray(ids, self.dtype), np.asarray(mask, np.bool_)
         self._recent[i] = out
         if len(self._recent) > self.keep_recent:
@@ -145,6 +139,19 @@ class LazyStore:
         """Record i cut to `limit`; a record truncation would drop keeps no trained token."""
         ids, mask = self.record(i)
         return truncate_record(ids, mask, *self.limit) if self.limit is not None else (ids, mask)
+
+
+def raw_lines(path: Path, lines: np.ndarray, offsets: np.ndarray, nbytes: np.ndarray,
+              indices: Iterable[int]) -> list[tuple[int, bytes]]:
+    """(line number, bytes) of some records of a JSON-lines file found by a scan of it, line 1's BOM taken off."""
+    out = []
+    with open(path, "rb") as f:
+        for i in indices:
+            f.seek(int(offsets[i]))
+            raw = f.read(int(nbytes[i]))
+            line = int(lines[i])
+            out.append((line, raw[len(codecs.BOM_UTF8):] if line == 1 and raw.startswith(codecs.BOM_UTF8) else raw))
+    return out
 
 
 def truncate_record(ids: np.ndarray, mask: np.ndarray, max_seq_length: int,

@@ -824,6 +824,15 @@ def test_a_lazy_file_reports_a_bad_record_when_a_batch_reads_it(toks, tmp_path, 
     with pytest.raises(DataError, match=r"c\.jsonl:27: not valid JSON"):
         train.arrays(by_line[27])
     assert train[by_line[22]] == load_train(write_jsonl(tmp_path / "one.jsonl", [rows[20]]), tok)[0]
+    # The first record read up front fixes the format, and a bad first line is named at once.
+    path.write_text("\n".join(['{"messages": ', *map(json.dumps, rows)]))
+    with pytest.raises(DataError, match=r"c\.jsonl:1: not valid JSON"):
+        load_dataset(path, tok, valid_split=0, cache=False)
+    path.write_text(" " * 40 + "\n" + "\n".join(map(json.dumps, rows)))  # a long blank line is no format
+    assert load_dataset(path, tok, valid_split=0, cache=False).train.stores[0].fmt == "chat"
+    path.write_text("\n".join([" " * 40] * 12 + [json.dumps(r) for r in rows]))
+    with pytest.raises(DataError, match=r"c\.jsonl: the first 10 lines hold only whitespace"):
+        load_dataset(path, tok, valid_split=0, cache=False)
 
 
 def test_which_files_are_tokenized_lazily(toks, tmp_path, monkeypatch):
@@ -835,6 +844,11 @@ def test_which_files_are_tokenized_lazily(toks, tmp_path, monkeypatch):
     assert not load_dataset(path, tok, cache=False).lazy
     monkeypatch.setattr(data, "LAZY_MIN_BYTES", path.stat().st_size)  # from this size on
     assert load_dataset(path, tok, cache=False).lazy == [str(path)]
+    # Its key (what a resumed run must match) hashes the bytes read by the one scan of the file.
+    key = load_dataset(path, tok, cache=False).train.stores[0].key
+    assert load_dataset(path, tok, cache=False).train.stores[0].key == key
+    path.write_bytes(path.read_bytes().replace(b"q 1", b"q 7", 1))
+    assert load_dataset(path, tok, cache=False).train.stores[0].key != key
     assert not load_dataset(array, tok, cache=False).lazy  # a JSON array is read as a whole
     monkeypatch.setenv("MLXTUNE_LAZY_TOKENIZE", "0")
     assert not load_dataset(path, tok, cache=False).lazy
