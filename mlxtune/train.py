@@ -188,6 +188,7 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
                           completion_key=args.completion_key, text_key=args.text_key,
                           messages_key=args.messages_key, cache=True)
     say(f"Data: {splits.summary()}")
+    lazy = is_lazy(splits.train)  # tokenized as batches read it: lengths are estimates, so no packing
 
     evaluate = (torch_models.evaluate_loss if torch_models else evaluate_loss)
     if test_only:
@@ -211,7 +212,7 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
     say(f"Trainable parameters: {100 * trainable / max(total, 1):.3f}% ({_fmt_count(trainable)}/{_fmt_count(total)})")
 
     if args.iters > 0:  # the memory plan: one line; refuse, adapt (--auto-fit) or go on (--force)
-        pack_ok = args.pack and (torch_models is not None or model_parts(model).packing) and not is_lazy(splits.train)
+        pack_ok = args.pack and not lazy and (torch_models is not None or model_parts(model).packing)
         args = check_memory(model, splits, args, backend=backend.name, device=backend.device, pack=pack_ok, say=say)
     needed = args.batch_size * args.grad_accumulation
     if args.iters > 0 and len(splits.train) < needed:
@@ -229,17 +230,17 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
                 f"their {whole / 1e6:.3f} MB of frozen weights (LoRA weights, embedding and output head stay whole)")
     else:
         engine = MLXEngine(model, make_optimizer(args), args, world=world)
-    pack = args.pack and engine.packing and not is_lazy(splits.train)
+    pack = args.pack and not lazy and engine.packing
     if args.pack and not engine.packing:
         say("note: this architecture's attention cannot take a packed mask; training unpacked")
-    elif args.pack and not pack:
+    elif args.pack and lazy:
         say("note: packing needs every example's token length, and this data is tokenized as batches read it: "
             "training unpacked (MLXTUNE_LAZY_TOKENIZE=0 tokenizes it first)")
     if args.iters > 0:
         pad = padding_fraction(splits.train, needed, max_seq_length=args.max_seq_length, seed=args.seed, pack=pack,
                                order=args.batch_order)
         kind = "packed rows" if pack else "length-bucketed" if args.batch_order == "length" else "random batches"
-        estimated = ", from the estimated lengths" if is_lazy(splits.train) else ""
+        estimated = ", from the estimated lengths" if lazy else ""
         say(f"Batches: {100 * pad:.0f}% padding ({kind}{estimated}; {'--no-pack' if pack else '--pack'} to compare)")
 
     def batches(start: int):
