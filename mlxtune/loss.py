@@ -77,12 +77,12 @@ def _sliceable(module) -> nn.Module | None:
     return module if type(module) in plain else None
 
 
-def head_slice(parts: ModelParts) -> int:
-    """Vocabulary rows whose logits the loss holds at once: HEAD_SLICE where it slices the head (a frozen
-    projection with more rows than that; `_sliced_cross_entropy`'s VJP is for the hidden states only),
-    else 0 for the whole vocabulary. The memory planner asks the same question here."""
+def head_slice(parts: ModelParts, grad: bool = True) -> int:
+    """Vocabulary rows whose logits the loss holds at once: HEAD_SLICE where it slices the head (a projection
+    with more rows than that, frozen when the loss is differentiated: `_sliced_cross_entropy`'s VJP is for the
+    hidden states only), else 0 for the whole vocabulary. The memory planner asks the same question here."""
     p = parts.projection
-    if p is None or p["weight"].shape[0] <= HEAD_SLICE or tree_flatten(p.trainable_parameters()):
+    if p is None or p["weight"].shape[0] <= HEAD_SLICE or (grad and tree_flatten(p.trainable_parameters())):
         return 0
     return HEAD_SLICE
 
@@ -250,8 +250,9 @@ def _logits(model, parts, inputs, segments):
         return parts.head(parts.body(inputs))
 
 
-def _loss_sums(model, parts: ModelParts, inputs, targets, weights, index=None, segments=None):
-    """(sum of token losses, number of loss tokens). With `index`, only those flat positions reach the head."""
+def _loss_sums(model, parts: ModelParts, inputs, targets, weights, index=None, segments=None, grad=True):
+    """(sum of token losses, number of loss tokens). With `index`, only those flat positions reach the head.
+    `grad=False`: the sums are not differentiated (evaluation), so a head that trains may be sliced too."""
     with _attention_segments(parts, segments):
         if parts.body is not None:
             h = parts.body(inputs)
@@ -259,7 +260,7 @@ def _loss_sums(model, parts: ModelParts, inputs, targets, weights, index=None, s
             t = targets.reshape(-1)
             if index is not None:
                 h, t = h[index], t[index]
-            if head_slice(parts):
+            if head_slice(parts, grad):
                 return (_sliced_cross_entropy(parts, h, t) * weights).sum(), weights.sum()
             logits = parts.head(h)
         else:
@@ -322,13 +323,14 @@ def prepare_batch(batch, gather: bool = True) -> list[mx.array]:
     return [mx.array(a) for a in batch_arrays(batch, gather)]
 
 
-def token_loss(model, parts: ModelParts, arrays: list[mx.array], gather: bool) -> tuple[mx.array, mx.array]:
-    """(sum of token losses, number of target tokens) for the arrays of `prepare_batch`."""
+def token_loss(model, parts: ModelParts, arrays: list[mx.array], gather: bool,
+               grad: bool = True) -> tuple[mx.array, mx.array]:
+    """(sum of token losses, number of target tokens) for the arrays of `prepare_batch` (`grad`: see _loss_sums)."""
     if gather:
         inputs, targets, weights, index, *rest = arrays
     else:
         (inputs, targets, weights, *rest), index = arrays, None
-    return _loss_sums(model, parts, inputs, targets, weights, index, rest[0] if rest else None)
+    return _loss_sums(model, parts, inputs, targets, weights, index, rest[0] if rest else None, grad)
 
 
 def loss_fn(model: nn.Module, batch) -> tuple[mx.array, mx.array]:
@@ -378,7 +380,7 @@ def evaluate_sums(model: nn.Module, records, batch_size: int, max_seq_length: in
     total, count = mx.array(0.0), mx.array(0.0)
     try:
         for batch in batches:
-            s, n = token_loss(model, parts, prepare_batch(batch, gather), gather)
+            s, n = token_loss(model, parts, prepare_batch(batch, gather), gather, grad=False)
             total, count = total + s, count + n
             mx.eval(total, count)
     finally:

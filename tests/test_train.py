@@ -553,6 +553,13 @@ def test_the_sliced_head_gives_the_whole_heads_loss_and_gradients(tiny_llama, ch
         loss, grads = value_and_grads()
         assert abs(loss - whole) < 1e-6 * abs(whole) and "lm_head.weight" in grads
         assert model_shape(model).head_vocab == 0
+        # evaluation takes no gradient, so it slices a head that trains too
+        calls, real = [], loss_module._sliced_cross_entropy
+        monkeypatch.setattr(loss_module, "_sliced_cross_entropy", lambda *a: calls.append(1) or real(*a))
+        total, count = loss_module.evaluate_sums(model, splits.valid, 4, 512, 1)
+        monkeypatch.setattr(loss_module, "HEAD_SLICE", vocab)
+        whole_total, whole_count = loss_module.evaluate_sums(model, splits.valid, 4, 512, 1)
+        assert calls == [1] and count == whole_count > 0 and abs(total - whole_total) < 1e-5 * abs(whole_total)
     assert abs(whole - sliced) < 1e-5 * abs(whole)
     assert set(whole_grads) == set(sliced_grads) and len(whole_grads) == 12
     for k, g in whole_grads.items():
