@@ -77,7 +77,8 @@ def test_keep_adapter_file_loads_in_llama_cpp_and_stays_closer_to_the_fused_mode
     plain = mlxtune.to_gguf(f["fused"], f["work"] / "plain.gguf", "q4_k_m", **QUIET)
     keep = mlxtune.to_gguf(f["fused"], f["work"] / "keep.gguf", "q4_k_m", keep_adapter=f["adapter"], data=f["data"],
                            progress=False, log=lines.append)
-    assert any(line.startswith("keep-adapter: ") and " adapted tensors moved up (Q" in line for line in lines), lines
+    [summary] = [line for line in lines if line.startswith("keep-adapter: ")]
+    assert " adapted tensors moved up (Q" in summary and " tensors below 1x" in summary, summary
 
     types = {name: {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors} for name, path in
              (("plain", plain), ("keep", keep))}
@@ -124,3 +125,14 @@ def test_keep_adapter_through_fuse_and_the_cli(fused_256, tmp_path):
     res = CliRunner().invoke(main, ["gguf", "--model", str(f["fused"]), "--outfile", str(tmp_path / "d.gguf"),
                                     "--data", str(f["data"])])
     assert res.exit_code == 2 and "--data is read only with --keep-adapter" in res.output
+
+
+def test_the_plan_says_how_the_update_compares_with_the_rounding_error(tmp_path):
+    from mlxtune.gguf.keep_adapter import KeepAdapterPlan, TensorScore
+
+    scores = [TensorScore("a", Q.Q5_0, 1e-3, 2e-3), TensorScore("b", Q.Q4_K, 3e-3, 1e-3),
+              TensorScore("c", Q.Q4_K, 1e-2, 1e-3)]
+    plan = KeepAdapterPlan(tmp_path / "adapters", tmp_path / "train.jsonl", 100, scores=scores)
+    assert plan.at_risk() == "update / rounding error 0.5x to 10x (median 3x), 1 of 3 tensors below 1x"
+    assert "0 of 3 adapted tensors moved up (none); update / rounding error 0.5x" in plan.summary()
+    assert KeepAdapterPlan(tmp_path, tmp_path, 0).at_risk() == "no adapted tensor is quantized"

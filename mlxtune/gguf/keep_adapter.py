@@ -63,7 +63,21 @@ class KeepAdapterPlan:
         moved = [s for s in self.scores if s.promoted_to is not None]
         kinds = sorted({f"{s.qtype.name}->{s.promoted_to.name}" for s in moved})
         return (f"keep-adapter: {len(moved)} of {len(self.scores)} adapted tensors moved up ({', '.join(kinds) or 'none'}); "
-                f"importance matrix for {len(self.importance)} tensors from {self.tokens} tokens of {self.data}")
+                f"{self.at_risk()}; importance matrix for {len(self.importance)} tensors from {self.tokens} tokens of "
+                f"{self.data}")
+
+    def at_risk(self) -> str:
+        """How the adapter's update compares with the plain recipe's rounding error, tensor by tensor.
+
+        Why say it: where every update is well above its rounding error (seen on the bundled task and on
+        SmolLM2, docs/benchmarks.md), rounding does not remove the fine-tune (a projection onto the update keeps
+        99.9% of it) and plain types keep the adapter's replies too; the flag then only lowers the noise."""
+        ratios = sorted(s.score for s in self.scores)
+        if not ratios:
+            return "no adapted tensor is quantized"
+        below = sum(r < 1 for r in ratios)
+        return (f"update / rounding error {ratios[0]:.2g}x to {ratios[-1]:.2g}x (median {ratios[len(ratios) // 2]:.2g}x), "
+                f"{below} of {len(ratios)} tensors below 1x")
 
 
 def up_type(qtype: Q, cols: int) -> Q | None:
