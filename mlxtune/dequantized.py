@@ -12,6 +12,13 @@ pass and again in the backward pass (`mx.depends` on the layer's input, and on t
 MLX from de-quantizing everything up front and `mx.compile` from sharing the forward copy), so only a layer
 or two of float32 weights exist at any moment and peak memory stays that of a quantized model.
 The values are those of the quantized kernel (the same `scale * q + bias`), summed in another order.
+
+Half-precision weights have the same problem there: MLX's CPU matmul in float16 or bfloat16 runs at ~2
+GFLOP/s against ~80 in float32 (512 x 576 by 1536, mlx 0.32), and its float16 element-wise ops, norms and
+attention are 2-6x slower than float32's. So the same switch makes float16/bfloat16 `nn.Linear` and
+`nn.Embedding` layers compute through a float32 copy of their weight, one layer at a time, and every switched
+layer hands float32 activations on: the whole forward and backward pass runs in float32 while the weights
+stay half precision at rest. (A 135M float16 model: ~9 s a forward pass over one example, 50x the float32 time.)
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ def _dequantized_matmul(group_size: int, bits: int):
         # Not before x exists: MLX's scheduler would otherwise de-quantize every layer's weight up front
         # (they depend on nothing computed), and all of them would live through the forward pass.
         w, scales, biases = mx.depends([w, scales, biases], [x])
-        return (x.astype(mx.float32) @ weight(w, scales, biases).T).astype(x.dtype)
+        return x.astype(mx.float32) @ weight(w, scales, biases).T
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
@@ -61,6 +68,53 @@ def _dequantized_matmul(group_size: int, bits: int):
         return dx, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
 
     return matmul
+
+
+@cache
+def _upcast_matmul():
+    """x @ w.T in float32 for a half-precision w, as a function whose backward pass converts w again."""
+
+    @mx.custom_function
+    def matmul(x, w):
+        (w,) = mx.depends([w], [x])  # not before x exists (see _dequantized_matmul)
+        return x.astype(mx.float32) @ w.astype(mx.float32).T
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        x, w = primals
+        (w,) = mx.depends([w], [cotangent])
+        dx = (cotangent.astype(mx.float32) @ w.astype(mx.float32)).astype(x.dtype)
+        # a weight that trains gets its gradient; for a frozen one this is never evaluated
+        flat = cotangent.reshape(-1, cotangent.shape[-1]).astype(mx.float32)
+        dw = (flat.T @ x.reshape(-1, x.shape[-1]).astype(mx.float32)).astype(w.dtype)
+        return dx, dw
+
+    return matmul
+
+
+def _half(w: mx.array) -> bool:
+    return w.dtype in (mx.float16, mx.bfloat16)
+
+
+class UpcastLinear(nn.Linear):
+    """An `nn.Linear` with float16/bfloat16 weights that multiplies in float32 (same parameters, same files)."""
+
+    def __call__(self, x):
+        y = _upcast_matmul()(x, self["weight"])
+        return y + self["bias"] if "bias" in self else y
+
+
+class UpcastEmbedding(nn.Embedding):
+    """An `nn.Embedding` with a half-precision table that hands float32 vectors on, and whose tied head
+    (`as_linear`) multiplies in float32, HEAD_SLICE vocabulary rows at a time."""
+
+    def __call__(self, x):
+        return super().__call__(x).astype(mx.float32)
+
+    def as_linear(self, x):
+        w = self["weight"]
+        matmul = _upcast_matmul()
+        return mx.concatenate([matmul(x, w[lo:lo + HEAD_SLICE]) for lo in range(0, w.shape[0], HEAD_SLICE)], axis=-1)
 
 
 class DequantizedLinear(nn.QuantizedLinear):
@@ -76,8 +130,11 @@ class DequantizedLinear(nn.QuantizedLinear):
 class DequantizedEmbedding(nn.QuantizedEmbedding):
     """An `nn.QuantizedEmbedding` whose tied head (`as_linear`) multiplies through the de-quantized table.
 
-    The lookup itself already de-quantizes only the rows it takes.
+    The lookup itself already de-quantizes only the rows it takes; its vectors go on in float32.
     """
+
+    def __call__(self, x):
+        return super().__call__(x).astype(mx.float32)
 
     def as_linear(self, x):
         if _rows(x) < KERNEL_ROWS:
@@ -98,23 +155,30 @@ def _switchable(m: nn.Module) -> bool:
     return getattr(m, "mode", "affine") == "affine" and "biases" in m
 
 
+_SWITCHES = ((nn.QuantizedLinear, DequantizedLinear, _switchable),
+             (nn.QuantizedEmbedding, DequantizedEmbedding, _switchable),
+             (nn.Linear, UpcastLinear, lambda m: _half(m["weight"])),
+             (nn.Embedding, UpcastEmbedding, lambda m: _half(m["weight"])))
+
+
 def compute_dequantized(model: nn.Module, *, enable: bool = True) -> int:
-    """Switch the model's affine quantized layers to compute through de-quantized weights (or back, with
-    `enable=False`), in place; returns how many layers are now switched. Parameters are untouched.
+    """Switch the model's affine quantized layers to compute through de-quantized weights, and its half-precision
+    linear and embedding layers through float32 ones (or back, with `enable=False`), in place; returns how many
+    layers are now switched. Parameters are untouched.
 
     Callers decide when: `models.load_model` and the MLX engine do it where `on_cpu()`.
     """
     for _, m in model.named_modules():
-        for quantized, dequantized in ((nn.QuantizedLinear, DequantizedLinear),
-                                       (nn.QuantizedEmbedding, DequantizedEmbedding)):
+        for plain, switched, applies in _SWITCHES:
             # exact classes only: a subclass of mlx-lm's own (another kernel) is left as it is
-            if enable and type(m) is quantized and _switchable(m):
-                m.__class__ = dequantized
-            elif not enable and type(m) is dequantized:
-                m.__class__ = quantized
+            if enable and type(m) is plain and applies(m):
+                m.__class__ = switched
+            elif not enable and type(m) is switched:
+                m.__class__ = plain
     return dequantized_layers(model)
 
 
 def dequantized_layers(model: nn.Module) -> int:
-    """How many layers of `model` compute through de-quantized weights."""
-    return sum(isinstance(m, (DequantizedLinear, DequantizedEmbedding)) for _, m in model.named_modules())
+    """How many layers of `model` compute through float32 copies of their weights (de-quantized or upcast)."""
+    switched = tuple(s for _, s, _ in _SWITCHES)
+    return sum(isinstance(m, switched) for _, m in model.named_modules())

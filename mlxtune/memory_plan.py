@@ -29,6 +29,7 @@ import mlx.nn as nn
 from .backends import select_backend
 from .data import PAD_MULTIPLE, is_lazy, iterate_batches, load_dataset, round_up
 from .defaults import DEFAULT_LORA_CONFIG, fill_in
+from .dequantized import dequantized_layers
 from .display import fields_html
 from .errors import ConfigError
 from .files import proc_field_bytes
@@ -207,9 +208,10 @@ def _arg(config, *names, default=None):
     return default
 
 
-def model_shape(model: nn.Module, gather: bool | None = None, *, sliced_head: bool = True) -> ModelShape:
+def model_shape(model: nn.Module, gather: bool | None = None, *, engine: str = "mlx") -> ModelShape:
     """Read a model (loaded lazily or not, LoRA layers applied) without evaluating any of its weights.
-    `sliced_head=False`: the loss that will run projects onto the whole vocabulary (the torch engine's)."""
+    `engine`: whose loss and arithmetic will run. The torch engine projects onto the whole vocabulary and
+    computes in the weights' dtype; MLX on the CPU computes in float32 (`mlxtune.dequantized`)."""
     config = getattr(model, "args", None) or getattr(model, "config", None) or {}
     text = getattr(config, "text_config", None)
     if isinstance(text, dict):  # multimodal configs nest the language model's numbers
@@ -248,10 +250,11 @@ def model_shape(model: nn.Module, gather: bool | None = None, *, sliced_head: bo
     parts = _find_parts(model)
     if gather is None:
         gather = parts.body is not None
+    mlx_float32 = engine == "mlx" and dequantized_layers(model) > 0
     return ModelShape(blocks=len(blocks), hidden=hidden, intermediate=inter, heads=heads, vocab=vocab,
-                      act_bytes=max(float_sizes, default=4), weights=weights, lora_bytes=lora_bytes,
+                      act_bytes=4 if mlx_float32 else max(float_sizes, default=4), weights=weights, lora_bytes=lora_bytes,
                       first_adapted=first, lora_mlp=lora_mlp, gather=gather,
-                      head_vocab=head_slice(parts) if gather and sliced_head else 0)
+                      head_vocab=head_slice(parts) if gather and engine == "mlx" else 0)
 
 
 def micro_batch_shapes(records, args: TrainingArgs, pack: bool, gather: bool, *, batch_size: int | None = None,
@@ -470,7 +473,7 @@ def check_memory(model, splits, args: TrainingArgs, *, backend: str = "mlx", dev
     Returns the settings to train with: a copy with other batch settings when --auto-fit chose them."""
     baseline = 0
     if backend == "torch":  # shapes from the MLX twin (lazy: no weight is read), sizes from torch's tensors
-        shape = model_shape(_lazy_lora_model(args, False), sliced_head=False)
+        shape = model_shape(_lazy_lora_model(args, False), engine="torch")
         shape.weights = {"torch tensors": _torch_weight_bytes(model)}
         if device == "cpu":
             baseline = max(0, _process_baseline() - shape.weight_bytes)
@@ -531,7 +534,7 @@ def plan(model: Any = None, data: Any = None, *, config: str | os.PathLike | Non
                           chat_template=args.chat_template, prompt_key=args.prompt_key,
                           completion_key=args.completion_key, text_key=args.text_key,
                           messages_key=args.messages_key, cache=True)
-    shape = model_shape(_lazy_lora_model(args, layers_given, loaded.model), sliced_head=backend.name != "torch")
+    shape = model_shape(_lazy_lora_model(args, layers_given, loaded.model), engine=backend.name)
     baseline = _process_baseline() if backend.name == "torch" and backend.device == "cpu" else 0
     result = plan_for(shape, splits, args, backend=backend.name, device=backend.device, baseline=baseline)
     if verbose:

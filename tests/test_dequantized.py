@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from mlxtune import dequantized
 from mlxtune.data import Record, iterate_batches
@@ -102,3 +102,69 @@ def test_backward_pass_holds_few_float32_weights():
     # measured: 0.43 (plain, uncompiled: 0.25); de-quantizing every weight up front, or sharing the forward
     # pass's copies with the backward pass, gives 1.1
     assert mx.get_peak_memory() - resting < 0.5 * float32_weights
+
+
+# ------------------------------------------------------------------------- half-precision weights, float32 compute
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_half_precision_layers_compute_in_float32_and_train_like_a_float32_copy(tied_tiny, dtype):
+    """A float16/bfloat16 model on the CPU multiplies through float32 copies of its weights, one layer at a time
+    (MLX's half-precision CPU matmul is ~50x slower): the same logits and LoRA steps as a float32 model holding
+    the same (rounded) weights, while the parameters stay half precision."""
+    from mlxtune.dequantized import UpcastEmbedding, UpcastLinear
+
+    half, _ = load(tied_tiny)
+    half.set_dtype(dtype)
+    assert compute_dequantized(half) == 2 * 7 + 1  # every linear layer and the tied embedding
+    assert isinstance(half.model.embed_tokens, UpcastEmbedding)
+    assert isinstance(half.model.layers[1].self_attn.o_proj, UpcastLinear)
+    assert half.model.layers[0].mlp.up_proj.weight.dtype == dtype
+    copy, _ = load(tied_tiny)
+    copy.update(tree_map(lambda w: w.astype(mx.float32), half.parameters()))
+    assert compute_dequantized(copy) == 0  # float32 weights need no switch
+
+    tokens = mx.array([[1, 7, 12, 40, 3, 9, 22, 5]])
+    logits = half(tokens)
+    assert logits.dtype == mx.float32  # float32 activations all the way through
+    np.testing.assert_allclose(np.array(logits), np.array(copy(tokens)), rtol=1e-5, atol=1e-5)
+
+    def engine(model):
+        model.freeze()
+        apply_lora(model, lora_layers=-1, rank=4, alpha=8, target_modules="all-linear")
+        mx.random.seed(1)
+        for layer in lora_modules(model).values():
+            layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.05
+        args = training_args(iters=3, batch_size=2, seed=0, learning_rate=1e-2)
+        return MLXEngine(model, make_optimizer(args), args)
+
+    ours, ref = engine(half), engine(copy)
+    batch = _batch(half.args.vocab_size)
+    for k in (1, 2, 3):
+        np.testing.assert_allclose(ours.step(batch, k), ref.step(batch, k), rtol=1e-4)
+    a, b = ours.adapter_arrays(), ref.adapter_arrays()
+    for name in b:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-3, atol=1e-5)
+    assert half.model.layers[0].mlp.up_proj.linear.weight.dtype == dtype
+    assert compute_dequantized(half, enable=False) == 0
+    assert type(half.model.layers[0].mlp.up_proj.linear) is nn.Linear and type(half.model.embed_tokens) is nn.Embedding
+
+
+def test_a_half_precision_weight_that_trains_gets_its_gradient():
+    mx.random.seed(0)
+    layer = nn.Linear(64, 32)
+    layer.set_dtype(mx.float16)
+    reference = nn.Linear(64, 32)
+    reference.update(tree_map(lambda w: w.astype(mx.float32), layer.parameters()))
+    compute_dequantized(layer)
+    x = mx.random.normal((3, 5, 64))
+
+    def grads(m):
+        return nn.value_and_grad(m, lambda m: (m(x) ** 2).sum())(m)
+
+    (loss, g), (ref_loss, ref_g) = grads(layer), grads(reference)
+    assert g["weight"].dtype == mx.float16
+    np.testing.assert_allclose(loss.item(), ref_loss.item(), rtol=1e-5)
+    np.testing.assert_allclose(np.array(g["weight"].astype(mx.float32)), np.array(ref_g["weight"]), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(np.array(g["bias"].astype(mx.float32)), np.array(ref_g["bias"]), rtol=2e-3, atol=2e-3)
+

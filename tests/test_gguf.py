@@ -77,20 +77,24 @@ def mlx_logits(model_dir, seqs, *, f16_weights: bool = False, gguf_gelu: bool = 
                float32: bool = True) -> np.ndarray:
     """MLX logits (B, L, V) as float32 arrays.
 
-    float32: compute in float32 whatever the checkpoint's dtype. `load` keeps a float16 checkpoint in
-    float16 and MLX then computes in float16 too (~1e-2 off the float32 result on these models);
-    widening the weights is exact, so float32 gives the checkpoint's model without rounding.
+    float32: compute in float32 whatever the checkpoint's dtype (widening the weights is exact, so this is the
+    checkpoint's model without rounding). `load` keeps a float16 checkpoint in float16 and on the CPU
+    multiplies through float32 copies (mlxtune.dequantized); float32=False switches that off to get MLX's
+    own float16 inference (~1e-2 off the float32 result on these models), as on Metal.
     f16_weights: matrices rounded to f16 as an F16 file stores them, and matmul inputs rounded like
     ggml's. gguf_gelu: GELU rounded like ggml's (see `ggml_gelu`).
     """
     import mlx.core as mx
     from mlx.utils import tree_map
 
+    from mlxtune.dequantized import compute_dequantized
     from mlxtune.models import load
 
     model, _ = load(model_dir)
     if float32:
         model.set_dtype(mx.float32)
+    else:
+        compute_dequantized(model, enable=False)
     if f16_weights:
         model.update(tree_map(lambda v: v.astype(mx.float16).astype(mx.float32) if v.ndim == 2 else v,
                               model.parameters()))
