@@ -16,9 +16,12 @@ The values are those of the quantized kernel (the same `scale * q + bias`), summ
 Half-precision weights have the same problem there: MLX's CPU matmul in float16 or bfloat16 runs at ~2
 GFLOP/s against ~80 in float32 (512 x 576 by 1536, mlx 0.32), and its float16 element-wise ops, norms and
 attention are 2-6x slower than float32's. So the same switch makes float16/bfloat16 `nn.Linear` and
-`nn.Embedding` layers compute through a float32 copy of their weight, one layer at a time, and every switched
-layer hands float32 activations on: the whole forward and backward pass runs in float32 while the weights
-stay half precision at rest. (A 135M float16 model: ~9 s a forward pass over one example, 50x the float32 time.)
+`nn.Embedding` layers multiply through a float32 copy of their weight made when the layer runs (and again in
+the backward pass, not kept), and every switched layer hands float32 activations on: the whole forward and
+backward pass runs in float32 while the weights stay half precision at rest. (A float16 SmolLM2-135M: one
+forward pass over 57 tokens took 9.8 s, 0.93 s switched.) MLX does not free these copies as promptly as the
+de-quantized ones (docs/benchmarks.md, "Float16 weights on the CPU"): a float16 LoRA step peaks below a
+float32 model's, not at a half-precision model's.
 """
 
 from __future__ import annotations
