@@ -28,10 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def survival(base: Path, fused: Path, ftype: str) -> dict:
-    from gguf import quants as gguf_quants
 
     from mlxtune.gguf import arch as archmod
-    from mlxtune.gguf.quants import FileType, encode
+    from mlxtune.gguf.quants import FileType, rounded
     from mlxtune.gguf.writer import plan_tensors
     from mlxtune.model_files import normalize_config, read_config
     from mlxtune.weights import index_tensors
@@ -52,7 +51,7 @@ def survival(base: Path, fused: Path, ftype: str) -> dict:
             continue
         q = qtype[name]
         types[q.name] = types.get(q.name, 0) + 1
-        back = gguf_quants.dequantize(encode(w1, q), q).reshape(w1.shape)
+        back = rounded(w1, q)
         err = back - w1
         ratios.append(float(np.sqrt((u * u).mean() / max((err * err).mean(), 1e-30))))
         kept_num += float(((back - w0) * u).sum())

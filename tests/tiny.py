@@ -107,10 +107,9 @@ def gguf_rounded_copy(src: Path, dst: Path, ftype: str = "q4_k_m") -> Path:
 
     import mlx.core as mx
     import numpy as np
-    from gguf import quants as gguf_quants
 
     from mlxtune.gguf import arch as archmod
-    from mlxtune.gguf.quants import FileType, encode
+    from mlxtune.gguf.quants import FileType, rounded
     from mlxtune.gguf.writer import plan_tensors
     from mlxtune.model_files import normalize_config, read_config
     from mlxtune.weights import index_tensors
@@ -125,7 +124,7 @@ def gguf_rounded_copy(src: Path, dst: Path, ftype: str = "q4_k_m") -> Path:
         w = st.read_rows(0, st.shape[0]).astype(np.float32).reshape(st.shape)
         q = qtype.get(name)
         if q is not None and w.ndim == 2:  # rows in HF order: blocks never cross rows, so the order does not matter
-            w = gguf_quants.dequantize(encode(w, q), q).reshape(w.shape)
+            w = rounded(w, q)
         out[name] = mx.array(w)
     dst.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(dst / "model.safetensors"), out, metadata={"format": "pt"})

@@ -27,7 +27,7 @@ from gguf import quants as gguf_quants
 
 from .importance import importance_matrix, source_data
 from .lora import adapter_tensors
-from .quants import encode
+from .quants import rounded
 
 PROMOTE_SHARE = 0.25  # of the adapted tensors' values, the share that moves up one type
 SAMPLE_ROWS = 256  # rows per tensor used to measure the rounding error
@@ -100,7 +100,7 @@ def plan_keep_adapter(model_dir: Path, adapter_file: str | os.PathLike, data, pl
             continue
         rows = np.linspace(0, p.rows - 1, min(p.rows, SAMPLE_ROWS)).astype(int)
         weight = np.concatenate([p.read(int(r), int(r) + 1) for r in rows])
-        error = gguf_quants.dequantize(encode(weight, p.qtype), p.qtype).reshape(weight.shape) - weight
+        error = rounded(weight, p.qtype) - weight
         update = scale * (lora_b @ lora_a)  # HF row order; the writer's q/k row permutation changes no RMS
         scores.append(TensorScore(name, p.qtype, float(np.sqrt(np.mean(update * update))),
                                   float(np.sqrt(np.mean(error * error)))))

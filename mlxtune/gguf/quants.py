@@ -137,6 +137,13 @@ def encode(rows: np.ndarray, qtype: Q, importance: np.ndarray | None = None) -> 
     return gguf_quants.quantize(rows, qtype)
 
 
+def rounded(rows: np.ndarray, qtype: Q, importance: np.ndarray | None = None) -> np.ndarray:
+    """`rows` (n, cols) as a file of `qtype` gives them back: encoded, then decoded by the gguf package's
+    reference decoder (ggml's layout). What rounding to the type does to a weight."""
+    rows = np.asarray(rows, np.float32)
+    return gguf_quants.dequantize(encode(rows, qtype, importance), qtype).reshape(rows.shape)
+
+
 def _importance_weights(x: np.ndarray, importance: np.ndarray) -> np.ndarray:
     """Per-value weights for a scale search with an importance matrix: importance * sqrt(sigma^2 + x^2).
 
