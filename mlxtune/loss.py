@@ -68,12 +68,12 @@ HEAD_SLICE = 4096  # vocabulary rows the loss projects onto at a time (see `_sli
 def _sliceable(module) -> nn.Module | None:
     """`module` if the loss may project onto slices of its rows: a frozen, plain or affine-quantized
     Linear/Embedding (a LoRA-adapted head, or another kind, goes through the whole projection)."""
-    from .dequantized import DequantizedEmbedding, DequantizedLinear, UpcastEmbedding, UpcastLinear
+    from .dequantized import DequantizedEmbedding, DequantizedLinear, UpcastEmbedding, UpcastLinear, _switchable
 
     plain = (nn.Linear, nn.Embedding, UpcastLinear, UpcastEmbedding)  # (a half-precision w meets float32 h: promoted)
     quantized = (nn.QuantizedLinear, nn.QuantizedEmbedding, DequantizedLinear, DequantizedEmbedding)
     if type(module) in quantized:
-        return module if getattr(module, "mode", "affine") == "affine" and "biases" in module else None
+        return module if _switchable(module) else None
     return module if type(module) in plain else None
 
 
