@@ -122,6 +122,10 @@ def main() -> None:
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="both trainers recompute each block's activations in the backward pass")
     p.add_argument("--weights", default="float32,4-bit", help="comma list of: float32, 4-bit")
+    p.add_argument("--trainers", default="mlx-lm,mlxtune,mlxtune-unshared",
+                   help="comma list of: mlx-lm, mlxtune, mlxtune-unshared (mlxtune with --no-share-prefix: each row "
+                        "runs its copy of the shared system prompt, as before the prefix was shared)")
+    p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--data", default=str(ROOT / "data" / "toolcall"))
     p.add_argument("--work", default=None, help="keep models and adapters here (default: a temp dir)")
     # worker-only arguments (the names train_throughput's workers read)
@@ -156,9 +160,13 @@ def main() -> None:
         common = ["--model", model, "--data", a.data, "--batch-size", a.batch_size, "--lr", a.lr,
                   "--max-seq-length", a.max_seq_length, "--iters", iters, "--seed", a.seed,
                   "--batch-order", a.batch_order] + (["--grad-checkpoint"] if a.grad_checkpoint else [])
-        for name, kind in (("mlx-lm", "mlxlm"), ("mlxtune", "mlxtune")):
+        trainers = {"mlx-lm": ("mlxlm", []), "mlxtune": ("mlxtune", []),
+                    "mlxtune --no-share-prefix": ("mlxtune", ["--no-share-prefix"])}
+        for name in a.trainers.split(","):
+            name = "mlxtune --no-share-prefix" if name == "mlxtune-unshared" else name
+            kind, extra = trainers[name]
             t = time.time()
-            r = spawn("--worker", kind, *common, "--out", work / f"{weights}-{kind}")
+            r = spawn("--worker", kind, *common, *extra, "--out", work / f"{weights}-{kind}{len(extra)}")
             r.update(spawn("--worker", "eval", "--model", model, "--data", a.data, "--adapter", Path(r["adapter"]).parent,
                            "--max-seq-length", a.max_seq_length))
             r.update(name=name, weights=weights, tps=r["tokens"] / r["seconds"])

@@ -169,7 +169,8 @@ def worker_mlxtune(a) -> dict:
                           max_seq_length=a.max_seq_length, adapter_file=str(Path(a.out) / "adapters.npz"),
                           force=True, callbacks=[until_target], verbose=False,
                           batch_order=getattr(a, "batch_order", "length"),
-                          grad_checkpoint=getattr(a, "grad_checkpoint", False))
+                          grad_checkpoint=getattr(a, "grad_checkpoint", False),
+                          share_prefix=getattr(a, "share_prefix", True))
     seconds, tokens = clock.steady()
     return {"seconds": seconds, "tokens": tokens, "real_tokens": result.trained_tokens, "peak": mx.get_peak_memory(),
             "adapter": str(result.adapter_file), "iters": result.iterations, "rows_per_batch": batch}

@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
+from mlx_lm.models.base import create_causal_mask
 
 from .data import batch_rows, evaluation_batches, round_up
 from .errors import ConfigError, DataError, FallbackWarning
@@ -36,6 +37,7 @@ class ModelParts:
     packing: bool = True  # verified: a packed row gives the same loss as its examples one by one
     projection: nn.Module | None = None  # the head's frozen vocabulary projection when the loss can slice it
     cap: float | None = None  # final logit soft-capping (Gemma 2)
+    prefixed: Callable | None = None  # (prefix ids, rows' ids) -> the rows' hidden states; None: not verified
 
 
 def _find_parts(model: nn.Module) -> ModelParts:
@@ -57,7 +59,59 @@ def _find_parts(model: nn.Module) -> ModelParts:
         logits = proj(h)
         return mx.tanh(logits / cap) * cap if cap else logits
 
-    return ModelParts(lambda inputs: inner(inputs), head, mask_modules, projection=_sliceable(owner), cap=cap)
+    layers = getattr(inner, "layers", None)
+    prefixed = _prefixed_body(inner, len(layers)) if isinstance(layers, list) else None
+    return ModelParts(lambda inputs: inner(inputs), head, mask_modules, projection=_sliceable(owner), cap=cap,
+                      prefixed=prefixed)
+
+
+# ---------------------------------------------------------------------------------------- the shared prefix
+
+PREFIX_STEP = 8  # shared prefixes are cut to a multiple of this, so that mx.compile sees few shapes
+
+
+class _PrefixCache:
+    """One layer's keys and values for a prefix that every row of a batch shares, in the three things mlx-lm's
+    attention asks of a cache (offset, update_and_fetch, make_mask). The first call (the prefix, one row)
+    records them; the second (the rows' own tokens, at positions after the prefix) attends to them broadcast
+    over the rows, so the gradient of every row flows back into the one prefix pass."""
+
+    def __init__(self, rows: int):
+        self.rows, self.offset, self.keys, self.values = rows, 0, None, None
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is None:
+            self.keys, self.values, self.offset = keys, values, keys.shape[2]
+            return keys, values
+        shape = (self.rows, *self.keys.shape[1:])
+        return (mx.concatenate([mx.broadcast_to(self.keys, shape), keys], axis=2),
+                mx.concatenate([mx.broadcast_to(self.values, shape), values], axis=2))
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
+        if self.offset == 0 and not return_array and not window_size:
+            return "causal" if n > 1 else None
+        return create_causal_mask(n, self.offset, window_size=window_size)
+
+
+def _prefixed_body(inner: nn.Module, layers: int) -> Callable:
+    def body(prefix: mx.array, inputs: mx.array) -> mx.array:
+        cache = [_PrefixCache(inputs.shape[0]) for _ in range(layers)]
+        inner(prefix[None], cache=cache)  # only its keys and values are used: MLX never computes the rest
+        return inner(inputs, cache=cache)
+
+    return body
+
+
+def shared_prefix(inputs: np.ndarray, mask: np.ndarray) -> int:
+    """Leading columns that every row holds the same tokens in and no row takes loss on, cut to a multiple
+    of PREFIX_STEP; 0 when that leaves nothing (or a single row) to share. Their hidden states feed no loss,
+    only the attention of later positions, so one pass over them serves every row."""
+    if len(inputs) < 2 or not mask.any():
+        return 0
+    same = (inputs == inputs[:1]).all(0)
+    n = len(same) if same.all() else int(np.argmin(same))
+    n = min(n, int(np.argmax(mask.any(0))))
+    return n // PREFIX_STEP * PREFIX_STEP
 
 
 # ---------------------------------------------------------------------------------------- the sliced head
@@ -184,10 +238,19 @@ def model_parts(model: nn.Module) -> ModelParts:
             except TypeError:  # an inner model with another calling convention
                 same = False
             if not same:
-                parts.body = parts.head = parts.projection = None
+                parts.body = parts.head = parts.projection = parts.prefixed = None
                 warnings.warn(f"{type(model).__module__}: the body/head split does not reproduce the model's logits, "
                               "so the loss runs the vocabulary projection on every position (slower, more memory)",
                               FallbackWarning, stacklevel=2)
+        if parts.prefixed is not None:  # two rows sharing their first 4 tokens, through the prefix pass
+            rows = mx.concatenate([mx.broadcast_to(ids[:1, :4], (2, 4)), ids[:, 4:]], axis=1)
+            try:
+                split = parts.prefixed(rows[0, :4], rows[:, 4:]).astype(mx.float32)
+                whole = parts.body(rows)[:, 4:].astype(mx.float32)
+                if not (split.shape == whole.shape and mx.allclose(whole, split, rtol=1e-3, atol=1e-3).item()):
+                    parts.prefixed = None
+            except (TypeError, ValueError, AttributeError, IndexError):  # a cache this model cannot use
+                parts.prefixed = None
         # Packing check: two rows, each holding two examples, must score as the examples do alone.
         # (Two rows with different layouts catch attention code that broadcasts a per-row mask wrongly.)
         a, b = ids[:1, :5], ids[1:, :3]
@@ -250,12 +313,14 @@ def _logits(model, parts, inputs, segments):
         return parts.head(parts.body(inputs))
 
 
-def _loss_sums(model, parts: ModelParts, inputs, targets, weights, index=None, segments=None, grad=True):
+def _loss_sums(model, parts: ModelParts, inputs, targets, weights, index=None, segments=None, grad=True,
+               prefix=None):
     """(sum of token losses, number of loss tokens). With `index`, only those flat positions reach the head.
-    `grad=False`: the sums are not differentiated (evaluation), so a head that trains may be sliced too."""
+    `grad=False`: the sums are not differentiated (evaluation), so a head that trains may be sliced too.
+    `prefix`: token ids that precede every row of `inputs` (`batch_arrays(share=True)`)."""
     with _attention_segments(parts, segments):
         if parts.body is not None:
-            h = parts.body(inputs)
+            h = parts.body(inputs) if prefix is None else parts.prefixed(prefix, inputs)
             h = h.reshape(-1, h.shape[-1])
             t = targets.reshape(-1)
             if index is not None:
@@ -277,13 +342,15 @@ def _bucket(n: int) -> int:
     return max(64, round_up(n, 1 << max(6, n.bit_length() - 3)))
 
 
-def batch_arrays(batch, gather: bool = True, bucket: bool = True) -> list[np.ndarray]:
+def batch_arrays(batch, gather: bool = True, bucket: bool = True, share: bool = False) -> list[np.ndarray]:
     """Batch -> the numpy arrays every engine's loss takes: [inputs, targets, weights, index, segments?].
 
     Trailing columns with no loss in any row are dropped: attention is causal, so they cannot change the
     loss of earlier positions. With `gather`, `index` lists the flat target positions (zero-weighted
     padding up to a `_bucket` length when `bucket`, so that mx.compile sees few shapes) and `weights` their
     loss weights; without it, `weights` is the whole flattened mask and there is no index.
+    `share` (gathered, unpacked batches only): the columns of `shared_prefix` leave `inputs` and `targets`
+    and come last, one row of ids: [inputs, targets, weights, index, prefix].
     """
     inputs = np.asarray(batch.inputs, np.int32)
     targets = np.asarray(batch.targets, np.int32)
@@ -294,6 +361,12 @@ def batch_arrays(batch, gather: bool = True, bucket: bool = True) -> list[np.nda
     inputs, targets, mask = inputs[:, :length], targets[:, :length], mask[:, :length]
     if segments is not None:
         segments = segments[:, :length]
+    prefix = None
+    if share and gather and segments is None:
+        p = shared_prefix(inputs, mask)
+        if p:
+            prefix = inputs[0, :p]
+            inputs, targets, mask = inputs[:, p:], targets[:, p:], mask[:, p:]
     if gather:
         flat = np.flatnonzero(mask.reshape(-1))
         size = _bucket(len(flat)) if bucket else len(flat)
@@ -306,6 +379,8 @@ def batch_arrays(batch, gather: bool = True, bucket: bool = True) -> list[np.nda
         arrays = [inputs, targets, mask.reshape(-1)]
     if segments is not None:
         arrays.append(segments)
+    if prefix is not None:
+        arrays.append(prefix)
     return arrays
 
 
@@ -318,9 +393,9 @@ def micro_batches(batch, accumulation: int) -> list:
     return [batch_rows(batch, slice(lo, lo + size)) for lo in range(0, rows, size)]
 
 
-def prepare_batch(batch, gather: bool = True) -> list[mx.array]:
+def prepare_batch(batch, gather: bool = True, share: bool = False) -> list[mx.array]:
     """Batch -> the MLX arrays `token_loss` takes (see `batch_arrays`)."""
-    return [mx.array(a) for a in batch_arrays(batch, gather)]
+    return [mx.array(a) for a in batch_arrays(batch, gather, share=share)]
 
 
 def token_loss(model, parts: ModelParts, arrays: list[mx.array], gather: bool,
@@ -330,7 +405,10 @@ def token_loss(model, parts: ModelParts, arrays: list[mx.array], gather: bool,
         inputs, targets, weights, index, *rest = arrays
     else:
         (inputs, targets, weights, *rest), index = arrays, None
-    return _loss_sums(model, parts, inputs, targets, weights, index, rest[0] if rest else None, grad)
+    extra = rest[0] if rest else None  # packing segments (rows x columns) or a shared prefix (one row of ids)
+    if extra is not None and extra.ndim == 1:
+        return _loss_sums(model, parts, inputs, targets, weights, index, None, grad, prefix=extra)
+    return _loss_sums(model, parts, inputs, targets, weights, index, extra, grad)
 
 
 def loss_fn(model: nn.Module, batch) -> tuple[mx.array, mx.array]:
@@ -369,18 +447,20 @@ def target_logits(model: nn.Module, batch) -> tuple[mx.array, np.ndarray]:
 
 
 def evaluate_sums(model: nn.Module, records, batch_size: int, max_seq_length: int, num_batches: int = -1, *,
-                  share: tuple[int, int] = (0, 1)) -> tuple[float, float]:
+                  share: tuple[int, int] = (0, 1), share_prefix: bool = True) -> tuple[float, float]:
     """(sum of token losses, target tokens) over the first `num_batches` batches of `records` (-1 = all),
-    unpacked, in order. `share=(rank, size)`: only rows rank::size of each batch (a rank's part of the sums)."""
+    unpacked, in order. `share=(rank, size)`: only rows rank::size of each batch (a rank's part of the sums).
+    `share_prefix`: a prefix every row shares runs once (evaluation has no dropout to keep per row)."""
     parts = model_parts(model)
     gather = parts.body is not None
     batches = evaluation_batches(records, batch_size, max_seq_length, num_batches, share=share)
+    once = share_prefix and parts.prefixed is not None
     was_training = model.training
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
     try:
         for batch in batches:
-            s, n = token_loss(model, parts, prepare_batch(batch, gather), gather, grad=False)
+            s, n = token_loss(model, parts, prepare_batch(batch, gather, once), gather, grad=False)
             total, count = total + s, count + n
             mx.eval(total, count)
     finally:

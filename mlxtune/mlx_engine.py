@@ -24,7 +24,7 @@ from .data import batch_rows
 from .dequantized import compute_dequantized, on_cpu
 from .distributed import World, rows_of
 from .errors import TrainingError
-from .layers import transformer_blocks
+from .layers import lora_modules, transformer_blocks
 from .loss import evaluate_sums, model_parts, prepare_batch, token_loss
 from .schedule import learning_rate_at
 from .settings import TrainingArgs
@@ -139,6 +139,11 @@ class MLXEngine:
         self.parts = model_parts(model)
         self.gather = self.parts.body is not None
         self.packing = self.parts.packing
+        # A shared prefix runs once for every row: same loss and gradients, less work. Not under checkpointing
+        # (the cache would hold arrays from inside mx.checkpoint) nor with LoRA dropout (one noise draw would
+        # serve every row's prefix, where each row should get its own).
+        self.share = (args.share_prefix and self.parts.prefixed is not None and not args.grad_checkpoint
+                      and not any(m.dropout_p > 0 for m in lora_modules(model).values()))
         self.name = f"mlx ({'gpu' if mx.default_device() == mx.gpu else 'cpu'})"
         if on_cpu():  # a model loaded elsewhere (mlx_lm.load) gets the CPU's fast QLoRA path too
             compute_dequantized(model)
@@ -200,14 +205,15 @@ class MLXEngine:
         mine = rows_of(batch, world)
         try:
             if accum == 1:
-                total, n, norm = self._step(*prepare_batch(mine, self.gather))
+                total, n, norm = self._step(*prepare_batch(mine, self.gather, self.share))
             else:
                 rows = mine.inputs.shape[0]
                 size = -(-rows // accum)
                 acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
                 total, n = mx.array(0.0), mx.array(0.0)
                 for lo in range(0, rows, size):
-                    t, c, acc = self._accumulate(acc, *prepare_batch(batch_rows(mine, slice(lo, lo + size)), self.gather))
+                    part = batch_rows(mine, slice(lo, lo + size))
+                    t, c, acc = self._accumulate(acc, *prepare_batch(part, self.gather, self.share))
                     total, n = total + t, n + c
                     # one micro-batch at a time: left lazy, MLX ran them all in one graph and the peak grew with
                     # every micro-batch, so accumulation saved no memory (measured: 1.7x at 2 micro-batches)
@@ -222,7 +228,7 @@ class MLXEngine:
 
     def evaluate(self, records, num_batches: int = -1) -> float:
         total, count = evaluate_sums(self.model, records, self.args.batch_size, self.args.max_seq_length, num_batches,
-                                     share=(self.world.rank, self.world.size))
+                                     share=(self.world.rank, self.world.size), share_prefix=self.args.share_prefix)
         return self.world.mean_loss(total, count)
 
     def learning_rate(self) -> float:

@@ -69,6 +69,10 @@ class TrainingArgs:
         "help": "Micro-batches per optimizer step; equals a batch of batch-size x N."})
     grad_checkpoint: bool = field(default=False, metadata={
         "help": "Recompute block activations in the backward pass: less memory, ~30% slower."})
+    share_prefix: bool = field(default=True, metadata={
+        "help": "Run the leading tokens that every row of a batch shares (a chat template's default system prompt) "
+                "through the model once per batch: the same loss and gradients, less work. MLX only; off under "
+                "--grad-checkpoint and LoRA dropout."})
     memory_limit: str | None = field(default=None, metadata={
         "help": "Memory budget for the memory plan, like 12GB or 500MB (default: Metal's recommended working set, "
                 "the CUDA device's memory with --backend torch, else the RAM available). See `mlxtune plan`."})

@@ -363,7 +363,8 @@ def test_resume_starts_from_an_mlx_lm_adapter(tiny_llama, chat_data, tmp_path):
 def test_loss_is_exact_across_architectures(arch, head_slice, tmp_path_factory, monkeypatch):
     """Tied embeddings (qwen2), logit soft-capping and 5-D attention (gemma2), sliding windows (gemma3):
     the gathered-head loss, packed where the architecture allows it, equals the plain per-example loss;
-    with the vocabulary projected 100 rows at a time too (`loss.HEAD_SLICE`)."""
+    with the vocabulary projected 100 rows at a time too (`loss.HEAD_SLICE`), and with a shared opening
+    run once through the attention caches."""
     from mlxtune import loss as loss_module
     from mlxtune.data import Record
 
@@ -394,6 +395,20 @@ def test_loss_is_exact_across_architectures(arch, head_slice, tmp_path_factory, 
     assert c == count
     assert abs(s / c - total / count) < 1e-4
     assert bool(sliced) == bool(head_slice)
+    # a prompt every row opens with runs once (`batch_arrays(share=True)`): the same loss
+    from mlxtune.loss import prepare_batch, token_loss
+
+    assert parts.prefixed is not None
+    opening = rng.integers(6, 500, 16).tolist()
+    records = [Record(ids=opening + r.ids, mask=[False] * 16 + r.mask) for r in records]
+    total, count = _reference_loss(model, records)
+    s = c = 0.0
+    for batch in iterate_batches(records, 2, max_seq_length=64, seed=0, loop=False, shuffle=False):
+        arrays = prepare_batch(batch, True, share=True)
+        assert arrays[-1].tolist() == opening
+        t, n = token_loss(model, parts, arrays, True)
+        s, c = s + t.item(), c + n.item()
+    assert c == count and abs(s / c - total / count) < 1e-4
 
 
 def test_no_model_no_data_trains_the_bundled_demo(tmp_path, monkeypatch, capsys):
@@ -564,3 +579,61 @@ def test_the_sliced_head_gives_the_whole_heads_loss_and_gradients(tiny_llama, ch
     assert set(whole_grads) == set(sliced_grads) and len(whole_grads) == 12
     for k, g in whole_grads.items():
         np.testing.assert_allclose(np.array(sliced_grads[k]), np.array(g), rtol=1e-3, atol=1e-6, err_msg=k)
+
+
+def test_a_shared_system_prompt_runs_once_and_trains_the_same_adapter(tiny_llama, chat_data, tmp_path, monkeypatch):
+    """Rows that open with the same system prompt: `batch_arrays(share=True)` moves the shared columns out of
+    the rows into one prefix, the engine runs it once through mlx-lm's attention caches (`loss._PrefixCache`),
+    and the loss, the adapter after 3 steps and the validation loss equal those of every row running its
+    own copy (`share_prefix=False`)."""
+    from mlxtune import loss as loss_module
+    from mlxtune.loss import batch_arrays
+
+    data = tmp_path / "system"
+    data.mkdir()
+    system = {"role": "system", "content": "You answer in capitals, as briefly as you can, every time."}
+    for name in ("train", "valid"):
+        rows = [json.loads(line) for line in (chat_data / f"{name}.jsonl").read_text().splitlines()]
+        (data / f"{name}.jsonl").write_text("".join(json.dumps({"messages": [system] + r["messages"]}) + "\n"
+                                                    for r in rows))
+    model, tok = load(tiny_llama)
+    splits = load_dataset(data, tok, cache=False)
+    batch = next(iterate_batches(splits.train, 4, seed=0))
+    plain, shared = batch_arrays(batch), batch_arrays(batch, share=True)
+    prefix = shared[-1]
+    assert prefix.ndim == 1 and len(prefix) >= 8 and len(prefix) % loss_module.PREFIX_STEP == 0
+    assert (plain[0][:, :len(prefix)] == prefix).all() and (shared[0] == plain[0][:, len(prefix):]).all()
+    assert model_parts(model).prefixed is not None
+    # one example's loss through the prefix pass equals the plain loss, in evaluation too
+    parts = model_parts(model)
+    s1, n1 = loss_module.token_loss(model, parts, [mx.array(a) for a in plain], True)
+    s2, n2 = loss_module.token_loss(model, parts, [mx.array(a) for a in shared], True)
+    assert n1.item() == n2.item() > 0 and abs(s1.item() - s2.item()) < 1e-4 * abs(s1.item())
+
+    calls = []  # the prefix lengths batches were cut at
+    real = loss_module.shared_prefix
+    monkeypatch.setattr(loss_module, "shared_prefix", lambda *a: calls.append(real(*a)) or calls[-1])
+    common = dict(iters=3, batch_size=4, learning_rate=1e-3, seed=2, save_every=0, **FAST)
+    once = mlxtune.lora(str(tiny_llama), str(data), adapter_file=tmp_path / "s" / "adapters.npz", **common)
+    assert calls and min(calls) >= 8  # every batch of training and validation went through a shared prefix
+    calls.clear()
+    each = mlxtune.lora(str(tiny_llama), str(data), adapter_file=tmp_path / "e" / "adapters.npz", share_prefix=False,
+                        **common)
+    assert not calls  # --no-share-prefix: training and validation alike
+    a, b = npz(once.adapter_file), npz(each.adapter_file)
+    assert any(np.abs(v).max() > 0 for k, v in a.items() if k.endswith("lora_b"))
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=2e-6, rtol=1e-4, err_msg=k)
+    (_, v1), (_, v2) = once.val_loss[-1], each.val_loss[-1]
+    assert abs(v1 - v2) < 1e-5 * abs(v2)
+    # Not shared where a row's own randomness would be lost (LoRA dropout draws noise per row) or where the
+    # cache would hold arrays from inside mx.checkpoint
+    from mlxtune.layers import apply_lora
+    from mlxtune.mlx_engine import MLXEngine, make_optimizer
+
+    for dropout, settings, expected in ((0.0, {}, True), (0.1, {}, False), (0.0, {"grad_checkpoint": True}, False),
+                                        (0.0, {"share_prefix": False}, False)):
+        model, _ = load(tiny_llama)
+        apply_lora(model, lora_layers=-1, rank=4, dropout=dropout)
+        args = training_args(iters=1, **settings)
+        assert MLXEngine(model, make_optimizer(args), args).share == expected, (dropout, settings)
