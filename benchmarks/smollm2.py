@@ -91,6 +91,11 @@ def worker(a) -> dict:
     return result
 
 
+# --trainers name -> (the table's name, worker, worker flags)
+TRAINERS = {"mlx-lm": ("mlx-lm", "mlxlm", []), "mlxtune": ("mlxtune", "mlxtune", []),
+            "mlxtune-unshared": ("mlxtune --no-share-prefix", "mlxtune", ["--no-share-prefix"])}
+
+
 def spawn(*args) -> dict:
     return tt.spawn(*args, script=__file__)
 
@@ -160,13 +165,10 @@ def main() -> None:
         common = ["--model", model, "--data", a.data, "--batch-size", a.batch_size, "--lr", a.lr,
                   "--max-seq-length", a.max_seq_length, "--iters", iters, "--seed", a.seed,
                   "--batch-order", a.batch_order] + (["--grad-checkpoint"] if a.grad_checkpoint else [])
-        trainers = {"mlx-lm": ("mlxlm", []), "mlxtune": ("mlxtune", []),
-                    "mlxtune --no-share-prefix": ("mlxtune", ["--no-share-prefix"])}
-        for name in a.trainers.split(","):
-            name = "mlxtune --no-share-prefix" if name == "mlxtune-unshared" else name
-            kind, extra = trainers[name]
+        for key in a.trainers.split(","):
+            name, kind, extra = TRAINERS[key]
             t = time.time()
-            r = spawn("--worker", kind, *common, *extra, "--out", work / f"{weights}-{kind}{len(extra)}")
+            r = spawn("--worker", kind, *common, *extra, "--out", work / f"{weights}-{key}")
             r.update(spawn("--worker", "eval", "--model", model, "--data", a.data, "--adapter", Path(r["adapter"]).parent,
                            "--max-seq-length", a.max_seq_length))
             r.update(name=name, weights=weights, tps=r["tokens"] / r["seconds"])

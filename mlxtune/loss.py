@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_causal_mask
+from mlx_lm.models.cache import create_attention_mask as cache_mask
 
 from .data import batch_rows, evaluation_batches, round_up
 from .errors import ConfigError, DataError, FallbackWarning
@@ -88,9 +88,7 @@ class _PrefixCache:
                 mx.concatenate([mx.broadcast_to(self.values, shape), values], axis=2))
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
-        if self.offset == 0 and not return_array and not window_size:
-            return "causal" if n > 1 else None
-        return create_causal_mask(n, self.offset, window_size=window_size)
+        return cache_mask(n, offset=self.offset, return_array=return_array, window_size=window_size)
 
 
 def _prefixed_body(inner: nn.Module, layers: int) -> Callable:
@@ -406,9 +404,9 @@ def token_loss(model, parts: ModelParts, arrays: list[mx.array], gather: bool,
     else:
         (inputs, targets, weights, *rest), index = arrays, None
     extra = rest[0] if rest else None  # packing segments (rows x columns) or a shared prefix (one row of ids)
-    if extra is not None and extra.ndim == 1:
-        return _loss_sums(model, parts, inputs, targets, weights, index, None, grad, prefix=extra)
-    return _loss_sums(model, parts, inputs, targets, weights, index, extra, grad)
+    prefix = extra if extra is not None and extra.ndim == 1 else None
+    segments = extra if prefix is None else None
+    return _loss_sums(model, parts, inputs, targets, weights, index, segments, grad, prefix)
 
 
 def loss_fn(model: nn.Module, batch) -> tuple[mx.array, mx.array]:

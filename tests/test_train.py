@@ -604,7 +604,7 @@ def test_a_shared_system_prompt_runs_once_and_trains_the_same_adapter(tiny_llama
     assert prefix.ndim == 1 and len(prefix) >= 8 and len(prefix) % loss_module.PREFIX_STEP == 0
     assert (plain[0][:, :len(prefix)] == prefix).all() and (shared[0] == plain[0][:, len(prefix):]).all()
     assert model_parts(model).prefixed is not None
-    # one example's loss through the prefix pass equals the plain loss, in evaluation too
+    # the batch's loss through the prefix pass equals its plain loss
     parts = model_parts(model)
     s1, n1 = loss_module.token_loss(model, parts, [mx.array(a) for a in plain], True)
     s2, n2 = loss_module.token_loss(model, parts, [mx.array(a) for a in shared], True)
