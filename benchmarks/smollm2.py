@@ -83,6 +83,8 @@ def worker(a) -> dict:
     import numpy as np
 
     np.random.seed(a.seed)  # mlx-lm's batch order (it permutes with numpy's global generator)
+    if getattr(a, "mlx_exp", False):
+        os.environ["MLXTUNE_FAST_EXP"] = "0"
     fn = {"mlxlm": tt.worker_mlxlm, "mlxtune": tt.worker_mlxtune, "eval": tt.worker_eval}[a.worker]
     result = fn(a)
     if a.worker != "eval":
@@ -93,7 +95,8 @@ def worker(a) -> dict:
 
 # --trainers name -> (the table's name, worker, worker flags)
 TRAINERS = {"mlx-lm": ("mlx-lm", "mlxlm", []), "mlxtune": ("mlxtune", "mlxtune", []),
-            "mlxtune-unshared": ("mlxtune --no-share-prefix", "mlxtune", ["--no-share-prefix"])}
+            "mlxtune-unshared": ("mlxtune --no-share-prefix", "mlxtune", ["--no-share-prefix"]),
+            "mlxtune-mlx-exp": ("mlxtune, MLX's exp", "mlxtune", ["--mlx-exp"])}
 
 
 def spawn(*args) -> dict:
@@ -129,7 +132,9 @@ def main() -> None:
     p.add_argument("--weights", default="float32,4-bit", help="comma list of: float32, 4-bit")
     p.add_argument("--trainers", default="mlx-lm,mlxtune,mlxtune-unshared",
                    help="comma list of: mlx-lm, mlxtune, mlxtune-unshared (mlxtune with --no-share-prefix: each row "
-                        "runs its copy of the shared system prompt, as before the prefix was shared)")
+                        "runs its copy of the shared system prompt, as before the prefix was shared), "
+                        "mlxtune-mlx-exp (mlxtune with MLXTUNE_FAST_EXP=0: MLX's own exp in SwiGLU and the loss)")
+    p.add_argument("--mlx-exp", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--data", default=str(ROOT / "data" / "toolcall"))
     p.add_argument("--work", default=None, help="keep models and adapters here (default: a temp dir)")

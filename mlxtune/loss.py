@@ -25,6 +25,7 @@ from mlx_lm.models.cache import create_attention_mask as cache_mask
 
 from .data import batch_rows, evaluation_batches, round_up
 from .errors import ConfigError, DataError, FallbackWarning
+from .fast_exp import cpu_swiglu, exp, logsumexp
 
 
 @dataclass
@@ -191,7 +192,7 @@ def _sliced_cross_entropy(parts: ModelParts, h: mx.array, t: mx.array) -> mx.arr
         for lo, hi in slices:
             z = logits(after(x, previous), lo, hi)
             at = mx.take_along_axis(z, mx.clip(targets - lo, 0, hi - lo - 1)[:, None], axis=-1)[:, 0]
-            part = mx.logsumexp(z, axis=-1)
+            part = logsumexp(z, axis=-1)
             hit = mx.where((targets >= lo) & (targets < hi), at, 0.0)
             lse = part if lse is None else mx.logaddexp(lse, part)
             target = hit if target is None else target + hit
@@ -205,7 +206,7 @@ def _sliced_cross_entropy(parts: ModelParts, h: mx.array, t: mx.array) -> mx.arr
         grad = previous = None
         for lo, hi in slices:
             z = logits(after(x, previous), lo, hi)
-            dz = mx.exp(z - lse[:, None])  # softmax
+            dz = exp(z - lse[:, None])  # softmax
             dz = dz - (mx.arange(lo, hi)[None] == targets[:, None])
             dz = dz * d[:, None]
             if cap:
@@ -457,10 +458,11 @@ def evaluate_sums(model: nn.Module, records, batch_size: int, max_seq_length: in
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
     try:
-        for batch in batches:
-            s, n = token_loss(model, parts, prepare_batch(batch, gather, once), gather, grad=False)
-            total, count = total + s, count + n
-            mx.eval(total, count)
+        with cpu_swiglu(model):
+            for batch in batches:
+                s, n = token_loss(model, parts, prepare_batch(batch, gather, once), gather, grad=False)
+                total, count = total + s, count + n
+                mx.eval(total, count)
     finally:
         model.train(was_training)
     return total.item(), count.item()

@@ -24,6 +24,7 @@ from .data import batch_rows
 from .dequantized import compute_dequantized, on_cpu
 from .distributed import World, rows_of
 from .errors import TrainingError
+from .fast_exp import cpu_swiglu
 from .layers import lora_modules, transformer_blocks
 from .loss import evaluate_sums, model_parts, prepare_batch, token_loss
 from .schedule import learning_rate_at
@@ -180,13 +181,15 @@ class MLXEngine:
 
         @partial(mx.compile, inputs=self._state, outputs=self._state)
         def step(*arrays):
-            (total, n), grads = value_and_grad(model, *arrays)
+            with cpu_swiglu(model):  # traced inside: each new shape's trace takes it too
+                (total, n), grads = value_and_grad(model, *arrays)
             total, n, grads = everywhere(total, n, grads)
             return total, n, finish(grads, n)
 
         @partial(mx.compile, inputs=self._state, outputs=self._state)
         def accumulate(acc, *arrays):
-            (total, n), grads = value_and_grad(model, *arrays)
+            with cpu_swiglu(model):
+                (total, n), grads = value_and_grad(model, *arrays)
             return total, n, tree_map(mx.add, acc, grads)
 
         @partial(mx.compile, inputs=self._state, outputs=self._state)
