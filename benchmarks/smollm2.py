@@ -83,7 +83,7 @@ def worker(a) -> dict:
     import numpy as np
 
     np.random.seed(a.seed)  # mlx-lm's batch order (it permutes with numpy's global generator)
-    if getattr(a, "mlx_exp", False):
+    if a.mlx_exp:
         os.environ["MLXTUNE_FAST_EXP"] = "0"
     fn = {"mlxlm": tt.worker_mlxlm, "mlxtune": tt.worker_mlxtune, "eval": tt.worker_eval}[a.worker]
     result = fn(a)

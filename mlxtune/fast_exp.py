@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
 
 from .dequantized import on_cpu
 
@@ -91,18 +92,14 @@ def swiglu(gate: mx.array, x: mx.array) -> mx.array:
 def cpu_swiglu(model: nn.Module):
     """While inside, on the CPU, the model's own modules call `swiglu` above where they called mlx-lm's. Enter
     it inside a compiled function: the trace keeps it, and every new shape is traced inside it again."""
-    try:
-        from mlx_lm.models.activations import swiglu as theirs
-    except ImportError:
-        theirs = None
     swapped = []
-    if theirs is not None and _fast():
+    if _fast():
         names = {type(m).__module__ for _, m in model.named_modules()}
-        swapped = [sys.modules[n] for n in names if getattr(sys.modules.get(n), "swiglu", None) is theirs]
+        swapped = [sys.modules[n] for n in names if getattr(sys.modules.get(n), "swiglu", None) is mlx_lm_swiglu]
     for module in swapped:
         module.swiglu = swiglu
     try:
         yield
     finally:
         for module in swapped:
-            module.swiglu = theirs
+            module.swiglu = mlx_lm_swiglu

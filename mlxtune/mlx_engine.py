@@ -152,7 +152,12 @@ class MLXEngine:
             checkpoint_blocks(model)
         model.train()
         self._state = [model.state, optimizer.state, mx.random.state]
-        value_and_grad = nn.value_and_grad(model, lambda m, *arrays: loss(m, self.parts, list(arrays), self.gather))
+        loss_and_grad = nn.value_and_grad(model, lambda m, *arrays: loss(m, self.parts, list(arrays), self.gather))
+
+        def value_and_grad(*arrays):
+            with cpu_swiglu(model):  # entered while tracing: every new shape's trace takes it too
+                return loss_and_grad(model, *arrays)
+
         clip = args.max_grad_norm
         group = getattr(self.world, "group", None)
 
@@ -181,15 +186,13 @@ class MLXEngine:
 
         @partial(mx.compile, inputs=self._state, outputs=self._state)
         def step(*arrays):
-            with cpu_swiglu(model):  # traced inside: each new shape's trace takes it too
-                (total, n), grads = value_and_grad(model, *arrays)
+            (total, n), grads = value_and_grad(*arrays)
             total, n, grads = everywhere(total, n, grads)
             return total, n, finish(grads, n)
 
         @partial(mx.compile, inputs=self._state, outputs=self._state)
         def accumulate(acc, *arrays):
-            with cpu_swiglu(model):
-                (total, n), grads = value_and_grad(model, *arrays)
+            (total, n), grads = value_and_grad(*arrays)
             return total, n, tree_map(mx.add, acc, grads)
 
         @partial(mx.compile, inputs=self._state, outputs=self._state)
