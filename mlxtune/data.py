@@ -1061,8 +1061,11 @@ def _epoch_plan(sizes: np.ndarray, batch_size: int, seed: int, epoch: int, shuff
         rows = [rows[r] for r in by_len]
         batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     else:
-        # Sort by length, ties broken randomly per epoch, so each batch holds similar lengths.
-        order = _by_size_then_jitter(sizes, jitter)
+        # Sort by padded width, ties broken randomly per epoch, so each batch holds rows of one width. Rows of
+        # one width cost the same padding in any order, so among them a batch is drawn at random: sorting by
+        # exact length made batches of near-copies where length goes with content (every request for one
+        # tool), and such batches train worse (docs/training.md, "Batch order").
+        order = _by_size_then_jitter(-(-sizes // PAD_MULTIPLE), jitter)
         batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches)).tolist()]
@@ -1152,11 +1155,33 @@ def iterate_batches(records: Sequence[Record], batch_size: int, *, max_seq_lengt
             return
 
 
-def batch_rows(batch: Batch, rows: slice) -> Batch:
-    """Rows `rows` of a batch: a micro-batch, or a rank's share (n_real, a report number, stays the batch's)."""
-    seg = None if batch.segments is None else batch.segments[rows]
-    return replace(batch, inputs=batch.inputs[rows], targets=batch.targets[rows], loss_mask=batch.loss_mask[rows],
-                   segments=seg)
+def batch_rows(batch: Batch, rows, width: int | None = None) -> Batch:
+    """Rows `rows` (a slice or indices) of a batch, its first `width` columns: a micro-batch, or a rank's share
+    (n_real, a report number, stays the batch's)."""
+    cols = slice(None, width)
+    seg = None if batch.segments is None else batch.segments[rows][:, cols]
+    return replace(batch, inputs=batch.inputs[rows][:, cols], targets=batch.targets[rows][:, cols],
+                   loss_mask=batch.loss_mask[rows][:, cols], segments=seg)
+
+
+def micro_batches(batch: Batch, accumulation: int) -> list[Batch]:
+    """The rows of `batch` in `accumulation` parts (gradient accumulation), or [batch] itself.
+
+    The rows go in order of length and each part is cut to its own longest row (to a multiple of 8): the
+    summed loss and gradients do not depend on which rows share a part, so a random batch's short rows
+    stop being padded to its longest one. A row's length ends at its last trained token (or packed
+    token): attention is causal, so nothing after it changes the loss."""
+    if accumulation == 1:
+        return [batch]
+    used = batch.loss_mask > 0 if batch.segments is None else batch.segments > 0
+    ends = np.where(used.any(1), used.shape[1] - np.argmax(used[:, ::-1], axis=1), 0)
+    order = np.argsort(ends, kind="stable")
+    size = -(-len(order) // accumulation)
+    parts = []
+    for lo in range(0, len(order), size):
+        rows = np.sort(order[lo:lo + size])  # the batch's own row order inside a part
+        parts.append(batch_rows(batch, rows, min(batch.inputs.shape[1], _padded_length(int(ends[rows].max())))))
+    return parts
 
 
 def evaluation_batches(records, batch_size: int, max_seq_length: int, num_batches: int = -1, *,

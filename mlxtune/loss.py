@@ -23,7 +23,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import create_attention_mask as cache_mask
 
-from .data import batch_rows, evaluation_batches, round_up
+from .data import evaluation_batches, round_up
 from .errors import ConfigError, DataError, FallbackWarning
 from .fast_exp import cpu_swiglu, exp, logsumexp
 
@@ -381,15 +381,6 @@ def batch_arrays(batch, gather: bool = True, bucket: bool = True, share: bool = 
     if prefix is not None:
         arrays.append(prefix)
     return arrays
-
-
-def micro_batches(batch, accumulation: int) -> list:
-    """The rows of `batch` in `accumulation` slices (gradient accumulation), or [batch] itself."""
-    if accumulation == 1:
-        return [batch]
-    rows = batch.inputs.shape[0]
-    size = -(-rows // accumulation)
-    return [batch_rows(batch, slice(lo, lo + size)) for lo in range(0, rows, size)]
 
 
 def prepare_batch(batch, gather: bool = True, share: bool = False) -> list[mx.array]:

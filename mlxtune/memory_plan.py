@@ -27,14 +27,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .backends import select_backend
-from .data import PAD_MULTIPLE, is_lazy, iterate_batches, load_dataset, round_up
+from .data import PAD_MULTIPLE, is_lazy, iterate_batches, load_dataset, micro_batches, round_up
 from .defaults import DEFAULT_LORA_CONFIG, fill_in
 from .dequantized import dequantized_layers
 from .display import fields_html
 from .errors import ConfigError
 from .files import proc_field_bytes
 from .layers import MLP_MODULES, LoRALinear, apply_lora, transformer_blocks
-from .loss import _find_parts, batch_arrays, head_slice, micro_batches
+from .loss import _find_parts, batch_arrays, head_slice
 from .models import load_model
 from .settings import TrainingArgs, normalize_keys, read_config_file, training_args
 

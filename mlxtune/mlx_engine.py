@@ -20,7 +20,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .adapters import AdapterConfig, check_fits, model_adapter_arrays
-from .data import batch_rows
+from .data import micro_batches
 from .dequantized import compute_dequantized, on_cpu
 from .distributed import World, rows_of
 from .errors import TrainingError
@@ -213,12 +213,9 @@ class MLXEngine:
             if accum == 1:
                 total, n, norm = self._step(*prepare_batch(mine, self.gather, self.share))
             else:
-                rows = mine.inputs.shape[0]
-                size = -(-rows // accum)
                 acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
                 total, n = mx.array(0.0), mx.array(0.0)
-                for lo in range(0, rows, size):
-                    part = batch_rows(mine, slice(lo, lo + size))
+                for part in micro_batches(mine, accum):
                     t, c, acc = self._accumulate(acc, *prepare_batch(part, self.gather, self.share))
                     total, n = total + t, n + c
                     # one micro-batch at a time: left lazy, MLX ran them all in one graph and the peak grew with

@@ -84,7 +84,8 @@ class TrainingArgs:
         "help": "Pack several examples into each row of up to --max-seq-length tokens (block-diagonal "
                 "attention, same loss as unpacked); --batch-size then counts rows."})
     batch_order: str = field(default="length", metadata={
-        "help": "length: each batch holds examples of similar length (least padding, fastest; mlx-lm's order); "
+        "help": "length: each batch holds examples of one padded length (a multiple of 8), drawn at random among "
+                "them (least padding, fastest); "
                 "random: each batch drawn at random (more padding, more varied batches: where length goes with "
                 "content and batches are small, it reaches a lower validation loss in the same steps, see "
                 "docs/training.md). Batches come in shuffled order either way; --pack fills rows from a random order."})

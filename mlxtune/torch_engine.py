@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import Batch
+from .data import Batch, micro_batches
 from .distributed import World, rows_of, torchrun_size
 from .errors import TrainingError
 from .files import proc_field_bytes
-from .loss import batch_arrays, micro_batches
+from .loss import batch_arrays
 from .schedule import learning_rate_at
 from .settings import TrainingArgs
 from .torch_models import (

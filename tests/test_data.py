@@ -487,6 +487,37 @@ def test_random_batch_order_mixes_lengths_and_still_covers_every_example_once_an
     assert padding_fraction(records, 8, max_seq_length=64, order="random") > 2 * bucketed
 
 
+def test_length_batches_mix_rows_of_one_padded_width_at_no_padding_cost():
+    """Rows are grouped by padded width (multiples of 8), not exact length: a batch mixes every length that pads
+    to its width, and the padding is what sorting by exact length gives."""
+    records = synthetic(n=400, lo=4, hi=60)
+    real = cells = 0
+    distinct = []
+    for b in iterate_batches(records, 8, max_seq_length=64, seed=3, loop=False):
+        lengths = (np.array(b.targets) != 0).sum(1)  # synthetic records train every target, none is 0
+        assert b.inputs.shape[1] == max(8, -(-lengths.max() // 8) * 8)
+        assert len(set(-(-lengths // 8))) <= 2  # one width, or the two a boundary batch straddles
+        distinct.append(len(set(lengths.tolist())))
+        real, cells = real + lengths.sum(), cells + b.inputs.size
+    assert abs((1 - real / cells) - padding_fraction(records, 8, max_seq_length=64)) < 1e-12
+    assert np.mean(distinct) > 4, np.mean(distinct)  # exact-length sorting: ~1.5 distinct lengths a batch
+
+
+def test_micro_batches_sort_rows_by_length_and_cut_each_to_its_own_width():
+    records = synthetic(n=16, lo=4, hi=60)
+    batch = next(iterate_batches(records, 16, max_seq_length=64, seed=1, loop=False, order="random"))
+    lengths = (np.array(batch.targets) != 0).sum(1)
+    parts = data.micro_batches(batch, 4)
+    assert len(parts) == 4 and data.micro_batches(batch, 1) == [batch]
+    got = [(tuple(row[:n]), tuple(t[:n])) for p in parts
+           for row, t, n in zip(p.inputs, p.targets, (np.array(p.targets) != 0).sum(1))]
+    assert sorted(got) == sorted((tuple(r[:n]), tuple(t[:n])) for r, t, n in zip(batch.inputs, batch.targets, lengths))
+    longest = [int((np.array(p.targets) != 0).sum(1).max()) for p in parts]
+    assert longest == sorted(longest) and len(set(longest)) > 1
+    assert [p.inputs.shape[1] for p in parts] == [max(8, -(-n // 8) * 8) for n in longest]
+    assert sum(p.inputs.size for p in parts) < 0.9 * batch.inputs.size  # 0.82 here: random rows of 4-60 tokens
+
+
 def test_length_buckets_and_packing_keep_padding_small():
     records = synthetic(n=200, lo=4, hi=60)
     bucketed = padding_fraction(records, 8, max_seq_length=64)

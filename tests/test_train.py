@@ -138,8 +138,10 @@ def test_qlora_on_a_4bit_model(tiny_llama, chat_data, tmp_path):
     np.testing.assert_allclose(np.array(fresh(ids)), np.array(qmodel(ids)), atol=1e-4)
 
 
-def test_gradient_accumulation_equals_a_larger_batch(tiny_llama, chat_data, tmp_path):
-    common = dict(iters=4, learning_rate=1e-3, seed=5, save_every=0, **FAST)
+@pytest.mark.parametrize("order", ["length", "random"])
+def test_gradient_accumulation_equals_a_larger_batch(tiny_llama, chat_data, tmp_path, order):
+    # random batches: the micro-batches are the batch's rows sorted by length, each cut to its own width
+    common = dict(iters=4, learning_rate=1e-3, seed=5, save_every=0, batch_order=order, **FAST)
     big = mlxtune.lora(str(tiny_llama), str(chat_data), batch_size=4, adapter_file=tmp_path / "a" / "adapters.npz", **common)
     acc = mlxtune.lora(str(tiny_llama), str(chat_data), batch_size=2, grad_accumulation=2,
                        adapter_file=tmp_path / "b" / "adapters.npz", **common)
