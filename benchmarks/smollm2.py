@@ -96,7 +96,8 @@ def worker(a) -> dict:
 # --trainers name -> (the table's name, worker, worker flags)
 TRAINERS = {"mlx-lm": ("mlx-lm", "mlxlm", []), "mlxtune": ("mlxtune", "mlxtune", []),
             "mlxtune-unshared": ("mlxtune --no-share-prefix", "mlxtune", ["--no-share-prefix"]),
-            "mlxtune-mlx-exp": ("mlxtune, MLX's exp", "mlxtune", ["--mlx-exp"])}
+            "mlxtune-mlx-exp": ("mlxtune, MLX's exp", "mlxtune", ["--mlx-exp"]),
+            "mlxtune-random": ("mlxtune `--batch-order random`", "mlxtune", ["--batch-order", "random"])}
 
 
 def spawn(*args) -> dict:
@@ -133,7 +134,8 @@ def main() -> None:
     p.add_argument("--trainers", default="mlx-lm,mlxtune,mlxtune-unshared",
                    help="comma list of: mlx-lm, mlxtune, mlxtune-unshared (mlxtune with --no-share-prefix: each row "
                         "runs its copy of the shared system prompt, as before the prefix was shared), "
-                        "mlxtune-mlx-exp (mlxtune with MLXTUNE_FAST_EXP=0: MLX's own exp in SwiGLU and the loss)")
+                        "mlxtune-mlx-exp (mlxtune with MLXTUNE_FAST_EXP=0: MLX's own exp in SwiGLU and the loss), "
+                        "mlxtune-random (mlxtune with --batch-order random, whatever --batch-order says)")
     p.add_argument("--mlx-exp", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--data", default=str(ROOT / "data" / "toolcall"))
