@@ -1180,7 +1180,7 @@ def micro_batches(batch: Batch, accumulation: int) -> list[Batch]:
     parts = []
     for lo in range(0, len(order), size):
         rows = np.sort(order[lo:lo + size])  # the batch's own row order inside a part
-        parts.append(batch_rows(batch, rows, min(batch.inputs.shape[1], _padded_length(int(ends[rows].max())))))
+        parts.append(batch_rows(batch, rows, _padded_length(int(ends[rows].max()))))
     return parts
 
 
