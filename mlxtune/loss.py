@@ -38,8 +38,7 @@ class ModelParts:
     packing: bool = True  # verified: a packed row gives the same loss as its examples one by one
     projection: nn.Module | None = None  # the head's frozen vocabulary projection when the loss can slice it
     cap: float | None = None  # final logit soft-capping (Gemma 2)
-    prefixed: Callable | None = None  # (prefix ids, rows' ids, live) -> the rows' hidden states; None: not verified
-    live: bool = False  # verified: the blocks' MLPs may run on the live positions alone (`_live_mlp`)
+    prefixed: Callable | None = None  # (prefix ids, rows' ids) -> the rows' hidden states; None: not verified
 
 
 def _find_parts(model: nn.Module) -> ModelParts:
@@ -62,7 +61,7 @@ def _find_parts(model: nn.Module) -> ModelParts:
         return mx.tanh(logits / cap) * cap if cap else logits
 
     layers = getattr(inner, "layers", None)
-    prefixed = _prefixed_body(inner, layers) if isinstance(layers, list) else None
+    prefixed = _prefixed_body(inner, len(layers)) if isinstance(layers, list) else None
     return ModelParts(lambda inputs: inner(inputs), head, mask_modules, projection=_sliceable(owner), cap=cap,
                       prefixed=prefixed)
 
@@ -93,47 +92,11 @@ class _PrefixCache:
         return cache_mask(n, offset=self.offset, return_array=return_array, window_size=window_size)
 
 
-@contextlib.contextmanager
-def _live_mlp(layers: list, live: mx.array | None):
-    """While the rows' forward pass is traced, each block's MLP runs on the flat positions `live` only (then
-    scattered back, zeros elsewhere). The MLP is three quarters of a block's matmuls and works position by
-    position; the positions after a row's last trained token (its padding above all) cannot change any loss,
-    since attention is causal, so they need not run. `live` ends in dummies equal to rows x columns (a zero
-    row appended for them), which pad its length to few distinct shapes. mlx-lm's blocks call `self.mlp(x)`:
-    their class's __call__ is swapped for the trace, and the module tree (and so every parameter path) stays
-    as it is."""
-    classes = {type(layer.mlp) for layer in layers} if live is not None else set()
-    saved = {c: c.__call__ for c in classes}
-
-    def on_live(call):
-        def mlp(self, x, *args, **kwargs):
-            *lead, width = x.shape
-            flat = mx.concatenate([x.reshape(-1, width), mx.zeros((1, width), x.dtype)])
-            y = call(self, flat[live], *args, **kwargs)
-            out = mx.zeros((flat.shape[0], y.shape[-1]), y.dtype).at[live].add(y)
-            return out[:-1].reshape(*lead, y.shape[-1])
-
-        return mlp
-
-    try:
-        for c in classes:
-            c.__call__ = on_live(saved[c])
-        yield
-    finally:
-        for c, call in saved.items():
-            c.__call__ = call
-
-
-def _prefixed_body(inner: nn.Module, layers: list) -> Callable:
-    def body(prefix: mx.array, inputs: mx.array, live: mx.array | None = None) -> mx.array:
-        """`prefix` may be empty (no shared columns); `live`: see `_live_mlp` (None: every position)."""
-        if prefix.shape[0] == 0:
-            with _live_mlp(layers, live):
-                return inner(inputs)
-        cache = [_PrefixCache(inputs.shape[0]) for _ in layers]
+def _prefixed_body(inner: nn.Module, layers: int) -> Callable:
+    def body(prefix: mx.array, inputs: mx.array) -> mx.array:
+        cache = [_PrefixCache(inputs.shape[0]) for _ in range(layers)]
         inner(prefix[None], cache=cache)  # only its keys and values are used: MLX never computes the rest
-        with _live_mlp(layers, live):
-            return inner(inputs, cache=cache)
+        return inner(inputs, cache=cache)
 
     return body
 
@@ -287,14 +250,6 @@ def model_parts(model: nn.Module) -> ModelParts:
                     parts.prefixed = None
             except (TypeError, ValueError, AttributeError, IndexError):  # a cache this model cannot use
                 parts.prefixed = None
-        if parts.prefixed is not None:  # the MLPs on live positions only: row 0's first 2, all 4 of row 1's
-            live = mx.array([0, 1, 4, 5, 6, 7, 8, 8], mx.int32)
-            try:
-                split = parts.prefixed(rows[0, :4], rows[:, 4:], live).astype(mx.float32)
-                parts.live = (mx.allclose(split[0, :2], whole[0, :2], rtol=1e-3, atol=1e-3).item()
-                              and mx.allclose(split[1], whole[1], rtol=1e-3, atol=1e-3).item())
-            except (TypeError, ValueError, AttributeError, IndexError):  # blocks without a plain `mlp(x)`
-                parts.live = False
         # Packing check: two rows, each holding two examples, must score as the examples do alone.
         # (Two rows with different layouts catch attention code that broadcasts a per-row mask wrongly.)
         a, b = ids[:1, :5], ids[1:, :3]
@@ -358,14 +313,13 @@ def _logits(model, parts, inputs, segments):
 
 
 def _loss_sums(model, parts: ModelParts, inputs, targets, weights, index=None, segments=None, grad=True,
-               prefix=None, live=None):
+               prefix=None):
     """(sum of token losses, number of loss tokens). With `index`, only those flat positions reach the head.
     `grad=False`: the sums are not differentiated (evaluation), so a head that trains may be sliced too.
-    `prefix`: token ids that precede every row of `inputs`, and `live` the positions whose MLP runs
-    (`batch_arrays(share=True)`)."""
+    `prefix`: token ids that precede every row of `inputs` (`batch_arrays(share=True)`)."""
     with _attention_segments(parts, segments):
         if parts.body is not None:
-            h = parts.body(inputs) if prefix is None else parts.prefixed(prefix, inputs, live if parts.live else None)
+            h = parts.body(inputs) if prefix is None else parts.prefixed(prefix, inputs)
             h = h.reshape(-1, h.shape[-1])
             t = targets.reshape(-1)
             if index is not None:
@@ -395,9 +349,7 @@ def batch_arrays(batch, gather: bool = True, bucket: bool = True, share: bool = 
     padding up to a `_bucket` length when `bucket`, so that mx.compile sees few shapes) and `weights` their
     loss weights; without it, `weights` is the whole flattened mask and there is no index.
     `share` (gathered, unpacked batches only): the columns of `shared_prefix` leave `inputs` and `targets`
-    and come last, one row of ids (empty when there is none), after the flat positions of `inputs` up to each
-    row's last target (bucketed with rows x columns, see `_live_mlp`): [inputs, targets, weights, index,
-    live, prefix].
+    and come last, one row of ids: [inputs, targets, weights, index, prefix].
     """
     inputs = np.asarray(batch.inputs, np.int32)
     targets = np.asarray(batch.targets, np.int32)
@@ -408,15 +360,12 @@ def batch_arrays(batch, gather: bool = True, bucket: bool = True, share: bool = 
     inputs, targets, mask = inputs[:, :length], targets[:, :length], mask[:, :length]
     if segments is not None:
         segments = segments[:, :length]
-    prefix = live = None
+    prefix = None
     if share and gather and segments is None:
         p = shared_prefix(inputs, mask)
-        prefix = inputs[0, :p]
-        inputs, targets, mask = inputs[:, p:], targets[:, p:], mask[:, p:]
-        last = np.where(mask.any(1), mask.shape[1] - 1 - np.argmax(mask[:, ::-1] > 0, axis=1), -1)
-        flat = np.flatnonzero((np.arange(mask.shape[1])[None] <= last[:, None]).reshape(-1))
-        live = np.full(_bucket(len(flat)), inputs.size, np.int32)
-        live[:len(flat)] = flat
+        if p:
+            prefix = inputs[0, :p]
+            inputs, targets, mask = inputs[:, p:], targets[:, p:], mask[:, p:]
     if gather:
         flat = np.flatnonzero(mask.reshape(-1))
         size = _bucket(len(flat)) if bucket else len(flat)
@@ -430,7 +379,7 @@ def batch_arrays(batch, gather: bool = True, bucket: bool = True, share: bool = 
     if segments is not None:
         arrays.append(segments)
     if prefix is not None:
-        arrays += [live, prefix]
+        arrays.append(prefix)
     return arrays
 
 
@@ -446,10 +395,10 @@ def token_loss(model, parts: ModelParts, arrays: list[mx.array], gather: bool,
         inputs, targets, weights, index, *rest = arrays
     else:
         (inputs, targets, weights, *rest), index = arrays, None
-    # nothing more, packing segments (rows x columns), or (`share`) the live positions and the shared prefix
-    segments = rest[0] if len(rest) == 1 else None
-    live, prefix = rest if len(rest) == 2 else (None, None)
-    return _loss_sums(model, parts, inputs, targets, weights, index, segments, grad, prefix, live)
+    extra = rest[0] if rest else None  # packing segments (rows x columns) or a shared prefix (one row of ids)
+    prefix = extra if extra is not None and extra.ndim == 1 else None
+    segments = extra if prefix is None else None
+    return _loss_sums(model, parts, inputs, targets, weights, index, segments, grad, prefix)
 
 
 def loss_fn(model: nn.Module, batch) -> tuple[mx.array, mx.array]:
