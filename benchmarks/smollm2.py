@@ -109,10 +109,12 @@ def table(rows: list[dict], body: int) -> str:
             "| val loss | matmul GFLOP/s | utilization | load |")
     lines = [head, "|" + "---|" * 12]
     for r in rows:
-        ref = next(x for x in rows if x["weights"] == r["weights"] and x["name"] == "mlx-lm")
+        # without an mlx-lm row in this run (--trainers left it out) the ratio columns stay empty
+        ref = next((x for x in rows if x["weights"] == r["weights"] and x["name"] == "mlx-lm"), None)
         util = r["tps"] * 4 * body / (r["gflops"] * 1e9)
+        speed, mem = (f"{r['tps'] / ref['tps']:.2f}x", f"{r['peak'] / ref['peak']:.2f}x") if ref else ("", "")
         lines.append(f"| {r['weights']} | {r['name']} | {r['iters'] - 1} | {r['tokens']} | {r['tps']:.1f} | "
-                     f"{r['tps'] / ref['tps']:.2f}x | {r['peak'] / 2**20:.0f} | {r['peak'] / ref['peak']:.2f}x | "
+                     f"{speed} | {r['peak'] / 2**20:.0f} | {mem} | "
                      f"{r['val_loss']:.4f} | {r['gflops']:.0f} | {util:.0%} | {r['load']:.1f} |")
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ function mlx-lm's model files call, without touching those files.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 import warnings
 from collections.abc import Callable
@@ -38,7 +39,8 @@ class ModelParts:
     packing: bool = True  # verified: a packed row gives the same loss as its examples one by one
     projection: nn.Module | None = None  # the head's frozen vocabulary projection when the loss can slice it
     cap: float | None = None  # final logit soft-capping (Gemma 2)
-    prefixed: Callable | None = None  # (prefix ids, rows' ids) -> the rows' hidden states; None: not verified
+    prefixed: Callable | None = None  # (prefix ids, rows' ids, *stages) -> flat hidden states; None: not verified
+    staged: bool = False  # verified: rows may run in stages of fewer rows (`_stages`)
 
 
 def _find_parts(model: nn.Module) -> ModelParts:
@@ -72,33 +74,67 @@ PREFIX_STEP = 8  # shared prefixes are cut to a multiple of this, so that mx.com
 
 
 class _PrefixCache:
-    """One layer's keys and values for a prefix that every row of a batch shares, in the three things mlx-lm's
-    attention asks of a cache (offset, update_and_fetch, make_mask). The first call (the prefix, one row)
-    records them; the second (the rows' own tokens, at positions after the prefix) attends to them broadcast
-    over the rows, so the gradient of every row flows back into the one prefix pass."""
+    """One layer's keys and values so far, in the three things mlx-lm's attention asks of a cache (offset,
+    update_and_fetch, make_mask). The first call (the prefix, one row) records them; each later call (the
+    rows' next columns, at the positions after what is recorded) attends to them, broadcast over its rows or
+    cut to them (a stage holds the first rows of the one before), so the gradient of every row flows back
+    into the one prefix pass."""
 
-    def __init__(self, rows: int):
-        self.rows, self.offset, self.keys, self.values = rows, 0, None, None
+    def __init__(self):
+        self.offset, self.keys, self.values = 0, None, None
+
+    def _joined(self, old: mx.array, new: mx.array) -> mx.array:
+        if old is None:
+            return new
+        rows = new.shape[0]
+        old = old[:rows] if old.shape[0] >= rows else mx.broadcast_to(old, (rows, *old.shape[1:]))
+        return mx.concatenate([old, new], axis=2)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        if self.keys is None:
-            self.keys, self.values, self.offset = keys, values, keys.shape[2]
-            return keys, values
-        shape = (self.rows, *self.keys.shape[1:])
-        return (mx.concatenate([mx.broadcast_to(self.keys, shape), keys], axis=2),
-                mx.concatenate([mx.broadcast_to(self.values, shape), values], axis=2))
+        self.keys, self.values = self._joined(self.keys, keys), self._joined(self.values, values)
+        self.offset = self.keys.shape[2]
+        return self.keys, self.values
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         return cache_mask(n, offset=self.offset, return_array=return_array, window_size=window_size)
 
 
 def _prefixed_body(inner: nn.Module, layers: int) -> Callable:
-    def body(prefix: mx.array, inputs: mx.array) -> mx.array:
-        cache = [_PrefixCache(inputs.shape[0]) for _ in range(layers)]
-        inner(prefix[None], cache=cache)  # only its keys and values are used: MLX never computes the rest
-        return inner(inputs, cache=cache)
+    def body(prefix: mx.array, inputs: mx.array, *stages: mx.array) -> mx.array:
+        """Hidden states (flat: positions x hidden) of `inputs` after `prefix` (may be empty), then of each of
+        `stages`: the next columns of the first rows of the one before (see `_stages`)."""
+        cache = [_PrefixCache() for _ in range(layers)]
+        if prefix.shape[0]:
+            inner(prefix[None], cache=cache)  # only its keys and values are used: MLX never computes the rest
+        hs = [inner(x, cache=cache) for x in (inputs, *stages)]
+        return mx.concatenate([h.reshape(-1, h.shape[-1]) for h in hs])
 
     return body
+
+
+STAGE_STEP = 16  # stage boundaries fall on multiples of this many columns, so that mx.compile sees few shapes
+STAGE_COST = 48  # positions a stage must save to pay for itself (one more pass of small ops through the blocks)
+MAX_STAGES = 3
+
+
+def _stages(ends: np.ndarray, width: int) -> list[tuple[int, int]]:
+    """(rows, end column) of each stage for rows whose live columns `ends` are in decreasing order: the first
+    stage runs every row up to its end column, each later one only the rows that reach past the one before,
+    from there. Positions after a row's last target cannot change any loss (attention is causal), so a batch
+    of mixed lengths skips most of its padding; the cut that runs the fewest positions (each extra stage
+    counted as STAGE_COST) wins, so rows of one length stay in one stage."""
+    cuts = range(STAGE_STEP, width, STAGE_STEP)
+    best, plan = len(ends) * width, [(len(ends), width)]
+    for n in range(1, MAX_STAGES):
+        for bounds in itertools.combinations(cuts, n):
+            stages, lo = [], 0
+            for hi in (*bounds, width):
+                stages.append((int((ends > lo).sum()), hi))
+                lo = hi
+            cost = sum(rows * (hi - lo) for (rows, hi), lo in zip(stages, (0, *bounds))) + STAGE_COST * n
+            if cost < best and all(rows for rows, _ in stages):
+                best, plan = cost, stages
+    return plan
 
 
 def shared_prefix(inputs: np.ndarray, mask: np.ndarray) -> int:
@@ -243,13 +279,20 @@ def model_parts(model: nn.Module) -> ModelParts:
                               FallbackWarning, stacklevel=2)
         if parts.prefixed is not None:  # two rows sharing their first 4 tokens, through the prefix pass
             rows = mx.concatenate([mx.broadcast_to(ids[:1, :4], (2, 4)), ids[:, 4:]], axis=1)
+            whole = parts.body(rows)[:, 4:].astype(mx.float32)
             try:
                 split = parts.prefixed(rows[0, :4], rows[:, 4:]).astype(mx.float32)
-                whole = parts.body(rows)[:, 4:].astype(mx.float32)
-                if not (split.shape == whole.shape and mx.allclose(whole, split, rtol=1e-3, atol=1e-3).item()):
+                if not mx.allclose(whole.reshape(split.shape), split, rtol=1e-3, atol=1e-3).item():
                     parts.prefixed = None
             except (TypeError, ValueError, AttributeError, IndexError):  # a cache this model cannot use
                 parts.prefixed = None
+        if parts.prefixed is not None:  # in stages: both rows' next 2 columns, then row 0's last 2
+            try:
+                split = parts.prefixed(rows[0, :4], rows[:, 4:6], rows[:1, 6:]).astype(mx.float32)
+                expect = mx.concatenate([whole[:, :2].reshape(-1, whole.shape[-1]), whole[0, 2:]])
+                parts.staged = mx.allclose(expect, split, rtol=1e-3, atol=1e-3).item()
+            except (TypeError, ValueError, AttributeError, IndexError):
+                parts.staged = False
         # Packing check: two rows, each holding two examples, must score as the examples do alone.
         # (Two rows with different layouts catch attention code that broadcasts a per-row mask wrongly.)
         a, b = ids[:1, :5], ids[1:, :3]
@@ -313,13 +356,14 @@ def _logits(model, parts, inputs, segments):
 
 
 def _loss_sums(model, parts: ModelParts, inputs, targets, weights, index=None, segments=None, grad=True,
-               prefix=None):
+               prefix=None, stages=()):
     """(sum of token losses, number of loss tokens). With `index`, only those flat positions reach the head.
     `grad=False`: the sums are not differentiated (evaluation), so a head that trains may be sliced too.
-    `prefix`: token ids that precede every row of `inputs` (`batch_arrays(share=True)`)."""
+    `prefix`: token ids that precede every row of `inputs`, and `stages` the columns that follow it in
+    fewer rows (`batch_arrays(share=True)`)."""
     with _attention_segments(parts, segments):
         if parts.body is not None:
-            h = parts.body(inputs) if prefix is None else parts.prefixed(prefix, inputs)
+            h = parts.body(inputs) if prefix is None else parts.prefixed(prefix, inputs, *stages)
             h = h.reshape(-1, h.shape[-1])
             t = targets.reshape(-1)
             if index is not None:
@@ -341,7 +385,8 @@ def _bucket(n: int) -> int:
     return max(64, round_up(n, 1 << max(6, n.bit_length() - 3)))
 
 
-def batch_arrays(batch, gather: bool = True, bucket: bool = True, share: bool = False) -> list[np.ndarray]:
+def batch_arrays(batch, gather: bool = True, bucket: bool = True, share: bool = False,
+                 stage: bool = False) -> list[np.ndarray]:
     """Batch -> the numpy arrays every engine's loss takes: [inputs, targets, weights, index, segments?].
 
     Trailing columns with no loss in any row are dropped: attention is causal, so they cannot change the
@@ -350,6 +395,10 @@ def batch_arrays(batch, gather: bool = True, bucket: bool = True, share: bool = 
     loss weights; without it, `weights` is the whole flattened mask and there is no index.
     `share` (gathered, unpacked batches only): the columns of `shared_prefix` leave `inputs` and `targets`
     and come last, one row of ids: [inputs, targets, weights, index, prefix].
+    `stage` (with `share`): rows of mixed lengths run in `_stages`, longest rows first. `inputs` is then the
+    first stage, the later stages' ids come before the prefix (empty if there is none), and `targets` and
+    `index` are flat over the stages' positions, one stage after the other: [inputs, targets, weights, index,
+    *stages, prefix].
     """
     inputs = np.asarray(batch.inputs, np.int32)
     targets = np.asarray(batch.targets, np.int32)
@@ -360,12 +409,23 @@ def batch_arrays(batch, gather: bool = True, bucket: bool = True, share: bool = 
     inputs, targets, mask = inputs[:, :length], targets[:, :length], mask[:, :length]
     if segments is not None:
         segments = segments[:, :length]
-    prefix = None
+    prefix, stages = None, []
     if share and gather and segments is None:
         p = shared_prefix(inputs, mask)
         if p:
             prefix = inputs[0, :p]
             inputs, targets, mask = inputs[:, p:], targets[:, p:], mask[:, p:]
+        ends = np.where(mask.any(1), mask.shape[1] - np.argmax(mask[:, ::-1] > 0, axis=1), 0)
+        order = np.argsort(-ends, kind="stable")
+        plan = _stages(ends[order], inputs.shape[1]) if stage else []
+        if len(plan) > 1:
+            inputs, targets, mask = inputs[order], targets[order], mask[order]
+            parts = [(rows, lo, hi) for (rows, hi), lo in zip(plan, [0] + [hi for _, hi in plan[:-1]])]
+            stages = [inputs[:rows, lo:hi] for rows, lo, hi in parts]
+            targets = np.concatenate([targets[:rows, lo:hi].reshape(-1) for rows, lo, hi in parts])
+            mask = np.concatenate([mask[:rows, lo:hi].reshape(-1) for rows, lo, hi in parts])
+            inputs, stages = stages[0], stages[1:]
+            prefix = inputs[0, :0] if prefix is None else prefix
     if gather:
         flat = np.flatnonzero(mask.reshape(-1))
         size = _bucket(len(flat)) if bucket else len(flat)
@@ -378,14 +438,15 @@ def batch_arrays(batch, gather: bool = True, bucket: bool = True, share: bool = 
         arrays = [inputs, targets, mask.reshape(-1)]
     if segments is not None:
         arrays.append(segments)
+    arrays += stages
     if prefix is not None:
         arrays.append(prefix)
     return arrays
 
 
-def prepare_batch(batch, gather: bool = True, share: bool = False) -> list[mx.array]:
+def prepare_batch(batch, gather: bool = True, share: bool = False, stage: bool = False) -> list[mx.array]:
     """Batch -> the MLX arrays `token_loss` takes (see `batch_arrays`)."""
-    return [mx.array(a) for a in batch_arrays(batch, gather, share=share)]
+    return [mx.array(a) for a in batch_arrays(batch, gather, share=share, stage=stage)]
 
 
 def token_loss(model, parts: ModelParts, arrays: list[mx.array], gather: bool,
@@ -395,10 +456,11 @@ def token_loss(model, parts: ModelParts, arrays: list[mx.array], gather: bool,
         inputs, targets, weights, index, *rest = arrays
     else:
         (inputs, targets, weights, *rest), index = arrays, None
-    extra = rest[0] if rest else None  # packing segments (rows x columns) or a shared prefix (one row of ids)
-    prefix = extra if extra is not None and extra.ndim == 1 else None
-    segments = extra if prefix is None else None
-    return _loss_sums(model, parts, inputs, targets, weights, index, segments, grad, prefix)
+    # packing segments (rows x columns), or stages (rows x columns each) and a shared prefix (one row of ids)
+    prefix = rest[-1] if rest and rest[-1].ndim == 1 else None
+    segments = rest[0] if rest and prefix is None else None
+    stages = rest[:-1] if prefix is not None else ()
+    return _loss_sums(model, parts, inputs, targets, weights, index, segments, grad, prefix, stages)
 
 
 def loss_fn(model: nn.Module, batch) -> tuple[mx.array, mx.array]:
@@ -451,7 +513,8 @@ def evaluate_sums(model: nn.Module, records, batch_size: int, max_seq_length: in
     try:
         with cpu_swiglu(model):
             for batch in batches:
-                s, n = token_loss(model, parts, prepare_batch(batch, gather, once), gather, grad=False)
+                s, n = token_loss(model, parts, prepare_batch(batch, gather, once, once and parts.staged), gather,
+                                  grad=False)
                 total, count = total + s, count + n
                 mx.eval(total, count)
     finally:

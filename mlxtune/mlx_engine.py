@@ -145,6 +145,7 @@ class MLXEngine:
         # serve every row's prefix, where each row should get its own).
         self.share = (args.share_prefix and self.parts.prefixed is not None and not args.grad_checkpoint
                       and not any(m.dropout_p > 0 for m in lora_modules(model).values()))
+        self.stage = self.share and self.parts.staged  # rows of mixed lengths skip their padding (`loss._stages`)
         self.name = f"mlx ({'gpu' if mx.default_device() == mx.gpu else 'cpu'})"
         if on_cpu():  # a model loaded elsewhere (mlx_lm.load) gets the CPU's fast QLoRA path too
             compute_dequantized(model)
@@ -211,12 +212,12 @@ class MLXEngine:
         mine = rows_of(batch, world)
         try:
             if accum == 1:
-                total, n, norm = self._step(*prepare_batch(mine, self.gather, self.share))
+                total, n, norm = self._step(*prepare_batch(mine, self.gather, self.share, self.stage))
             else:
                 acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
                 total, n = mx.array(0.0), mx.array(0.0)
                 for part in micro_batches(mine, accum):
-                    t, c, acc = self._accumulate(acc, *prepare_batch(part, self.gather, self.share))
+                    t, c, acc = self._accumulate(acc, *prepare_batch(part, self.gather, self.share, self.stage))
                     total, n = total + t, n + c
                     # one micro-batch at a time: left lazy, MLX ran them all in one graph and the peak grew with
                     # every micro-batch, so accumulation saved no memory (measured: 1.7x at 2 micro-batches)

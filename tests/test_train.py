@@ -366,7 +366,7 @@ def test_loss_is_exact_across_architectures(arch, head_slice, tmp_path_factory, 
     """Tied embeddings (qwen2), logit soft-capping and 5-D attention (gemma2), sliding windows (gemma3):
     the gathered-head loss, packed where the architecture allows it, equals the plain per-example loss;
     with the vocabulary projected 100 rows at a time too (`loss.HEAD_SLICE`), and with a shared opening
-    run once through the attention caches."""
+    run once through the attention caches, the rows after it whole or in stages of fewer rows."""
     from mlxtune import loss as loss_module
     from mlxtune.data import Record
 
@@ -411,6 +411,17 @@ def test_loss_is_exact_across_architectures(arch, head_slice, tmp_path_factory, 
         t, n = token_loss(model, parts, arrays, True)
         s, c = s + t.item(), c + n.item()
     assert c == count and abs(s / c - total / count) < 1e-4
+    # in stages: 4 columns for all 4 rows (9-12 tokens after the opening), then the rows that go on
+    assert parts.staged
+    monkeypatch.setattr(loss_module, "STAGE_STEP", 4)
+    monkeypatch.setattr(loss_module, "STAGE_COST", 0)
+    batch = next(iterate_batches(records, 4, max_seq_length=64, seed=0, loop=False, shuffle=False))
+    arrays = prepare_batch(batch, True, share=True, stage=True)
+    *stages, prefix = [arrays[0]] + arrays[4:]
+    assert prefix.tolist() == opening and len(stages) > 1 and stages[0].shape[0] == 4
+    assert [x.shape[0] for x in stages] == sorted((x.shape[0] for x in stages), reverse=True)
+    t, n = token_loss(model, parts, arrays, True)
+    assert n.item() == count and abs(t.item() / n.item() - total / count) < 1e-4
 
 
 def test_no_model_no_data_trains_the_bundled_demo(tmp_path, monkeypatch, capsys):
@@ -612,16 +623,21 @@ def test_a_shared_system_prompt_runs_once_and_trains_the_same_adapter(tiny_llama
     s2, n2 = loss_module.token_loss(model, parts, [mx.array(a) for a in shared], True)
     assert n1.item() == n2.item() > 0 and abs(s1.item() - s2.item()) < 1e-4 * abs(s1.item())
 
-    calls = []  # the prefix lengths batches were cut at
-    real = loss_module.shared_prefix
+    calls, plans = [], []  # the prefix lengths batches were cut at, and their rows' stages
+    real, stages = loss_module.shared_prefix, loss_module._stages
     monkeypatch.setattr(loss_module, "shared_prefix", lambda *a: calls.append(real(*a)) or calls[-1])
+    monkeypatch.setattr(loss_module, "_stages", lambda *a: plans.append(stages(*a)) or plans[-1])
+    monkeypatch.setattr(loss_module, "STAGE_STEP", 8)  # these rows are short: cut finer than SmolLM2's
+    monkeypatch.setattr(loss_module, "STAGE_COST", 0)
     common = dict(iters=3, batch_size=4, learning_rate=1e-3, seed=2, save_every=0, **FAST)
     once = mlxtune.lora(str(tiny_llama), str(data), adapter_file=tmp_path / "s" / "adapters.npz", **common)
     assert calls and min(calls) >= 8  # every batch of training and validation went through a shared prefix
+    assert sum(len(p) > 1 for p in plans) >= 2  # and some ran in stages
     calls.clear()
+    plans.clear()
     each = mlxtune.lora(str(tiny_llama), str(data), adapter_file=tmp_path / "e" / "adapters.npz", share_prefix=False,
                         **common)
-    assert not calls  # --no-share-prefix: training and validation alike
+    assert not calls and not plans  # --no-share-prefix: training and validation alike
     a, b = npz(once.adapter_file), npz(each.adapter_file)
     assert any(np.abs(v).max() > 0 for k, v in a.items() if k.endswith("lora_b"))
     for k in a:
