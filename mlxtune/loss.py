@@ -117,22 +117,19 @@ STAGE_COST = 48  # positions a stage must save to pay for itself (one more pass 
 MAX_STAGES = 3
 
 
-def _stages(ends: np.ndarray, width: int) -> list[tuple[int, int]]:
-    """(rows, end column) of each stage for rows whose live columns `ends` are in decreasing order: the first
-    stage runs every row up to its end column, each later one only the rows that reach past the one before,
-    from there. Positions after a row's last target cannot change any loss (attention is causal), so a batch
+def _stages(ends: np.ndarray, width: int) -> list[tuple[int, int, int]]:
+    """(rows, first column, end column) of each stage, for rows whose live columns `ends` are in decreasing
+    order: the first stage runs every row up to its end column, each later one only the rows that reach past
+    the one before, from there. Positions after a row's last target cannot change any loss (attention is causal), so a batch
     of mixed lengths skips most of its padding; the cut that runs the fewest positions (each extra stage
     counted as STAGE_COST) wins, so rows of one length stay in one stage."""
     cuts = range(STAGE_STEP, width, STAGE_STEP)
-    best, plan = len(ends) * width, [(len(ends), width)]
+    best, plan = len(ends) * width, [(len(ends), 0, width)]
     for n in range(1, MAX_STAGES):
         for bounds in itertools.combinations(cuts, n):
-            stages, lo = [], 0
-            for hi in (*bounds, width):
-                stages.append((int((ends > lo).sum()), hi))
-                lo = hi
-            cost = sum(rows * (hi - lo) for (rows, hi), lo in zip(stages, (0, *bounds))) + STAGE_COST * n
-            if cost < best and all(rows for rows, _ in stages):
+            stages = [(int((ends > lo).sum()), lo, hi) for lo, hi in zip((0, *bounds), (*bounds, width))]
+            cost = sum(rows * (hi - lo) for rows, lo, hi in stages) + STAGE_COST * n
+            if cost < best and all(rows for rows, _, _ in stages):
                 best, plan = cost, stages
     return plan
 
@@ -415,17 +412,17 @@ def batch_arrays(batch, gather: bool = True, bucket: bool = True, share: bool = 
         if p:
             prefix = inputs[0, :p]
             inputs, targets, mask = inputs[:, p:], targets[:, p:], mask[:, p:]
-        ends = np.where(mask.any(1), mask.shape[1] - np.argmax(mask[:, ::-1] > 0, axis=1), 0)
-        order = np.argsort(-ends, kind="stable")
-        plan = _stages(ends[order], inputs.shape[1]) if stage else []
-        if len(plan) > 1:
-            inputs, targets, mask = inputs[order], targets[order], mask[order]
-            parts = [(rows, lo, hi) for (rows, hi), lo in zip(plan, [0] + [hi for _, hi in plan[:-1]])]
-            stages = [inputs[:rows, lo:hi] for rows, lo, hi in parts]
-            targets = np.concatenate([targets[:rows, lo:hi].reshape(-1) for rows, lo, hi in parts])
-            mask = np.concatenate([mask[:rows, lo:hi].reshape(-1) for rows, lo, hi in parts])
-            inputs, stages = stages[0], stages[1:]
-            prefix = inputs[0, :0] if prefix is None else prefix
+        if stage:
+            ends = np.where(mask.any(1), mask.shape[1] - np.argmax(mask[:, ::-1] > 0, axis=1), 0)
+            order = np.argsort(-ends, kind="stable")
+            plan = _stages(ends[order], inputs.shape[1])
+            if len(plan) > 1:
+                inputs, targets, mask = inputs[order], targets[order], mask[order]
+                stages = [inputs[:rows, lo:hi] for rows, lo, hi in plan]
+                targets = np.concatenate([targets[:rows, lo:hi].reshape(-1) for rows, lo, hi in plan])
+                mask = np.concatenate([mask[:rows, lo:hi].reshape(-1) for rows, lo, hi in plan])
+                inputs, stages = stages[0], stages[1:]
+                prefix = inputs[0, :0] if prefix is None else prefix
     if gather:
         flat = np.flatnonzero(mask.reshape(-1))
         size = _bucket(len(flat)) if bucket else len(flat)
