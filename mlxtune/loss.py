@@ -12,6 +12,7 @@ function mlx-lm's model files call, without touching those files.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import sys
 import warnings
@@ -122,16 +123,29 @@ def _stages(ends: np.ndarray, width: int) -> list[tuple[int, int, int]]:
     order: the first stage runs every row up to its end column, each later one only the rows that reach past
     the one before, from there. Positions after a row's last target cannot change any loss (attention is causal), so a batch
     of mixed lengths skips most of its padding; the cut that runs the fewest positions (each extra stage
-    counted as STAGE_COST) wins, so rows of one length stay in one stage."""
-    cuts = range(STAGE_STEP, width, STAGE_STEP)
+    counted as STAGE_COST) wins, fewer stages and then earlier boundaries on a tie, so rows of one length stay
+    in one stage. Every cut is costed at once (the memory planner runs this on thousands of batches)."""
+    cuts = np.arange(STAGE_STEP, width, STAGE_STEP)
+    reach = (np.asarray(ends)[None, :] > np.concatenate([[0], cuts])[:, None]).sum(1)  # rows past 0, then each cut
     best, plan = len(ends) * width, [(len(ends), 0, width)]
     for n in range(1, MAX_STAGES):
-        for bounds in itertools.combinations(cuts, n):
-            stages = [(int((ends > lo).sum()), lo, hi) for lo, hi in zip((0, *bounds), (*bounds, width))]
-            cost = sum(rows * (hi - lo) for rows, lo, hi in stages) + STAGE_COST * n
-            if cost < best and all(rows for rows, _, _ in stages):
-                best, plan = cost, stages
+        picks = _combinations(len(cuts), n)  # indices into cuts, lexicographic
+        if not len(picks):
+            break
+        lo = np.concatenate([np.zeros((len(picks), 1), np.int64), cuts[picks]], axis=1)
+        hi = np.concatenate([cuts[picks], np.full((len(picks), 1), width)], axis=1)
+        rows = np.concatenate([np.full((len(picks), 1), reach[0]), reach[picks + 1]], axis=1)
+        cost = (rows * (hi - lo)).sum(1) + STAGE_COST * n
+        cost[rows[:, -1] == 0] = best  # a stage without rows is no plan
+        i = int(np.argmin(cost))
+        if cost[i] < best:
+            best, plan = int(cost[i]), [(int(r), int(a), int(b)) for r, a, b in zip(rows[i], lo[i], hi[i])]
     return plan
+
+
+@functools.lru_cache(maxsize=64)
+def _combinations(k: int, n: int) -> np.ndarray:
+    return np.array(list(itertools.combinations(range(k), n)), np.int64).reshape(-1, n)
 
 
 def shared_prefix(inputs: np.ndarray, mask: np.ndarray) -> int:
