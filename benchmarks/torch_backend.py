@@ -247,8 +247,8 @@ def main() -> None:
           f"{'bfloat16 on CUDA' if torch.cuda.is_available() else 'float32 on the CPU'}{', NF4' if opts.quantize else ''}; "
           f"seeds {opts.seeds} (MLX: the first {opts.mlx_seeds}); means over seeds, val loss mean (min-max); "
           f"load average {open('/proc/loadavg').read().split()[0] if os.path.exists('/proc/loadavg') else '?'}\n")
-    names = {"torch-length": "mlxtune --backend torch (length-bucketed batches, the default)",
-             "torch-random": "mlxtune --backend torch --batch-order random",
+    names = {"torch-length": "mlxtune --backend torch --batch-order length (length-bucketed batches)",
+             "torch-random": "mlxtune --backend torch (random batches, the default)",
              "trl": "transformers + PEFT + TRL SFTTrainer (random batches)",
              "mlx-length": "mlxtune --backend mlx (length-bucketed)"}
     print("| model | trainer | real tokens/s | training peak RSS | process peak RSS | val loss |")

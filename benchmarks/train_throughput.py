@@ -168,6 +168,7 @@ def worker_mlxtune(a) -> dict:
                           steps_per_report=a.report, steps_per_eval=0, save_every=0, plot=False,
                           max_seq_length=a.max_seq_length, adapter_file=str(Path(a.out) / "adapters.npz"),
                           force=True, callbacks=[until_target], verbose=False,
+                          # this script's own runs (docs/benchmarks.md) are length-bucketed; smollm2.py passes its order
                           batch_order=getattr(a, "batch_order", "length"),
                           grad_checkpoint=getattr(a, "grad_checkpoint", False),
                           share_prefix=getattr(a, "share_prefix", True))

@@ -33,6 +33,11 @@ FINGERPRINT_KEYS = ["rank", "alpha", "dropout", "target_modules", "batch_size", 
                     "max_seq_length", "pack", "train_on_inputs", "seed"]
 
 
+# What a checkpoint without the key ran with, where the default has changed since: batch_order was written
+# only when not `length`, its default until random batches proved to train better.
+ABSENT = {"batch_order": "length"}
+
+
 def settings_fingerprint(args: TrainingArgs, adapter_modules: list[str], base: str | None, *,
                          data: str | None = None, template: str | None = None) -> dict:
     """What a resumed run must share with its checkpoint: settings, modules, base, data and template identity."""
@@ -41,8 +46,8 @@ def settings_fingerprint(args: TrainingArgs, adapter_modules: list[str], base: s
         keys.append("iters")  # the decay length depends on it
     if args.bias_correction:
         keys.append("bias_correction")  # only when set, like quantize below
-    if args.batch_order != "length" and not args.pack:
-        keys.append("batch_order")  # only when it changes the batches, and not the default (older checkpoints)
+    if not args.pack:
+        keys.append("batch_order")  # --pack fills rows from a random order whatever it says
     if args.quantize:
         keys.append("quantize")  # a 4-bit base computes other losses (only when set: older checkpoints lack the key)
     fp = {k: getattr(args, k) for k in keys}
@@ -160,8 +165,9 @@ def resume_point(args: TrainingArgs, fingerprint: dict, files: RunFiles) -> Resu
     start, ckpt, state_file = found[-1]
     optimizer, meta = read_state(state_file)
     old = meta.get("settings", {})
-    # A setting newer than the checkpoint is absent from it: the checkpoint ran with that setting's default.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArgs)}
+    # A setting newer than the checkpoint is absent from it: the checkpoint ran with that setting's default
+    # at the time, which is today's default unless ABSENT says otherwise.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArgs)} | ABSENT
     diff = [k for k in fingerprint if old.get(k, defaults.get(k, fingerprint[k])) != fingerprint[k]]
     identity = [k for k in IDENTITY if k in diff]
     if identity:

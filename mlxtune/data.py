@@ -1251,7 +1251,7 @@ class DataReport:
     dropped: int  # examples that will be left out (no trained token)
     examples: list[Record]  # the first n training examples as they will be trained (after truncation)
     tokenizer: Any = None  # the tokenizer used, to decode `examples` (see `highlight`)
-    padding: dict[str, float] = field(default_factory=dict)  # "bucketed"/"packed" -> padding share of train batches
+    padding: dict[str, float] = field(default_factory=dict)  # "random"/"bucketed"/"packed" -> train batches' padding
     rendering: str = ""  # how conversations become text, and why (templates.describe_rendering)
 
     def length_stats(self, split: str) -> dict[str, int]:
@@ -1283,7 +1283,7 @@ def inspect_dataset(model, data, *, n: int = 3, max_seq_length: int = 2048, vali
                     cache: bool | str | os.PathLike = True) -> DataReport:
     """Load `data` as training would (with the tokenizer of `model`, a path/hub id or a tokenizer) and report.
 
-    `batch_size` is only used to estimate the padding of training batches, bucketed and packed.
+    `batch_size` is only used to estimate the padding of training batches: random, bucketed and packed.
     """
     if max_seq_length < 2:
         raise ConfigError(f"--max-seq-length {max_seq_length} must be at least 2")
@@ -1298,8 +1298,9 @@ def inspect_dataset(model, data, *, n: int = 3, max_seq_length: int = 2048, vali
                for name, parts in splits.items()}
     padding = {}
     if len(train):
-        padding = {"bucketed": padding_fraction(train, batch_size, max_seq_length=max_seq_length, seed=seed),
-                   "packed": padding_fraction(train, batch_size, max_seq_length=max_seq_length, seed=seed, pack=True)}
+        padding = {order: padding_fraction(train, batch_size, max_seq_length=max_seq_length, seed=seed, order=o, pack=p)
+                   for order, o, p in (("random", "random", False), ("bucketed", "length", False),
+                                       ("packed", "length", True))}
     rendering = templates.describe_rendering(tokenizer, templates.read_template_option(chat_template))
     return DataReport(formats, lengths, max_seq_length, truncated, dropped, list(train[:n]), tokenizer, padding,
                       rendering)

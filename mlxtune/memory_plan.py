@@ -77,6 +77,7 @@ class ModelShape:
     first_adapted: int  # index of the first block carrying a LoRA layer
     lora_mlp: bool  # LoRA on the MLP projections (their inputs are kept for the backward pass)
     gather: bool = True  # the loss gathers target positions before the vocabulary projection
+    stages: bool = False  # the MLX loss may run a batch's rows in stages after a shared prefix (`loss._stages`)
     head_vocab: int = 0  # vocabulary rows whose logits exist at once (loss.head_slice; 0: the whole vocab)
 
     @property
@@ -96,6 +97,10 @@ class MicroBatch:
     length: int
     targets: int  # positions that reach the vocabulary projection (gathered and bucketed, or all)
     packed: bool
+    # How the MLX loss runs it when it shares a prefix and stages rows (`loss.batch_arrays`): (rows, columns)
+    # of each stage after `prefix` columns run once; () when it cannot (packed, or a model that does not stage).
+    stages: tuple[tuple[int, int], ...] = ()
+    prefix: int = 0
 
 
 @dataclass
@@ -109,6 +114,7 @@ class Estimate:
     activations: int
     batch: MicroBatch | None
     settings: dict  # batch_size, grad_accumulation, grad_checkpoint
+    stages: bool = False  # training runs the batches' rows in stages (`MicroBatch.stages`) unless checkpointing
 
     @property
     def peak(self) -> int:
@@ -153,10 +159,14 @@ class Plan:
                   f"  {'optimizer state':<32} {_size(e.optimizer):>10}"]
         b = e.batch
         if b is not None:
-            lines.append(f"Activations of the largest micro-batch ({b.rows} x {b.length} tokens, {b.targets} positions "
-                         f"through the {s.vocab}-word head{', packed' if b.packed else ''}):")
+            staged = e.stages and (len(b.stages) > 1 or b.prefix)
+            how = (f"; without checkpointing: {' + '.join(f'{r} x {c}' for r, c in b.stages)}"
+                   + (" in stages" if len(b.stages) > 1 else "") + (f" after {b.prefix} shared" if b.prefix else "")
+                   if staged else "")
+            lines.append(f"Activations of the largest micro-batch ({b.rows} x {b.length} tokens{how}, {b.targets} "
+                         f"positions through the {s.vocab}-word head{', packed' if b.packed else ''}):")
             for ckpt in (False, True):
-                size = activation_bytes(s, b, ckpt)
+                size = activation_bytes(s, b, ckpt, e.stages and not ckpt)
                 mark = " <-" if ckpt == e.settings["grad_checkpoint"] else ""
                 lines.append(f"  {('with' if ckpt else 'without') + ' gradient checkpointing':<32} {_size(size):>10}{mark}")
             lines.append(f"  (blocks with gradients: {s.grad_blocks} of {s.blocks}; compiled-step temporaries included)")
@@ -251,14 +261,18 @@ def model_shape(model: nn.Module, gather: bool | None = None, *, engine: str = "
     if gather is None:
         gather = parts.body is not None
     mlx_float32 = engine == "mlx" and dequantized_layers(model) > 0
+    # A model already checked by `loss.model_parts` (the one about to train) says whether its rows may run in
+    # stages; a lazily loaded one is not run, and counts on its structure (the check rarely fails).
+    checked = model.__dict__.get("_mlxtune_parts")
+    stages = engine == "mlx" and gather and (checked.staged if checked is not None else parts.prefixed is not None)
     return ModelShape(blocks=len(blocks), hidden=hidden, intermediate=inter, heads=heads, vocab=vocab,
                       act_bytes=4 if mlx_float32 else max(float_sizes, default=4), weights=weights, lora_bytes=lora_bytes,
-                      first_adapted=first, lora_mlp=lora_mlp, gather=gather,
+                      first_adapted=first, lora_mlp=lora_mlp, gather=gather, stages=stages,
                       head_vocab=head_slice(parts) if gather and engine == "mlx" else 0)
 
 
 def micro_batch_shapes(records, args: TrainingArgs, pack: bool, gather: bool, *, batch_size: int | None = None,
-                       grad_accumulation: int | None = None) -> set[MicroBatch]:
+                       grad_accumulation: int | None = None, stages: bool = False) -> set[MicroBatch]:
     """The distinct micro-batch shapes of the run's batches (the same iterator `mlxtune.lora` draws from)."""
     size = batch_size or args.batch_size
     accum = grad_accumulation or args.grad_accumulation
@@ -273,14 +287,26 @@ def micro_batch_shapes(records, args: TrainingArgs, pack: bool, gather: bool, *,
                               loop=True, shuffle=True, pack=pack, order=args.batch_order)
     for _, batch in zip(range(steps), batches):
         for part in micro_batches(batch, accum):
-            arrays = batch_arrays(part, gather)
-            rows, length = arrays[0].shape
-            targets = arrays[3].shape[0] if gather else rows * length
-            shapes.add(MicroBatch(rows, length, targets, part.segments is not None))
+            shapes.add(_micro_batch(part, gather, stages))
     return shapes
 
 
-def eval_shapes(records, args: TrainingArgs, gather: bool, batch_size: int | None = None) -> set[MicroBatch]:
+def _micro_batch(batch, gather: bool, stages: bool) -> MicroBatch:
+    """A batch's shape, whole and (with `stages`) in the stages the MLX loss would run it in."""
+    arrays = batch_arrays(batch, gather)
+    rows, length = arrays[0].shape
+    targets = arrays[3].shape[0] if gather else rows * length
+    packed = batch.segments is not None
+    if not (stages and gather and not packed):
+        return MicroBatch(rows, length, targets, packed)
+    inputs, _, _, _, *rest = batch_arrays(batch, gather, share=True, stage=True)
+    prefix = rest.pop() if rest and rest[-1].ndim == 1 else None  # [*later stages, prefix?]
+    layout = tuple(a.shape for a in (inputs, *rest))
+    return MicroBatch(rows, length, targets, packed, layout, 0 if prefix is None else len(prefix))
+
+
+def eval_shapes(records, args: TrainingArgs, gather: bool, batch_size: int | None = None, *,
+                stages: bool = False) -> set[MicroBatch]:
     """The validation batches' shapes (unpacked, in order, --val-batches of them, --batch-size rows each)."""
     if not records:
         return set()
@@ -291,26 +317,42 @@ def eval_shapes(records, args: TrainingArgs, gather: bool, batch_size: int | Non
     for i, batch in enumerate(batches):
         if args.val_batches != -1 and i >= args.val_batches:
             break
-        arrays = batch_arrays(batch, gather)
-        rows, length = arrays[0].shape
-        shapes.add(MicroBatch(rows, length, arrays[3].shape[0] if gather else rows * length, False))
+        shapes.add(_micro_batch(batch, gather, stages))
     return shapes
+
+
+def staging(shape: ModelShape, args: TrainingArgs) -> bool:
+    """Whether `args` let the MLX loss share a prefix and run rows in stages (validation always may then;
+    training not under --grad-checkpoint nor with LoRA dropout: `MLXEngine.share`)."""
+    return shape.stages and args.share_prefix
 
 
 # ------------------------------------------------------------------------------------------------ the estimate
 
 
-def _terms(s: ModelShape, b: MicroBatch) -> dict[str, float]:
+def _terms(s: ModelShape, b: MicroBatch, staged: bool = False, largest: bool = False) -> dict[str, float]:
+    """The shapes of ACTIVATION's terms. In stages (the prefix once, then each stage's queries against every
+    key up to its end) what a block keeps for the backward pass adds up over the stages, while the step's
+    temporaries exist for one stage at a time: `largest` gives those, the largest stage's."""
     e = s.act_bytes
-    tokens = b.rows * b.length
-    return {"attention": b.rows * s.heads * b.length ** 2 * e, "hidden": tokens * s.hidden * e,
+    tokens, scores = b.rows * b.length, b.rows * b.length ** 2  # positions, and query-key pairs of one head
+    if staged and b.stages:
+        each, end = [(b.prefix, b.prefix ** 2)], b.prefix
+        for rows, columns in b.stages:
+            end += columns
+            each.append((rows * columns, rows * columns * end))
+        pick = max if largest else sum
+        tokens, scores = pick(t for t, _ in each), pick(q for _, q in each)
+    return {"attention": scores * s.heads * e, "hidden": tokens * s.hidden * e,
             "mlp": tokens * s.intermediate * e, "head": b.targets * (s.head_vocab or s.vocab) * 4,
             "packed_mask": b.rows * b.length ** 2 if b.packed else 0}
 
 
-def activation_bytes(s: ModelShape, b: MicroBatch, checkpoint: bool) -> int:
-    """Activations and step temporaries of one micro-batch (see ACTIVATION and CHECKPOINTED)."""
-    t, n = _terms(s, b), s.grad_blocks
+def activation_bytes(s: ModelShape, b: MicroBatch, checkpoint: bool, staged: bool = False) -> int:
+    """Activations and step temporaries of one micro-batch (see ACTIVATION and CHECKPOINTED), its rows run in
+    stages when `staged`."""
+    t, n = _terms(s, b, staged), s.grad_blocks
+    one = _terms(s, b, staged, largest=True)
     mlp_lora = (t["hidden"] + t["mlp"]) if s.lora_mlp else 0.0
     if checkpoint:
         c = CHECKPOINTED
@@ -323,15 +365,15 @@ def activation_bytes(s: ModelShape, b: MicroBatch, checkpoint: bool) -> int:
         c = ACTIVATION
         total = (n * (c["n_attention"] * t["attention"] + c["n_hidden"] * t["hidden"] + c["n_mlp"] * t["mlp"]
                       + c["n_lora_mlp"] * mlp_lora)
-                 + c["attention"] * t["attention"] + c["hidden"] * t["hidden"] + c["mlp"] * t["mlp"]
+                 + c["attention"] * one["attention"] + c["hidden"] * one["hidden"] + c["mlp"] * one["mlp"]
                  + c["head"] * t["head"] + c["packed_mask"] * t["packed_mask"])
     if s.act_bytes == 2:
         total *= HALF_PRECISION[checkpoint]
     return int(total)
 
 
-def evaluation_bytes(s: ModelShape, b: MicroBatch) -> int:
-    t = _terms(s, b)
+def evaluation_bytes(s: ModelShape, b: MicroBatch, staged: bool = False) -> int:
+    t = _terms(s, b, staged)
     return int(sum(EVALUATION[k] * t[k] for k in EVALUATION))
 
 
@@ -344,15 +386,17 @@ def estimate(shape: ModelShape, train_shapes: set[MicroBatch], args: TrainingArg
     lora = shape.lora_bytes
     slots = {"adamw": 2, "adam": 2, "sgd": 1}[args.optimizer]
     grads = lora * (2 if settings["grad_accumulation"] > 1 else 1)  # the accumulator is a second tree
+    stages = staging(shape, args)
+    staged = stages and not args.dropout and not settings["grad_checkpoint"]
     largest, act = None, 0
     for b in train_shapes:
-        size = activation_bytes(shape, b, settings["grad_checkpoint"])
+        size = activation_bytes(shape, b, settings["grad_checkpoint"], staged)
         if size > act:
             largest, act = b, size
     for b in valid_shapes:  # validation runs between steps: its forward pass is a peak of its own
-        act = max(act, evaluation_bytes(shape, b))
+        act = max(act, evaluation_bytes(shape, b, stages))
     return Estimate(weights=shape.weight_bytes, lora=lora, grads=grads, optimizer=lora * slots, activations=act,
-                    batch=largest, settings=settings)
+                    batch=largest, settings=settings, stages=stages and not args.dropout)
 
 
 def candidates(args: TrainingArgs) -> list[tuple[int, int, bool]]:
@@ -373,9 +417,11 @@ def first_fit(shape: ModelShape, splits, args: TrainingArgs, pack: bool, budget:
     seen: dict[tuple[int, int], tuple[set[MicroBatch], set[MicroBatch]]] = {}
     for size, accum, ckpt in candidates(args):
         if (size, accum) not in seen:
+            stages = staging(shape, args)
             seen[(size, accum)] = (micro_batch_shapes(splits.train, args, pack, shape.gather, batch_size=size,
-                                                      grad_accumulation=accum),
-                                   eval_shapes(splits.valid, args, shape.gather, size) if args.iters > 0 else set())
+                                                      grad_accumulation=accum, stages=stages),
+                                   eval_shapes(splits.valid, args, shape.gather, size, stages=stages)
+                                   if args.iters > 0 else set())
         train, valid = seen[(size, accum)]
         found = estimate(shape, train, args, valid_shapes=valid, batch_size=size, grad_accumulation=accum,
                          grad_checkpoint=ckpt)
@@ -445,8 +491,9 @@ def plan_for(shape: ModelShape, splits, args: TrainingArgs, *, backend: str = "m
     """The plan of `args` for a model of `shape` and its data splits; `baseline`: bytes held outside the
     tensors (a CPU torch run's peak is the process's RSS, which starts with the interpreter and libraries)."""
     pack = args.pack if pack is None else pack
-    train_shapes = micro_batch_shapes(splits.train, args, pack, shape.gather)
-    valid = eval_shapes(splits.valid, args, shape.gather) if args.iters > 0 else set()
+    stages = staging(shape, args)
+    train_shapes = micro_batch_shapes(splits.train, args, pack, shape.gather, stages=stages)
+    valid = eval_shapes(splits.valid, args, shape.gather, stages=stages) if args.iters > 0 else set()
     found = estimate(shape, train_shapes, args, valid_shapes=valid)
     found.weights += baseline
     budget, source = memory_budget(backend, device, args.memory_limit)

@@ -239,9 +239,10 @@ def _lora(model, data, *, tokenizer, config, callbacks, verbose, **kwargs) -> Tr
     if args.iters > 0:
         pad = padding_fraction(splits.train, needed, max_seq_length=args.max_seq_length, seed=args.seed, pack=pack,
                                order=args.batch_order)
-        kind = "packed rows" if pack else "length-bucketed" if args.batch_order == "length" else "random batches"
+        kind, other = (("packed rows", "--no-pack") if pack else ("length-bucketed", "--pack")
+                       if args.batch_order == "length" else ("random batches", "--batch-order length or --pack"))
         estimated = ", from the estimated lengths" if lazy else ""
-        say(f"Batches: {100 * pad:.0f}% padding ({kind}{estimated}; {'--no-pack' if pack else '--pack'} to compare)")
+        say(f"Batches: {100 * pad:.0f}% padding ({kind}{estimated}; {other} to compare)")
 
     def batches(start: int):
         return iterate_batches(splits.train, needed, max_seq_length=args.max_seq_length, seed=args.seed,

@@ -55,14 +55,17 @@ def measured_peak(model, data, tmp_path, **settings) -> float:
 
 @pytest.mark.parametrize("settings", [
     dict(batch_size=4, max_seq_length=512, lora_layers=-1, rank=8),
+    dict(batch_size=4, max_seq_length=512, lora_layers=-1, rank=8, batch_order="length"),
     dict(batch_size=4, max_seq_length=512, lora_layers=-1, rank=16, grad_checkpoint=True, pack=True),
     dict(batch_size=2, grad_accumulation=2, max_seq_length=256, lora_layers=1, rank=64, target_modules="all-linear"),
-], ids=["plain", "checkpointed-packed", "accumulated-one-block"])
+], ids=["plain", "length-order", "checkpointed-packed", "accumulated-one-block"])
 def test_estimate_is_within_15_percent_of_the_measured_peak(model, data, tmp_path, settings):
     plan = mlxtune.plan(str(model), str(data), verbose=False, iters=3, **settings)
     estimate = plan.estimate.peak / GB
     # the value shows itself: the report in a terminal, a table in a notebook
     assert LAST_LINE.match(repr(plan).splitlines()[-1]) and "<table" in plan._repr_html_()
+    if settings["batch_size"] == 4 and len(settings) == 4:  # "plain": random batches of 40-400 words run in stages
+        assert len(plan.estimate.batch.stages) > 1 and "in stages" in repr(plan)
     measured = measured_peak(model, data, tmp_path, **settings)
     assert 0.85 <= estimate / measured <= 1.15, f"estimate {estimate:.4f} GB vs measured {measured:.4f} GB"
 

@@ -233,10 +233,23 @@ def test_resume_refuses_other_data_or_another_chat_template(tiny_llama, chat_dat
         mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=folder / "adapters.npz", resume=True,
                      chat_template=str(template), **settings)
     unpacked = dict(settings, pack=False, iters=4)  # another batch order would not continue the same run
-    mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=tmp_path / "u" / "adapters.npz", **unpacked)
+    run = tmp_path / "u" / "adapters.npz"
+    mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=run, **unpacked)  # random batches, the default
+    with pytest.raises(ConfigError, match=r"batch_order=random but this run has batch_order=length"):
+        mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=run, resume=True,
+                     **dict(unpacked, iters=8, batch_order="length"))
+    # A checkpoint from before random became the default has no batch_order: it ran length-bucketed.
+    state = run.parent / "0000004_state.npz"
+    with np.load(state) as z:
+        arrays = dict(z)
+    meta = json.loads(str(arrays["meta"]))
+    del meta["settings"]["batch_order"]
+    np.savez(state, **dict(arrays, meta=np.array(json.dumps(meta))))
     with pytest.raises(ConfigError, match=r"batch_order=length but this run has batch_order=random"):
-        mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=tmp_path / "u" / "adapters.npz", resume=True,
-                     **dict(unpacked, iters=8, batch_order="random"))
+        mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=run, resume=True, **dict(unpacked, iters=8))
+    older = mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=run, resume=True,
+                         **dict(unpacked, iters=8, batch_order="length"))
+    assert older.iterations == 8
     resumed = mlxtune.lora(str(tiny_llama), str(chat_data), adapter_file=folder / "adapters.npz", resume=True, **settings)
     assert resumed.iterations == 12  # the same data and template resume
 

@@ -79,8 +79,9 @@ def inspect_cmd(model, data, n, max_seq_length, valid_split, test_split, seed, t
     click.echo(f"{report.truncated} examples longer than --max-seq-length {report.max_seq_length} will be truncated"
                + (f", {report.dropped} dropped (no trained token)" if report.dropped else ""))
     if report.padding:
-        click.echo(f"padding in training batches of {batch_size}: {100 * report.padding['bucketed']:.1f}% "
-                   f"(with --pack: {100 * report.padding['packed']:.1f}%)")
+        click.echo(f"padding in training batches of {batch_size}: {100 * report.padding['random']:.1f}% "
+                   f"(with --batch-order length: {100 * report.padding['bucketed']:.1f}%, "
+                   f"with --pack: {100 * report.padding['packed']:.1f}%)")
     color = sys.stdout.isatty() if color is None else color
     for i, record in enumerate(report.examples, 1):
         trained = sum(record.mask)
