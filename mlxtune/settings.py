@@ -88,7 +88,7 @@ class TrainingArgs:
                 "are small, it reaches a lower validation loss in the same steps, see docs/training.md; its rows "
                 "run in stages, so most of its padding is not computed); "
                 "length: each batch holds examples of one padded length (a multiple of 8), drawn at random among "
-                "them (least padding, ~15% faster; for large batches of very uneven lengths). "
+                "them (least padding, 15-20% faster on the CPU; for large batches of very uneven lengths). "
                 "Batches come in shuffled order either way; --pack fills rows from a random order."})
     train_on_inputs: bool = field(default=False, metadata={
         "help": "Also learn the prompt/user tokens, not only the completions."})
