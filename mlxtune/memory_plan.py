@@ -292,17 +292,18 @@ def micro_batch_shapes(records, args: TrainingArgs, pack: bool, gather: bool, *,
 
 
 def _micro_batch(batch, gather: bool, stages: bool) -> MicroBatch:
-    """A batch's shape, whole and (with `stages`) in the stages the MLX loss would run it in."""
-    arrays = batch_arrays(batch, gather)
-    rows, length = arrays[0].shape
-    targets = arrays[3].shape[0] if gather else rows * length
+    """A batch's shape, whole and (with `stages`) in the stages the MLX loss would run it in. The stages cover
+    every row and every column after the prefix, so the whole shape follows from them."""
     packed = batch.segments is not None
     if not (stages and gather and not packed):
-        return MicroBatch(rows, length, targets, packed)
-    inputs, _, _, _, *rest = batch_arrays(batch, gather, share=True, stage=True)
-    prefix = rest.pop() if rest and rest[-1].ndim == 1 else None  # [*later stages, prefix?]
+        arrays = batch_arrays(batch, gather)
+        rows, length = arrays[0].shape
+        return MicroBatch(rows, length, arrays[3].shape[0] if gather else rows * length, packed)
+    inputs, _, _, index, *rest = batch_arrays(batch, gather, share=True, stage=True)
+    prefix = len(rest.pop()) if rest and rest[-1].ndim == 1 else 0  # [*later stages, prefix?]
     layout = tuple(a.shape for a in (inputs, *rest))
-    return MicroBatch(rows, length, targets, packed, layout, 0 if prefix is None else len(prefix))
+    return MicroBatch(inputs.shape[0], prefix + sum(columns for _, columns in layout), len(index), False, layout,
+                      prefix)
 
 
 def eval_shapes(records, args: TrainingArgs, gather: bool, batch_size: int | None = None, *,
@@ -387,16 +388,17 @@ def estimate(shape: ModelShape, train_shapes: set[MicroBatch], args: TrainingArg
     slots = {"adamw": 2, "adam": 2, "sgd": 1}[args.optimizer]
     grads = lora * (2 if settings["grad_accumulation"] > 1 else 1)  # the accumulator is a second tree
     stages = staging(shape, args)
-    staged = stages and not args.dropout and not settings["grad_checkpoint"]
+    trained_in_stages = stages and not args.dropout  # unless checkpointing (`MLXEngine.share`)
     largest, act = None, 0
     for b in train_shapes:
-        size = activation_bytes(shape, b, settings["grad_checkpoint"], staged)
+        size = activation_bytes(shape, b, settings["grad_checkpoint"],
+                                trained_in_stages and not settings["grad_checkpoint"])
         if size > act:
             largest, act = b, size
     for b in valid_shapes:  # validation runs between steps: its forward pass is a peak of its own
         act = max(act, evaluation_bytes(shape, b, stages))
     return Estimate(weights=shape.weight_bytes, lora=lora, grads=grads, optimizer=lora * slots, activations=act,
-                    batch=largest, settings=settings, stages=stages and not args.dropout)
+                    batch=largest, settings=settings, stages=trained_in_stages)
 
 
 def candidates(args: TrainingArgs) -> list[tuple[int, int, bool]]:
@@ -415,9 +417,9 @@ def first_fit(shape: ModelShape, splits, args: TrainingArgs, pack: bool, budget:
     """The first of `candidates` whose estimate fits `budget` (None when even the leanest does not).
     Validation batches have --batch-size rows too, so they shrink with each candidate."""
     seen: dict[tuple[int, int], tuple[set[MicroBatch], set[MicroBatch]]] = {}
+    stages = staging(shape, args)
     for size, accum, ckpt in candidates(args):
         if (size, accum) not in seen:
-            stages = staging(shape, args)
             seen[(size, accum)] = (micro_batch_shapes(splits.train, args, pack, shape.gather, batch_size=size,
                                                       grad_accumulation=accum, stages=stages),
                                    eval_shapes(splits.valid, args, shape.gather, size, stages=stages)
