@@ -130,7 +130,8 @@ class Plan:
     budget_source: str
     shape: ModelShape
     suggestion: Estimate | None = None
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # under the breakdown `mlxtune plan` prints
+    warnings: list[str] = field(default_factory=list)  # there too, and under the line `mlxtune lora` prints
 
     @property
     def fits(self) -> bool:
@@ -171,7 +172,7 @@ class Plan:
                 lines.append(f"  {('with' if ckpt else 'without') + ' gradient checkpointing':<32} {_size(size):>10}{mark}")
             lines.append(f"  (blocks with gradients: {s.grad_blocks} of {s.blocks}; compiled-step temporaries included)")
         lines.append(f"Budget: {_size(self.budget)} ({self.budget_source})")
-        lines += self.notes
+        lines += self.notes + self.warnings
         if not self.fits:
             lines.append(self.advice())
         lines.append(self.last_line())
@@ -506,6 +507,15 @@ def plan_for(shape: ModelShape, splits, args: TrainingArgs, *, backend: str = "m
     if backend == "torch":
         result.notes.append("note: torch backend: the activation terms were measured on MLX; torch's autograd keeps "
                             "similar tensors, so treat this estimate as a rougher guess")
+    elif args.grad_checkpoint and stages and not args.dropout:
+        # Checkpointed blocks run every row over the whole batch width (`MLXEngine.share`); on rows of mixed
+        # lengths, or after a long shared prompt, that can cost more than the activations it drops.
+        plain = estimate(shape, train_shapes, args, valid_shapes=valid, grad_checkpoint=False)
+        if plain.peak < found.peak:
+            result.warnings.append(
+                f"note: --grad-checkpoint raises this run's peak by {_size(found.peak - plain.peak)} ({_size(plain.peak)} "
+                "without it): checkpointed blocks cannot share the batch's common prompt nor run its rows in stages "
+                "of their own lengths, and these batches save more that way; drop --grad-checkpoint")
     if not result.fits:
         suggestion = first_fit(shape, splits, args, pack, int(MARGIN * budget) - baseline)
         if suggestion is not None:
@@ -531,6 +541,8 @@ def check_memory(model, splits, args: TrainingArgs, *, backend: str = "mlx", dev
         shape = model_shape(model)
     result = plan_for(shape, splits, args, backend=backend, device=device, pack=pack, baseline=baseline)
     say(result.short_line())
+    for line in result.warnings:
+        say(line)
     if result.fits:
         return args
     if args.auto_fit and result.suggestion is not None:

@@ -115,6 +115,24 @@ def test_auto_fit_stays_under_the_memory_limit(model, data, tmp_path, capsys):
     assert peak < limit, f"measured {peak:.4f} GB over the {limit:.4f} GB limit"
 
 
+def test_lora_says_when_grad_checkpoint_raises_the_peak(model, data, tmp_path, capsys):
+    # Random batches of 40-400 words run in stages of their own lengths; checkpointed blocks cannot, and on
+    # this 3-block model that costs more than the activations they drop. The note must be true, and said.
+    settings = dict(batch_size=4, max_seq_length=512, lora_layers=-1, rank=8)
+    checkpointed = mlxtune.plan(str(model), str(data), verbose=False, iters=3, grad_checkpoint=True, **settings)
+    plain = mlxtune.plan(str(model), str(data), verbose=False, iters=3, **settings)
+    assert checkpointed.estimate.peak > plain.estimate.peak and not plain.warnings
+    assert len(checkpointed.warnings) == 1 and "drop --grad-checkpoint" in checkpointed.warnings[0]
+    assert checkpointed.warnings[0] in repr(checkpointed)  # `mlxtune plan` shows it too
+    assert measured_peak(model, data, tmp_path / "c", grad_checkpoint=True, **settings) > \
+        measured_peak(model, data, tmp_path / "p", **settings)
+    mlxtune.lora(str(model), str(data), adapter_file=str(tmp_path / "said" / "adapters.npz"), iters=1,
+                 steps_per_eval=0, plot=False, save_every=0, grad_checkpoint=True, **settings)
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("Memory plan:"))
+    assert lines[at + 1].startswith("note: --grad-checkpoint raises this run's peak by "), lines[at:at + 2]
+
+
 def test_force_starts_a_run_over_the_budget(model, data, tmp_path, capsys):
     mlxtune.lora(str(model), str(data), adapter_file=str(tmp_path / "forced" / "adapters.npz"), iters=1,
                  steps_per_eval=0, plot=False, save_every=0, memory_limit="1MB", force=True)
