@@ -507,7 +507,7 @@ def plan_for(shape: ModelShape, splits, args: TrainingArgs, *, backend: str = "m
     if backend == "torch":
         result.notes.append("note: torch backend: the activation terms were measured on MLX; torch's autograd keeps "
                             "similar tensors, so treat this estimate as a rougher guess")
-    elif args.grad_checkpoint and stages and not args.dropout:
+    if args.grad_checkpoint and found.stages:  # (the torch engine never stages)
         # Checkpointed blocks run every row over the whole batch width (`MLXEngine.share`); on rows of mixed
         # lengths, or after a long shared prompt, that can cost more than the activations it drops.
         plain = estimate(shape, train_shapes, args, valid_shapes=valid, grad_checkpoint=False)
