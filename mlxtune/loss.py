@@ -27,7 +27,7 @@ from mlx_lm.models.cache import create_attention_mask as cache_mask
 
 from .data import evaluation_batches, round_up
 from .errors import ConfigError, DataError, FallbackWarning
-from .fast_exp import cpu_swiglu, exp, logsumexp
+from .fast_exp import cpu_swaps, exp, logsumexp
 
 
 @dataclass
@@ -522,7 +522,7 @@ def evaluate_sums(model: nn.Module, records, batch_size: int, max_seq_length: in
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
     try:
-        with cpu_swiglu(model):
+        with cpu_swaps(model):
             for batch in batches:
                 s, n = token_loss(model, parts, prepare_batch(batch, gather, once, once and parts.staged), gather,
                                   grad=False)

@@ -24,7 +24,7 @@ from .data import micro_batches
 from .dequantized import compute_dequantized, on_cpu
 from .distributed import World, rows_of
 from .errors import TrainingError
-from .fast_exp import cpu_swiglu
+from .fast_exp import cpu_swaps
 from .layers import lora_modules, transformer_blocks
 from .loss import evaluate_sums, model_parts, prepare_batch, token_loss
 from .schedule import learning_rate_at
@@ -156,7 +156,7 @@ class MLXEngine:
         loss_and_grad = nn.value_and_grad(model, lambda m, *arrays: loss(m, self.parts, list(arrays), self.gather))
 
         def value_and_grad(*arrays):
-            with cpu_swiglu(model):  # entered while tracing: every new shape's trace takes it too
+            with cpu_swaps(model):  # entered while tracing: every new shape's trace takes it too
                 return loss_and_grad(model, *arrays)
 
         clip = args.max_grad_norm
