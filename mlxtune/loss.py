@@ -42,6 +42,7 @@ class ModelParts:
     cap: float | None = None  # final logit soft-capping (Gemma 2)
     prefixed: Callable | None = None  # (prefix ids, rows' ids, *stages) -> flat hidden states; None: not verified
     staged: bool = False  # verified: rows may run in stages of fewer rows (`_stages`)
+    checkpointed: bool = False  # its blocks recompute their activations in the backward (checkpoint_blocks)
 
 
 def _find_parts(model: nn.Module) -> ModelParts:
@@ -163,6 +164,7 @@ def shared_prefix(inputs: np.ndarray, mask: np.ndarray) -> int:
 # ---------------------------------------------------------------------------------------- the sliced head
 
 HEAD_SLICE = 4096  # vocabulary rows the loss projects onto at a time (see `_sliced_cross_entropy`)
+HEAD_KEEP = 1 << 27  # bytes of the sliced head's exps kept from its forward pass for its backward (`head_kept`)
 
 
 def _sliceable(module) -> nn.Module | None:
@@ -185,6 +187,16 @@ def head_slice(parts: ModelParts, grad: bool = True) -> int:
     if p is None or p["weight"].shape[0] <= HEAD_SLICE or (grad and tree_flatten(p.trainable_parameters())):
         return 0
     return HEAD_SLICE
+
+
+def head_kept(rows: int, vocab: int, checkpointed: bool) -> bool:
+    """Whether the sliced head keeps its exps (rows x vocabulary float32) from the forward pass for the
+    backward instead of projecting again: one vocabulary matmul and one exp per logit fewer a step (the head's
+    forward and backward on SmolLM2's 256 target rows: 0.27 -> 0.20 s, ~3.5% of a step), for rows x vocab x 4
+    bytes held from the head's forward to its backward. Up to HEAD_KEEP bytes (128 MiB: 256-320 rows of a 49k
+    vocabulary take 50-63 MB), and not under gradient checkpointing, which asks for memory before time. The
+    memory planner asks the same question here."""
+    return not checkpointed and rows * vocab * 4 <= HEAD_KEEP
 
 
 def _slice_logits(module: nn.Module, h: mx.array, lo: int, hi: int) -> mx.array:
@@ -213,16 +225,18 @@ def _slice_input_grad(module: nn.Module, dz: mx.array, lo: int, hi: int) -> mx.a
     return dz @ mx.dequantize(w, scales, biases, module.group_size, module.bits).astype(dz.dtype)
 
 
-def _sliced_cross_entropy(parts: ModelParts, h: mx.array, t: mx.array) -> mx.array:
+def _sliced_cross_entropy(parts: ModelParts, h: mx.array, t: mx.array, grad: bool = True) -> mx.array:
     """Per-row cross-entropy of the head's logits for (rows, hidden) states `h` and targets `t`, without the
     whole (rows, vocabulary) logits: HEAD_SLICE rows of the projection at a time give a running log-sum-exp
-    and the target logits that fall in them, forward, and are recomputed one slice at a time for the
-    gradient. SmolLM2 (49k vocabulary, 8-bit tied embedding), 256 target rows: the head's temporaries were
-    ~240-290 MB in one piece (logits, softmax and gradients, 50 MB each). The same values as
-    `nn.losses.cross_entropy` on the whole logits, summed in another order."""
+    and the target logits that fall in them, forward. For the gradient each slice's exps are kept from the
+    forward pass (`head_kept`: small enough, and `grad`) or the slice is projected again. SmolLM2 (49k
+    vocabulary, 8-bit tied embedding), 256 target rows: the head's temporaries were ~240-290 MB in one piece
+    (logits, softmax and gradients, 50 MB each). The same values as `nn.losses.cross_entropy` on the whole
+    logits, summed in another order."""
     module, cap = parts.projection, parts.cap
     vocab = module["weight"].shape[0]
     slices = [(lo, min(lo + HEAD_SLICE, vocab)) for lo in range(0, vocab, HEAD_SLICE)]
+    keep = grad and not cap and head_kept(h.shape[0], vocab, parts.checkpointed)  # (capped logits: the backward needs z too)
 
     def logits(x, lo, hi):
         z = _slice_logits(module, x, lo, hi).astype(mx.float32)
@@ -236,32 +250,43 @@ def _sliced_cross_entropy(parts: ModelParts, h: mx.array, t: mx.array) -> mx.arr
     @mx.custom_function
     def loss(x, targets):
         lse = target = previous = None
+        kept = []  # each slice's exp(z - its row maxima), and those maxima
         for lo, hi in slices:
             z = logits(after(x, previous), lo, hi)
             at = mx.take_along_axis(z, mx.clip(targets - lo, 0, hi - lo - 1)[:, None], axis=-1)[:, 0]
-            part = logsumexp(z, axis=-1)
+            if keep:
+                top = z.max(axis=-1)
+                e = exp(z - top[:, None])
+                part = top + mx.log(e.sum(axis=-1))
+                kept += [e, top]
+            else:
+                part = logsumexp(z, axis=-1)
             hit = mx.where((targets >= lo) & (targets < hi), at, 0.0)
             lse = part if lse is None else mx.logaddexp(lse, part)
             target = hit if target is None else target + hit
             previous = [lse, target]
-        return lse - target, lse
+        return (lse - target, lse, *kept)
 
     @loss.vjp
     def loss_vjp(primals, cotangents, outputs):
         x, targets = primals
         d, lse = cotangents[0], outputs[1]
-        grad = previous = None
-        for lo, hi in slices:
-            z = logits(after(x, previous), lo, hi)
-            dz = exp(z - lse[:, None])  # softmax
+        dx = previous = None
+        for i, (lo, hi) in enumerate(slices):
+            if keep:  # softmax = exp(z - top) * exp(top - lse)
+                e, top = outputs[2 + 2 * i], outputs[3 + 2 * i]
+                dz = after(e, previous) * exp(top - lse)[:, None]
+            else:
+                z = logits(after(x, previous), lo, hi)
+                dz = exp(z - lse[:, None])  # softmax
             dz = dz - (mx.arange(lo, hi)[None] == targets[:, None])
             dz = dz * d[:, None]
             if cap:
                 dz = dz * (1 - (z / cap) ** 2)
             part = _slice_input_grad(module, dz.astype(x.dtype), lo, hi)
-            grad = part if grad is None else grad + part
-            previous = [grad]
-        return grad, mx.zeros_like(targets)
+            dx = part if dx is None else dx + part
+            previous = [dx]
+        return dx, mx.zeros_like(targets)
 
     return loss(h, t)[0]
 
@@ -380,7 +405,7 @@ def _loss_sums(model, parts: ModelParts, inputs, targets, weights, index=None, s
             if index is not None:
                 h, t = h[index], t[index]
             if head_slice(parts, grad):
-                return (_sliced_cross_entropy(parts, h, t) * weights).sum(), weights.sum()
+                return (_sliced_cross_entropy(parts, h, t, grad) * weights).sum(), weights.sum()
             logits = parts.head(h)
         else:
             logits = model(inputs)

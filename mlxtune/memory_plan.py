@@ -34,7 +34,7 @@ from .display import fields_html
 from .errors import ConfigError
 from .files import proc_field_bytes
 from .layers import MLP_MODULES, LoRALinear, apply_lora, transformer_blocks
-from .loss import _find_parts, batch_arrays, head_slice
+from .loss import _find_parts, batch_arrays, head_kept, head_slice
 from .models import load_model
 from .settings import TrainingArgs, normalize_keys, read_config_file, training_args
 
@@ -365,10 +365,12 @@ def activation_bytes(s: ModelShape, b: MicroBatch, checkpoint: bool, staged: boo
                  + c["head"] * t["head"] + c["head_frozen"] * frozen + c["lora_mlp"] * mlp_lora)
     else:
         c = ACTIVATION
+        # the sliced head's exps, kept from its forward to its backward: exact bytes, not fitted
+        kept = b.targets * s.vocab * 4 if s.head_vocab and head_kept(b.targets, s.vocab, checkpoint) else 0
         total = (n * (c["n_attention"] * t["attention"] + c["n_hidden"] * t["hidden"] + c["n_mlp"] * t["mlp"]
                       + c["n_lora_mlp"] * mlp_lora)
                  + c["attention"] * one["attention"] + c["hidden"] * one["hidden"] + c["mlp"] * one["mlp"]
-                 + c["head"] * t["head"] + c["packed_mask"] * t["packed_mask"])
+                 + c["head"] * t["head"] + c["packed_mask"] * t["packed_mask"] + kept)
     if s.act_bytes == 2:
         total *= HALF_PRECISION[checkpoint]
     return int(total)

@@ -46,6 +46,7 @@ def checkpoint_blocks(model: nn.Module) -> None:
 
     Done per instance (a subclass swapped in), so other models of the same class are not affected.
     """
+    model_parts(model).checkpointed = True  # (so the sliced head projects again too: loss.head_kept)
     made: dict[type, type] = {}
     for block in transformer_blocks(model):
         cls = type(block)

@@ -553,15 +553,18 @@ def test_lazily_tokenized_data_trains_and_resumes_exactly(tiny_llama, chat_data,
 
 @pytest.mark.parametrize("weights", ["float32", "4-bit", "4-bit computed de-quantized"])
 def test_the_sliced_head_gives_the_whole_heads_loss_and_gradients(tiny_llama, chat_data, weights, monkeypatch):
-    """The loss projects onto HEAD_SLICE vocabulary rows at a time and recomputes them for the gradient
-    (`loss._sliced_cross_entropy`): the same loss and LoRA gradients as the whole projection, for a plain,
-    a quantized and a de-quantizing head (the tiny llama's lm_head is its own, untied)."""
+    """The loss projects onto HEAD_SLICE vocabulary rows at a time (`loss._sliced_cross_entropy`) and, for the
+    gradient, keeps each slice's exps from the forward pass (`loss.head_kept`) or projects the slice again
+    (over HEAD_KEEP bytes, or with checkpointed blocks): the same loss and LoRA gradients as the whole
+    projection either way, for a plain, a quantized and a de-quantizing head (the tiny llama's lm_head is its
+    own, untied)."""
     from mlx.utils import tree_flatten
 
     from mlxtune import loss as loss_module
     from mlxtune.dequantized import compute_dequantized
     from mlxtune.layers import apply_lora
     from mlxtune.memory_plan import model_shape
+    from mlxtune.mlx_engine import checkpoint_blocks
 
     model, tok = load(str(tiny_llama))
     if weights != "float32":
@@ -585,7 +588,18 @@ def test_the_sliced_head_gives_the_whole_heads_loss_and_gradients(tiny_llama, ch
     monkeypatch.setattr(loss_module, "HEAD_SLICE", vocab)  # one piece: the whole projection
     whole, whole_grads = value_and_grads()
     monkeypatch.setattr(loss_module, "HEAD_SLICE", vocab // 3 + 1)  # three slices, the last one short
-    sliced, sliced_grads = value_and_grads()
+    projected, real_slice = [], loss_module._slice_logits
+    monkeypatch.setattr(loss_module, "_slice_logits", lambda *a: projected.append(1) or real_slice(*a))
+    sliced, sliced_grads = value_and_grads()  # the exps kept: each slice projected once
+    assert len(projected) == 3
+    keep = loss_module.HEAD_KEEP
+    monkeypatch.setattr(loss_module, "HEAD_KEEP", 0)  # over the limit: each slice projected again for the gradient
+    again, again_grads = value_and_grads()
+    assert len(projected) == 3 + 6
+    monkeypatch.setattr(loss_module, "HEAD_KEEP", keep)
+    checkpoint_blocks(model)  # gradient checkpointing asks for memory first: projected again too
+    checkpointed, checkpointed_grads = value_and_grads()
+    assert len(projected) == 9 + 6
     # the memory plan counts the slice the loss holds, and the whole vocabulary for the torch engine's loss
     assert model_shape(model).head_vocab == vocab // 3 + 1
     assert model_shape(model, engine="torch").head_vocab == 0
@@ -601,10 +615,11 @@ def test_the_sliced_head_gives_the_whole_heads_loss_and_gradients(tiny_llama, ch
         monkeypatch.setattr(loss_module, "HEAD_SLICE", vocab)
         whole_total, whole_count = loss_module.evaluate_sums(model, splits.valid, 4, 512, 1)
         assert calls == [1] and count == whole_count > 0 and abs(total - whole_total) < 1e-5 * abs(whole_total)
-    assert abs(whole - sliced) < 1e-5 * abs(whole)
-    assert set(whole_grads) == set(sliced_grads) and len(whole_grads) == 12
-    for k, g in whole_grads.items():
-        np.testing.assert_allclose(np.array(sliced_grads[k]), np.array(g), rtol=1e-3, atol=1e-6, err_msg=k)
+    for value, grads in ((sliced, sliced_grads), (again, again_grads), (checkpointed, checkpointed_grads)):
+        assert abs(whole - value) < 1e-5 * abs(whole)
+        assert set(whole_grads) == set(grads) and len(whole_grads) == 12
+        for k, g in whole_grads.items():
+            np.testing.assert_allclose(np.array(grads[k]), np.array(g), rtol=1e-3, atol=1e-6, err_msg=k)
 
 
 def test_a_shared_system_prompt_runs_once_and_trains_the_same_adapter(tiny_llama, chat_data, tmp_path, monkeypatch):
