@@ -29,7 +29,7 @@ import mlx.nn as nn
 from .backends import select_backend
 from .data import PAD_MULTIPLE, is_lazy, iterate_batches, load_dataset, micro_batches, round_up
 from .defaults import DEFAULT_LORA_CONFIG, fill_in
-from .dequantized import dequantized_layers
+from .dequantized import _switchable, dequantized_layers, on_cpu
 from .display import fields_html
 from .errors import ConfigError
 from .files import proc_field_bytes
@@ -50,13 +50,19 @@ GB = 1e9  # the report's `Peak mem` is in 1e9 bytes; so is everything here
 ACTIVATION = {  # no gradient checkpointing: every block keeps what its backward needs
     "n_attention": 1.047, "n_hidden": 6.91, "n_mlp": 3.869, "n_lora_mlp": 0.092,
     "attention": 2.058, "hidden": 13.641, "mlp": 3.551, "head": 3.963, "packed_mask": 4.649,
+    "head_weights": 6.0,
 }
 CHECKPOINTED = {  # --grad-checkpoint: blocks keep their inputs; one block at a time is recomputed
     "n_hidden": 0.655, "n_attention": 0.152, "attention": 2.938, "hidden": 29.127, "mlp": 6.22,
-    "head": 2.448, "head_frozen": 0.137, "lora_mlp": 4.407,
+    "head": 2.448, "head_frozen": 0.137, "lora_mlp": 4.407, "head_weights": 8.8,
 }
 HALF_PRECISION = {False: 1.14, True: 1.0}  # 2-byte activations keep some float32 temporaries (softmax, norms)
-EVALUATION = {"attention": 2.058, "hidden": 13.641, "mlp": 3.551, "head": 3.963}  # forward only: no saved blocks
+EVALUATION = {"attention": 2.058, "hidden": 13.641, "mlp": 3.551, "head": 3.963,  # forward only: no saved blocks
+              "head_weights": 5.5}
+# "head_weights" = one vocabulary slice of a de-quantizing head as float32 (slice rows x hidden x 4): MLX's CPU
+# de-quantization makes several full-size temporaries, and the compiled step overlaps about two slices'. Measured,
+# not fitted: SmolLM2's 4-bit tied head, 64 rows, 4096-row slices: 52 MB forward, 68 MB forward and backward
+# with the exps kept, 83 MB projecting again (as under checkpointing), against 9.4 MB for one slice.
 MARGIN = 0.85  # settings suggested or chosen by --auto-fit leave the planner's 15% accuracy free under the budget
 LAZY_SCAN_LIMIT = 64  # batches read ahead from lazily tokenized data (each read tokenizes its records)
 SCAN_LIMIT = 5000  # batches read ahead of a run (the shapes repeat from epoch to epoch; this bounds the time)
@@ -79,6 +85,7 @@ class ModelShape:
     gather: bool = True  # the loss gathers target positions before the vocabulary projection
     stages: bool = False  # the MLX loss may run a batch's rows in stages after a shared prefix (`loss._stages`)
     head_vocab: int = 0  # vocabulary rows whose logits exist at once (loss.head_slice; 0: the whole vocab)
+    head_dequantized: bool = False  # the sliced head de-quantizes its slices (a quantized head on the CPU)
 
     @property
     def weight_bytes(self) -> int:
@@ -269,7 +276,13 @@ def model_shape(model: nn.Module, gather: bool | None = None, *, engine: str = "
     return ModelShape(blocks=len(blocks), hidden=hidden, intermediate=inter, heads=heads, vocab=vocab,
                       act_bytes=4 if mlx_float32 else max(float_sizes, default=4), weights=weights, lora_bytes=lora_bytes,
                       first_adapted=first, lora_mlp=lora_mlp, gather=gather, stages=stages,
-                      head_vocab=head_slice(parts) if gather and engine == "mlx" else 0)
+                      head_vocab=head_slice(parts) if gather and engine == "mlx" else 0,
+                      head_dequantized=engine == "mlx" and on_cpu() and _switchable_quantized(parts.projection))
+
+
+def _switchable_quantized(module) -> bool:
+    # (a model quantized by --quantize is planned before `compute_dequantized` switches its layers)
+    return isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and _switchable(module)
 
 
 def micro_batch_shapes(records, args: TrainingArgs, pack: bool, gather: bool, *, batch_size: int | None = None,
@@ -347,6 +360,7 @@ def _terms(s: ModelShape, b: MicroBatch, staged: bool = False, largest: bool = F
         tokens, scores = pick(t for t, _ in each), pick(q for _, q in each)
     return {"attention": scores * s.heads * e, "hidden": tokens * s.hidden * e,
             "mlp": tokens * s.intermediate * e, "head": b.targets * (s.head_vocab or s.vocab) * 4,
+            "head_weights": s.head_vocab * s.hidden * 4 if s.head_dequantized else 0,
             "packed_mask": b.rows * b.length ** 2 if b.packed else 0}
 
 
@@ -362,7 +376,8 @@ def activation_bytes(s: ModelShape, b: MicroBatch, checkpoint: bool, staged: boo
         frozen = t["head"] if s.first_adapted > 0 else 0.0
         total = (n * (c["n_hidden"] * t["hidden"] + c["n_attention"] * t["attention"])
                  + c["attention"] * t["attention"] + c["hidden"] * t["hidden"] + c["mlp"] * t["mlp"]
-                 + c["head"] * t["head"] + c["head_frozen"] * frozen + c["lora_mlp"] * mlp_lora)
+                 + c["head"] * t["head"] + c["head_frozen"] * frozen + c["lora_mlp"] * mlp_lora
+                 + c["head_weights"] * t["head_weights"])
     else:
         c = ACTIVATION
         # the sliced head's exps, kept from its forward to its backward: exact bytes, not fitted
@@ -370,7 +385,8 @@ def activation_bytes(s: ModelShape, b: MicroBatch, checkpoint: bool, staged: boo
         total = (n * (c["n_attention"] * t["attention"] + c["n_hidden"] * t["hidden"] + c["n_mlp"] * t["mlp"]
                       + c["n_lora_mlp"] * mlp_lora)
                  + c["attention"] * one["attention"] + c["hidden"] * one["hidden"] + c["mlp"] * one["mlp"]
-                 + c["head"] * t["head"] + c["packed_mask"] * t["packed_mask"] + kept)
+                 + c["head"] * t["head"] + c["packed_mask"] * t["packed_mask"] + kept
+                 + c["head_weights"] * t["head_weights"])
     if s.act_bytes == 2:
         total *= HALF_PRECISION[checkpoint]
     return int(total)
