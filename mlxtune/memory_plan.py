@@ -29,7 +29,7 @@ import mlx.nn as nn
 from .backends import select_backend
 from .data import PAD_MULTIPLE, is_lazy, iterate_batches, load_dataset, micro_batches, round_up
 from .defaults import DEFAULT_LORA_CONFIG, fill_in
-from .dequantized import _switchable, dequantized_layers, on_cpu
+from .dequantized import dequantized_layers, on_cpu
 from .display import fields_html
 from .errors import ConfigError
 from .files import proc_field_bytes
@@ -273,16 +273,15 @@ def model_shape(model: nn.Module, gather: bool | None = None, *, engine: str = "
     # stages; a lazily loaded one is not run, and counts on its structure (the check rarely fails).
     checked = model.__dict__.get("_mlxtune_parts")
     stages = engine == "mlx" and gather and (checked.staged if checked is not None else parts.prefixed is not None)
+    # A quantized head the loss may slice is affine (`loss._sliceable`): the CPU de-quantizes it. The base classes,
+    # since --quantize plans a model before `compute_dequantized` switches its layers.
+    dequantized_head = (engine == "mlx" and on_cpu()
+                        and isinstance(parts.projection, (nn.QuantizedLinear, nn.QuantizedEmbedding)))
     return ModelShape(blocks=len(blocks), hidden=hidden, intermediate=inter, heads=heads, vocab=vocab,
                       act_bytes=4 if mlx_float32 else max(float_sizes, default=4), weights=weights, lora_bytes=lora_bytes,
                       first_adapted=first, lora_mlp=lora_mlp, gather=gather, stages=stages,
                       head_vocab=head_slice(parts) if gather and engine == "mlx" else 0,
-                      head_dequantized=engine == "mlx" and on_cpu() and _switchable_quantized(parts.projection))
-
-
-def _switchable_quantized(module) -> bool:
-    # (a model quantized by --quantize is planned before `compute_dequantized` switches its layers)
-    return isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and _switchable(module)
+                      head_dequantized=dequantized_head)
 
 
 def micro_batch_shapes(records, args: TrainingArgs, pack: bool, gather: bool, *, batch_size: int | None = None,
