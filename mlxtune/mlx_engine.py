@@ -20,6 +20,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .adapters import AdapterConfig, check_fits, model_adapter_arrays
+from .cpu_memory import keep_freed_memory
 from .data import micro_batches
 from .dequantized import compute_dequantized, on_cpu
 from .distributed import World, rows_of
@@ -150,6 +151,7 @@ class MLXEngine:
         self.name = f"mlx ({'gpu' if mx.default_device() == mx.gpu else 'cpu'})"
         if on_cpu():  # a model loaded elsewhere (mlx_lm.load) gets the CPU's fast QLoRA path too
             compute_dequantized(model)
+            keep_freed_memory()
         if args.grad_checkpoint:
             checkpoint_blocks(model)
         model.train()

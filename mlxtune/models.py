@@ -22,6 +22,7 @@ from mlx_lm.utils import load_model as _mlx_load_model
 from mlx_lm.utils import load_tokenizer as _load_tokenizer
 
 from .adapters import load_adapter
+from .cpu_memory import keep_freed_memory
 from .dequantized import compute_dequantized, on_cpu
 from .errors import ModelLoadError
 from .gguf.sources import resolve_model
@@ -115,6 +116,7 @@ def load_model(path_or_id: str | os.PathLike, *, lazy: bool = False, revision: s
     use_tanh_gelu_for_gemma(model, config)
     if on_cpu():  # MLX's quantized matmul is slow on the CPU: see mlxtune.dequantized
         compute_dequantized(model)
+        keep_freed_memory()  # and its allocator refaults every freed page: see mlxtune.cpu_memory
     tokenizer = load_tokenizer(path, config)
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, path=path)
 
