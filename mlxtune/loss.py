@@ -189,14 +189,15 @@ def head_slice(parts: ModelParts, grad: bool = True) -> int:
     return HEAD_SLICE
 
 
-def head_kept(rows: int, vocab: int, checkpointed: bool) -> bool:
+def head_kept(rows: int, vocab: int, checkpointed: bool, capped: bool = False) -> bool:
     """Whether the sliced head keeps its exps (rows x vocabulary float32) from the forward pass for the
     backward instead of projecting again: one vocabulary matmul and one exp per logit fewer a step (the head's
     forward and backward on SmolLM2's 256 target rows: 0.27 -> 0.20 s, ~3.5% of a step), for rows x vocab x 4
     bytes held from the head's forward to its backward. Up to HEAD_KEEP bytes (128 MiB: 256-320 rows of a 49k
-    vocabulary take 50-63 MB), and not under gradient checkpointing, which asks for memory before time. The
-    memory planner asks the same question here."""
-    return not checkpointed and rows * vocab * 4 <= HEAD_KEEP
+    vocabulary take 50-63 MB), not under gradient checkpointing, which asks for memory before time, and not for
+    soft-capped logits (Gemma 2), whose backward needs the logits too. The memory planner asks the same question
+    here."""
+    return not checkpointed and not capped and rows * vocab * 4 <= HEAD_KEEP
 
 
 def _slice_logits(module: nn.Module, h: mx.array, lo: int, hi: int) -> mx.array:
@@ -240,7 +241,7 @@ def _sliced_cross_entropy(parts: ModelParts, h: mx.array, t: mx.array, grad: boo
     module, cap = parts.projection, parts.cap
     vocab = module["weight"].shape[0]
     slices = [(lo, min(lo + HEAD_SLICE, vocab)) for lo in range(0, vocab, HEAD_SLICE)]
-    keep = grad and not cap and head_kept(h.shape[0], vocab, parts.checkpointed)  # (capped logits: the backward needs z too)
+    keep = grad and head_kept(h.shape[0], vocab, parts.checkpointed, capped=bool(cap))
 
     def logits(x, lo, hi):
         z = _slice_logits(module, x, lo, hi).astype(mx.float32)

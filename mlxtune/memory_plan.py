@@ -86,6 +86,7 @@ class ModelShape:
     stages: bool = False  # the MLX loss may run a batch's rows in stages after a shared prefix (`loss._stages`)
     head_vocab: int = 0  # vocabulary rows whose logits exist at once (loss.head_slice; 0: the whole vocab)
     head_dequantized: bool = False  # the sliced head de-quantizes its slices (a quantized head on the CPU)
+    head_capped: bool = False  # final logit soft-capping (Gemma 2): the sliced head keeps no exps
 
     @property
     def weight_bytes(self) -> int:
@@ -281,7 +282,7 @@ def model_shape(model: nn.Module, gather: bool | None = None, *, engine: str = "
                       act_bytes=4 if mlx_float32 else max(float_sizes, default=4), weights=weights, lora_bytes=lora_bytes,
                       first_adapted=first, lora_mlp=lora_mlp, gather=gather, stages=stages,
                       head_vocab=head_slice(parts) if gather and engine == "mlx" else 0,
-                      head_dequantized=dequantized_head)
+                      head_dequantized=dequantized_head, head_capped=bool(parts.cap))
 
 
 def micro_batch_shapes(records, args: TrainingArgs, pack: bool, gather: bool, *, batch_size: int | None = None,
@@ -380,7 +381,7 @@ def activation_bytes(s: ModelShape, b: MicroBatch, checkpoint: bool, staged: boo
     else:
         c = ACTIVATION
         # the sliced head's exps, kept from its forward to its backward: exact bytes, not fitted
-        kept = b.targets * s.vocab * 4 if s.head_vocab and head_kept(b.targets, s.vocab, checkpoint) else 0
+        kept = b.targets * s.vocab * 4 if s.head_vocab and head_kept(b.targets, s.vocab, checkpoint, s.head_capped) else 0
         total = (n * (c["n_attention"] * t["attention"] + c["n_hidden"] * t["hidden"] + c["n_mlp"] * t["mlp"]
                       + c["n_lora_mlp"] * mlp_lora)
                  + c["attention"] * one["attention"] + c["hidden"] * one["hidden"] + c["mlp"] * one["mlp"]

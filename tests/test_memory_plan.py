@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import random
 import re
+from dataclasses import replace
 
 import pytest
 
 import mlxtune
 from mlxtune.cli import run
 from mlxtune.errors import ConfigError
-from mlxtune.memory_plan import GB, parse_size
+from mlxtune.memory_plan import GB, MicroBatch, activation_bytes, model_shape, parse_size
+from mlxtune.models import load
 
+from hf_models import make_hf_model
 from tiny import WORDS, make_tiny_model
 
 LAST_LINE = re.compile(r"^Estimated peak memory: \d+\.\d\d GB \(budget \d+\.\d\d GB\): (fits|does not fit)$")
@@ -145,3 +148,14 @@ def test_memory_limit_sizes():
     assert parse_size("2GiB") == 2 * 2**30 and parse_size(3) == 3 * 10**9
     with pytest.raises(ConfigError, match="--memory-limit 12XB"):
         parse_size("12XB")
+
+
+def test_the_plan_counts_no_kept_head_exps_for_soft_capped_logits(tmp_path):
+    # Gemma 2's capped logits: the loss's backward needs them, so its sliced head keeps no exps (loss.head_kept),
+    # and the plan must not count them either. A vocabulary over one slice, so the head is sliced at all.
+    model, _ = load(make_hf_model(tmp_path / "gemma2", "gemma2", vocab_size=8192))
+    model.freeze()  # as LoRA leaves it: a head that trains is projected whole
+    shape = model_shape(model)
+    assert shape.head_capped and shape.head_vocab
+    b = MicroBatch(rows=2, length=64, targets=64, packed=False)
+    assert activation_bytes(replace(shape, head_capped=False), b, False) - activation_bytes(shape, b, False) == 64 * 8192 * 4
