@@ -87,6 +87,8 @@ def worker(a) -> dict:
     np.random.seed(a.seed)  # mlx-lm's batch order (it permutes with numpy's global generator)
     if a.mlx_exp:
         os.environ["MLXTUNE_FAST_EXP"] = "0"
+    if a.glibc_free:
+        os.environ["MLXTUNE_KEEP_FREED_MEMORY"] = "0"
     fn = {"mlxlm": tt.worker_mlxlm, "mlxtune": tt.worker_mlxtune, "eval": tt.worker_eval}[a.worker]
     result = fn(a)
     if a.worker != "eval":
@@ -99,6 +101,7 @@ def worker(a) -> dict:
 TRAINERS = {"mlx-lm": ("mlx-lm", "mlxlm", []), "mlxtune": ("mlxtune", "mlxtune", []),
             "mlxtune-unshared": ("mlxtune --no-share-prefix", "mlxtune", ["--no-share-prefix"]),
             "mlxtune-mlx-exp": ("mlxtune, MLX's exp", "mlxtune", ["--mlx-exp"]),
+            "mlxtune-freed": ("mlxtune, glibc returns freed memory", "mlxtune", ["--glibc-free"]),
             "mlxtune-random": ("mlxtune `--batch-order random`", "mlxtune", ["--batch-order", "random"]),
             "mlxtune-length": ("mlxtune `--batch-order length`", "mlxtune", ["--batch-order", "length"])}
 
@@ -140,8 +143,10 @@ def main() -> None:
                    help="comma list of: mlx-lm, mlxtune, mlxtune-unshared (mlxtune with --no-share-prefix: each row "
                         "runs its copy of the shared system prompt, as before the prefix was shared), "
                         "mlxtune-mlx-exp (mlxtune with MLXTUNE_FAST_EXP=0: MLX's own exp in SwiGLU and the loss), "
+                        "mlxtune-freed (mlxtune with MLXTUNE_KEEP_FREED_MEMORY=0: glibc's malloc defaults), "
                         "mlxtune-random, mlxtune-length (mlxtune with that --batch-order, whatever --batch-order says)")
     p.add_argument("--mlx-exp", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--glibc-free", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--data", default=str(ROOT / "data" / "toolcall"))
     p.add_argument("--work", default=None, help="keep models and adapters here (default: a temp dir)")
