@@ -118,13 +118,18 @@ def spawn(*args) -> dict:
     return tt.spawn(*args, script=__file__)
 
 
+def row(rows: list[dict], weights: str, name: str) -> dict | None:
+    """The row of trainer `name` on `weights`; None where --trainers left it out."""
+    return next((x for x in rows if x["weights"] == weights and x["name"] == name), None)
+
+
 def table(rows: list[dict], body: int) -> str:
     head = ("| weights | trainer | steps timed | real tokens timed | real tokens/s | vs mlx-lm | peak mem (MB) | vs mlx-lm "
             "| val loss | matmul GFLOP/s | utilization | load |")
     lines = [head, "|" + "---|" * 12]
     for r in rows:
         # without an mlx-lm row in this run (--trainers left it out) the ratio columns stay empty
-        ref = next((x for x in rows if x["weights"] == r["weights"] and x["name"] == "mlx-lm"), None)
+        ref = row(rows, r["weights"], "mlx-lm")
         util = r["tps"] * 4 * body / (r["gflops"] * 1e9)
         speed, mem = (f"{r['tps'] / ref['tps']:.2f}x", f"{r['peak'] / ref['peak']:.2f}x") if ref else ("", "")
         lines.append(f"| {r['weights']} | {r['name']} | {r['iters'] - 1} | {r['tokens']} | {r['tps']:.1f} | "
@@ -204,7 +209,7 @@ def main() -> None:
                 r = spawn("--worker", kind, *common, *extra, "--out", work / f"{weights}-{key}")
                 r.update(spawn("--worker", "eval", "--model", model, "--data", a.data, "--adapter",
                                Path(r["adapter"]).parent, "--max-seq-length", a.max_seq_length))
-                r.update(name=name, weights=weights, tps=r["tokens"] / r["seconds"], seed=seed)
+                r.update(name=name, weights=weights, tps=r["tokens"] / r["seconds"])
                 rows.append(r)
                 print(f"seed {seed}, {weights} {name}: {r['tps']:.1f} tokens/s, done in {time.time() - t:.0f}s",
                       file=sys.stderr)
@@ -239,8 +244,7 @@ def summary(runs: list[list[dict]], body: int) -> str:
 
     head = ("| weights | trainer | seeds | tokens/s vs mlx-lm: mean (range) | peak vs mlx-lm | val loss mlx-lm: mean "
             "(range) | val loss this: mean (range) | difference of the means +- s.e. | utilization mean |")
-    # a burst timed while something else ran reads low and flatters its run (one read 109 GFLOP/s between 190s):
-    # across seeds, the best rate any run measured stands for the machine
+    # each run's own rate can still read low (see worker): across seeds the best rate of any run stands for the machine
     best = max(r["gflops"] for rows in runs for r in rows)
     lines = [f"Across {len(runs)} seeds (tokens/s and peak as ratios to mlx-lm's run of the same seed; utilization "
              f"at the best matmul rate of all runs, {best:.0f} GFLOP/s):", "", head, "|" + "---|" * 9]
@@ -249,9 +253,8 @@ def summary(runs: list[list[dict]], body: int) -> str:
             continue
         pairs = []
         for rows in runs:
-            ref = next((x for x in rows if x["weights"] == r0["weights"] and x["name"] == "mlx-lm"), None)
-            mine = next(x for x in rows if x["weights"] == r0["weights"] and x["name"] == r0["name"])
-            if ref:
+            ref, mine = row(rows, r0["weights"], "mlx-lm"), row(rows, r0["weights"], r0["name"])
+            if ref and mine:
                 pairs.append((ref, mine))
         if len(pairs) < 2:
             continue
