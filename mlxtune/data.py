@@ -45,6 +45,7 @@ from .model_files import read_config
 from .token_cache import (
     CacheWriteError,
     LazyStore,
+    LineCheck,
     Record,
     RecordSet,
     Source,
@@ -216,7 +217,9 @@ def _parse_line(path: Path, n: int, raw: bytes, seen: bool) -> Any:
         if not seen and _is_one_object(path):
             raise DataError(f"{path} holds one JSON object, not records: give a JSON array of records "
                             "or one record per line (JSON lines)") from None
-        raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}): {line[:80].rstrip()}") from None
+        # (json ends some messages with "at", as in "Invalid control character at": one "at" is enough)
+        raise DataError(f"{path}:{n}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}): "
+                        f"{line[:80].rstrip()}") from None
 
 
 def _is_one_object(path: Path) -> bool:
@@ -620,8 +623,8 @@ def lazy_tokenizing(source: Source) -> bool:
 
     Why: tokenizing is ~0.3 ms a record on one CPU core, so a million rows cost minutes before the first
     step. Lazily, training starts after one scan of the file; what it gives up: batches are grouped by
-    each line's byte length (an estimate of its token length), a bad record is reported when a batch reads
-    it, and no token cache is written.
+    each line's byte length (an estimate of its token length), a bad line is reported seconds into training
+    (`LineCheck`) rather than before it, and no token cache is written.
     """
     setting = os.environ.get("MLXTUNE_LAZY_TOKENIZE", "").strip()
     if setting not in ("", "0", "1"):
@@ -681,6 +684,12 @@ def _lazy_store(source: Source, tokenizer, opts: _Options, fingerprint: str) -> 
         done = iter(records_from(tokenizer, kept, check.first[1], opts, source.name, specials) if kept else ())
         return [([0], [False]) if record is None else next(done) for _, record in records]
 
+    def parse_and_check(raw: list[tuple[int, bytes]]) -> None:  # read's checks short of tokenizing
+        for n, line in raw:
+            record = _parse_line(path, n, line, n != lines[0])
+            if record is not _BLANK:
+                check(n, record)  # the sample below fixed the format first: from here on this only compares
+
     # The first records, tokenized now: the file's format (every later record must match it) and its tokens
     # per byte, which turn each line's bytes into the length estimate batches are planned on.
     sample = min(LAZY_SAMPLE, len(lines))
@@ -691,7 +700,7 @@ def _lazy_store(source: Source, tokenizer, opts: _Options, fingerprint: str) -> 
     estimate = np.maximum(2, np.ceil(nbytes * per_byte)).astype(np.int32)
     key = content_key(_cache_key(source, fingerprint, opts, identity=digest), "lazy")
     return LazyStore(key, check.first[1].value, lines, offsets, nbytes, estimate, read, path,
-                     id_dtype(_vocab_size(tokenizer)))
+                     id_dtype(_vocab_size(tokenizer)), lines_check=LineCheck(parse_and_check))
 
 
 def _tokenize(source: Source, tokenizer, opts: _Options, key: str, folder: Path | None) -> Store:

@@ -844,7 +844,7 @@ def test_lazy_batches_cover_every_record_and_match_random_order(toks, tmp_path, 
                                                                                          cache=False).train)
 
 
-def test_a_lazy_file_reports_a_bad_record_when_a_batch_reads_it(toks, tmp_path, monkeypatch):
+def test_a_lazy_file_names_its_first_bad_line_soon_after_reading_starts(toks, tmp_path, monkeypatch):
     tok = toks["chatml"]
     rows = [chat(f"q {i}", "a") for i in range(30)]
     path = write_jsonl(tmp_path / "c.jsonl", rows[:20] + [{"foo": 1}] + rows[20:25] + ['{"messages": ['] + rows[25:])
@@ -852,11 +852,22 @@ def test_a_lazy_file_reports_a_bad_record_when_a_batch_reads_it(toks, tmp_path, 
     monkeypatch.setattr(data, "LAZY_SAMPLE", 10)  # the bad lines are past the records read up front
     train = load_dataset(path, tok, valid_split=0, cache=False).train
     by_line = dict(zip(train.stores[0].lines[train.row].tolist(), range(len(train))))
+    # The batch that reads a bad record names it (whether the background check got there first or not)...
     with pytest.raises(DataError, match=r"c\.jsonl:21: record matches no known format"):
         train.arrays(by_line[21])
-    with pytest.raises(DataError, match=r"c\.jsonl:27: not valid JSON"):
-        train.arrays(by_line[27])
-    assert train[by_line[22]] == load_train(write_jsonl(tmp_path / "one.jsonl", [rows[20]]), tok)[0]
+    # ...and the check that this first read started names the first bad line of the file to every later read,
+    # a good record's too: a run stops within seconds, not when its batches reach the line hours in.
+    train.stores[0].lines_check.wait()
+    with pytest.raises(DataError, match=r"c\.jsonl:21: record matches no known format"):
+        train.arrays(by_line[2])
+    one_bad = write_jsonl(tmp_path / "d.jsonl", rows[:25] + ['{"messages": "a\tb"}'] + rows[25:])  # a raw tab
+    train = load_dataset(one_bad, tok, valid_split=0, cache=False).train
+    store = train.stores[0]
+    assert store.lines_check.found is None  # loading does not start it: the first step is not delayed
+    store.lines_check.start(store)
+    store.lines_check.wait()
+    with pytest.raises(DataError, match=r"d\.jsonl:26: not valid JSON \(Invalid control character at column 16\)"):
+        train.arrays(0)
     # The first record read up front fixes the format, and a bad first line is named at once.
     path.write_text("\n".join(['{"messages": ', *map(json.dumps, rows)]))
     with pytest.raises(DataError, match=r"c\.jsonl:1: not valid JSON"):
