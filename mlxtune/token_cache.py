@@ -165,27 +165,23 @@ class LineCheck:
         self.found: Exception | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._lock = threading.Lock()
 
     def start(self, store: LazyStore) -> None:
-        if self._thread is not None:
-            return
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, args=(store,), name="mlxtune-line-check",
-                                                daemon=True)
-                # a daemon thread still reading the file when the interpreter finalizes can abort the process
-                atexit.register(self.stop)
-                self._thread.start()
+        """Once; records are read on one thread (the training loop's), so no lock."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, args=(store,), name="mlxtune-line-check", daemon=True)
+            # a daemon thread still reading the file when the interpreter finalizes can abort the process
+            atexit.register(self.stop)
+            self._thread.start()
 
     def _run(self, store: LazyStore) -> None:
-        order = np.argsort(store.lines, kind="stable")  # file order: the first bad line is the one named
+        # a lazy store's records are its file's lines in order (one scan): the first bad line is the one named
         try:
-            for at in range(0, len(order), self.CHUNK):
+            for at in range(0, len(store), self.CHUNK):
                 if self._stop.is_set():
                     return
                 self.check(raw_lines(store.path, store.lines, store.offsets, store.nbytes,
-                                     order[at:at + self.CHUNK].tolist()))
+                                     range(at, min(at + self.CHUNK, len(store)))))
         except MlxtuneError as e:
             self.found = e
         except OSError:
